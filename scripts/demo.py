@@ -1,0 +1,249 @@
+"""The offline demo: photos in, a fine-tuned model behind a web page out, on a CPU, in minutes.
+
+1. builds a tiny randomly initialised Stable Diffusion as the base model (`sdtrain tiny-model`),
+2. draws a few photos of a cat (the "instance" photos),
+3. runs the whole DreamBooth flow on them (`sdtrain run`: check, class images, train, samples,
+   export),
+4. serves the fine-tuned model over the Inference API protocol (`sdtrain serve`),
+5. starts the proxy in front of it with the built React page (`sdproxy serve`),
+6. prints the page's URL, or with `--check` generates one image through the page in headless
+   Chromium, saves a screenshot and exits.
+
+Run it with `scripts/demo` (which installs what it needs first). Nothing is downloaded: the base
+model is random, so the images are abstract colour fields; with a GPU and a real base model the same
+commands train the real thing (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+WEB_DIST = ROOT / "examples" / "react-app" / "dist"
+MODEL_ID = "demo/sks-cat"
+INSTANCE_PROMPT = "a photo of sks cat"
+CLASS_PROMPT = "a photo of a cat"
+SAMPLE_PROMPT = "a photo of sks cat wearing a hat"
+
+
+def log(message: str) -> None:
+    print(f"==> {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def draw_cat_photos(folder: Path, count: int = 5, size: int = 128, seed: int = 7) -> list[Path]:
+    """Draw `count` simple cat pictures (the demo's instance photos) as JPEG files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for i in range(count):
+        bg = tuple(rng.randint(150, 240) for _ in range(3))
+        fur = (rng.randint(200, 240), rng.randint(110, 150), rng.randint(30, 70))
+        img = Image.new("RGB", (size, size), bg)
+        d = ImageDraw.Draw(img)
+        cx, cy = size // 2 + rng.randint(-12, 12), size // 2 + rng.randint(-6, 10)
+        r = size // 4 + rng.randint(-4, 6)
+        d.ellipse((cx - r, cy - r // 2, cx + r, cy + r + r // 2), fill=fur)  # body
+        hr = int(r * 0.7)
+        hx, hy = cx + rng.randint(-6, 6), cy - r
+        d.polygon(
+            [(hx - hr, hy - hr // 3), (hx - hr // 2, hy - hr - hr // 2), (hx - hr // 6, hy - hr)], fill=fur
+        )
+        d.polygon(
+            [(hx + hr, hy - hr // 3), (hx + hr // 2, hy - hr - hr // 2), (hx + hr // 6, hy - hr)], fill=fur
+        )
+        d.ellipse((hx - hr, hy - hr, hx + hr, hy + hr), fill=fur)  # head
+        for ex in (hx - hr // 3, hx + hr // 3):
+            d.ellipse((ex - 4, hy - 4, ex + 4, hy + 4), fill=(30, 120, 40))
+        d.polygon([(hx - 3, hy + 6), (hx + 3, hy + 6), (hx, hy + 10)], fill=(220, 90, 110))
+        path = folder / f"cat-{i + 1}.jpg"
+        img.save(path, quality=92)
+        paths.append(path)
+    return paths
+
+
+def run(cmd: list[str], **kwargs: object) -> None:
+    log(" ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)))
+    subprocess.run(cmd, check=True, cwd=ROOT, **kwargs)  # type: ignore[call-overload]
+
+
+@contextmanager
+def background(
+    cmd: list[str], log_file: Path, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run a server in the background; stop it (SIGTERM, then SIGKILL) on the way out."""
+    with log_file.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], log_file: Path, timeout: float = 120.0) -> None:
+    """Wait until `url` answers (any status below 500), or fail with the server's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited ({proc.returncode}); its log:\n{log_file.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    sys.exit(f"{url} did not answer within {timeout:.0f} s; log: {log_file}")
+
+
+def check_in_browser(page_url: str, screenshot: Path) -> None:
+    """Generate one image through the page in headless Chromium and save a screenshot."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if not Path(chromium).exists():
+        sys.exit(
+            f"--check needs Chromium at {chromium}: `apt-get install -y chromium` (Debian) or set CHROMIUM."
+        )
+    log(f"checking the page in headless Chromium: {page_url}")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-quic",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(page_url)
+        page.get_by_test_id("prompt").fill(SAMPLE_PROMPT)
+        page.get_by_test_id("generate").click()
+        image = page.get_by_test_id("gallery-image").first
+        image.wait_for(state="visible", timeout=120_000)
+        page.wait_for_function(
+            "() => { const i = document.querySelector('[data-testid=gallery-image]');"
+            " return i && i.complete && i.naturalWidth > 0; }",
+            timeout=60_000,
+        )
+        width = image.evaluate("img => img.naturalWidth")
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+    log(f"the page showed a {width} px image from the fine-tuned model; screenshot: {screenshot}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".demo", help="where everything is written")
+    parser.add_argument("--port", type=int, default=8000, help="the web page's port (0: any free port)")
+    parser.add_argument("--steps", type=int, default=60, help="training steps (the tiny model learns fast)")
+    parser.add_argument(
+        "--check", action="store_true", help="generate one image in headless Chromium and exit"
+    )
+    parser.add_argument("--fresh", action="store_true", help="start over instead of reusing an earlier run")
+    args = parser.parse_args(argv)
+
+    work: Path = args.workdir.resolve()
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    base, photos, run_dir = work / "base", work / "photos", work / "run"
+    sdtrain, sdproxy = str(BIN / "sdtrain"), str(BIN / "sdproxy")
+
+    if not (base / "model_index.json").exists():
+        run([sdtrain, "tiny-model", str(base)])
+    if not photos.exists():
+        log(f"drawing instance photos in {photos}")
+        draw_cat_photos(photos)
+    if not (run_dir / "model" / "model_index.json").exists():
+        run(
+            [
+                sdtrain, "run",
+                "--base-model", str(base),
+                "--instance-dir", str(photos),
+                "--instance-prompt", INSTANCE_PROMPT,
+                "--class-prompt", CLASS_PROMPT,
+                "--num-class-images", "8",
+                "--max-train-steps", str(args.steps),
+                "--sample-prompt", SAMPLE_PROMPT,
+                "--sample-steps", "20",
+                "--output", str(run_dir),
+            ]
+        )  # fmt: skip
+    if not (WEB_DIST / "index.html").exists():
+        log("building the React page")
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=WEB_DIST.parent, check=True)
+        subprocess.run(["npm", "run", "build"], cwd=WEB_DIST.parent, check=True)
+
+    serve_port = free_port()
+    page_port = args.port or free_port()
+    upstream = f"http://127.0.0.1:{serve_port}/models/{MODEL_ID}"
+    env = dict(os.environ)
+    env.pop("HF_TOKEN", None)  # the local model needs no token: never send one anywhere in the demo
+    env.update(
+        {
+            "SDPROXY_MODEL": upstream,
+            "SDPROXY_STATIC_DIR": str(WEB_DIST),
+            "SDPROXY_ALLOWED_ORIGINS": f'["http://127.0.0.1:{page_port}","http://localhost:{page_port}"]',
+        }
+    )
+    serve_log, proxy_log = work / "serve.log", work / "proxy.log"
+    serve_cmd = [sdtrain, "serve", str(run_dir / "model"), "--port", str(serve_port), "--model-id", MODEL_ID]
+    proxy_cmd = [sdproxy, "serve", "--host", "127.0.0.1", "--port", str(page_port)]
+    log(f"serving the fine-tuned model on 127.0.0.1:{serve_port} (log: {serve_log})")
+    with background(serve_cmd, serve_log) as serve:
+        wait_http(f"http://127.0.0.1:{serve_port}/health", serve, serve_log)
+        log(f"starting the proxy and the web page on 127.0.0.1:{page_port} (log: {proxy_log})")
+        with background(proxy_cmd, proxy_log, env=env) as proxy:
+            wait_http(f"http://127.0.0.1:{page_port}/healthz", proxy, proxy_log)
+            page_url = f"http://127.0.0.1:{page_port}/app/"
+            if args.check:
+                check_in_browser(page_url, work / "screenshot.png")
+                return
+            print(f"\n  Open {page_url} and generate with a prompt such as '{SAMPLE_PROMPT}'.")
+            print(f"  Samples from training: {run_dir / 'samples'}   Single file: {run_dir / 'export'}")
+            print("  Press Ctrl-C to stop.\n", flush=True)
+            try:
+                while serve.poll() is None and proxy.poll() is None:
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                print()
+                log("stopping")
+
+
+if __name__ == "__main__":
+    main()
