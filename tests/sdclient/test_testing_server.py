@@ -378,6 +378,31 @@ def test_requests_are_recorded(server: InferenceTestServer, client: httpx.Client
     assert before <= first.received_at <= second.received_at <= health.received_at <= time.monotonic()
 
 
+def test_stats_count_replies_without_records(client: httpx.Client) -> None:
+    with InferenceTestServer(keep_records=False) as server:
+        server.enqueue(Reply.rate_limited(), Reply.hang())
+        server.cold_start(0.2)
+        for _ in range(3):
+            client.post(server.url, json=PROMPT)
+        time.sleep(0.25)
+        client.post(server.url, json=PROMPT)
+        with pytest.raises(httpx.ReadTimeout):
+            client.post(server.url, json=PROMPT, timeout=0.2)
+        client.post(server.url, json=PROMPT)
+        client.get(f"{server.url}/health")
+        stats = client.get(f"{server.url}/stats").json()
+        assert stats == server.stats()
+    assert server.requests == []
+    assert stats == {
+        "requests": 7,
+        "replies": {"loading": 3, "rate_limited": 1, "hang": 1, "image": 1, "health": 1},
+        "requests_while_loading": 3,
+        "loading": False,
+        "pending": 0,
+        "connections_opened": 2,
+    }
+
+
 def test_wait_for_requests_times_out(server: InferenceTestServer) -> None:
     with pytest.raises(TimeoutError, match="expected 1 requests"):
         server.wait_for_requests(1, timeout=0.05)
@@ -485,6 +510,9 @@ def test_spawn_server_serves_with_a_cold_start() -> None:
         assert response.status_code == 200
         assert _decode(response.content).size == (128, 128)
         assert response.headers["content-type"] == "image/png"
+        stats = httpx.get(f"{url}/stats", timeout=5.0).json()
+        assert stats["replies"] == {"loading": 1, "image": 1}
+        assert (stats["requests"], stats["requests_while_loading"], stats["loading"]) == (2, 1, False)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/health", timeout=2.0)
 

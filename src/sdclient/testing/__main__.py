@@ -91,6 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model_id=args.model_id,
         default=Reply.image(format=args.format, delay=args.delay),
         image_size=args.size,
+        keep_records=False,  # nobody can read them from outside; `GET /stats` has the counters
     )
     try:
         server.start()

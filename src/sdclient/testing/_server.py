@@ -10,7 +10,7 @@ import math
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -125,9 +125,10 @@ class InferenceTestServer:
     answered, and a cold start that answers 503 "loading" with a decreasing `estimated_time`.
 
     Routes: `POST /models/{owner}/{name}`, `POST /models/{name}` and `POST /` answer from the
-    script; `GET /health` answers `{"ok": true}`. A body that is not a JSON object with a string
-    `inputs` gets a 400 `{"error": ...}`, and badly typed `parameters` a 422 with a list of errors,
-    like the real service; neither consumes the script.
+    script; `GET /health` answers `{"ok": true}` and `GET /stats` the counters of `stats()`.
+    A body that is not a JSON object with a string `inputs` gets a 400 `{"error": ...}`, and
+    badly typed `parameters` a 422 with a list of errors, like the real service; neither
+    consumes the script.
 
     Example:
         ```python
@@ -146,6 +147,8 @@ class InferenceTestServer:
         default: What answers once the queue is empty; `Reply.image()` when `None`.
         image_size: Image size used when neither the reply nor the request's `parameters` give
             one: a side in pixels or `(width, height)`.
+        keep_records: Keep a `ReceivedRequest` per request in `requests`; turn it off for long
+            benchmarks (the counters of `stats()` are kept either way).
     """
 
     def __init__(
@@ -157,6 +160,7 @@ class InferenceTestServer:
         models: Iterable[str] | None = None,
         default: Reply | None = None,
         image_size: int | tuple[int, int] = 64,
+        keep_records: bool = True,
     ) -> None:
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
@@ -176,6 +180,9 @@ class InferenceTestServer:
         self._changed = threading.Condition(self._lock)
         self._queue: deque[Reply] = deque()
         self._requests: list[ReceivedRequest] = []
+        self._keep_records = keep_records
+        self._received = 0
+        self._replies: Counter[str] = Counter()
         self._cold_pending: float | None = None
         self._cold_until: float | None = None
         self._cold_hits = 0
@@ -395,6 +402,8 @@ class InferenceTestServer:
         with self._lock:
             self._queue.clear()
             self._requests.clear()
+            self._received = 0
+            self._replies.clear()
             self._cold_pending = None
             self._cold_until = None
             self._cold_hits = 0
@@ -407,7 +416,10 @@ class InferenceTestServer:
 
     @property
     def requests(self) -> list[ReceivedRequest]:
-        """Every request received so far, oldest first (a copy: safe to keep and iterate)."""
+        """Every request received so far, oldest first (a copy: safe to keep and iterate).
+
+        Empty when the server was created with `keep_records=False`.
+        """
         with self._lock:
             return list(self._requests)
 
@@ -421,10 +433,8 @@ class InferenceTestServer:
             TimeoutError: Fewer than `count` arrived within `timeout` seconds.
         """
         with self._changed:
-            if not self._changed.wait_for(lambda: len(self._requests) >= count, timeout):
-                raise TimeoutError(
-                    f"expected {count} requests within {timeout} s, received {len(self._requests)}"
-                )
+            if not self._changed.wait_for(lambda: self._received >= count, timeout):
+                raise TimeoutError(f"expected {count} requests within {timeout} s, received {self._received}")
             return list(self._requests)
 
     def _record(
@@ -441,8 +451,30 @@ class InferenceTestServer:
             request_id=rid,
         )
         with self._changed:
-            self._requests.append(record)
+            self._received += 1
+            self._replies[reply] += 1
+            if self._keep_records:
+                self._requests.append(record)
             self._changed.notify_all()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of what the server saw, also served as JSON by `GET /stats` (for a server in
+        another process).
+
+        Returns:
+            `{"requests": <all received, /stats excepted>, "replies": {<reply kind>: <count>},
+            "requests_while_loading": ..., "loading": ..., "pending": ..., "connections_opened": ...}`
+        """
+        loading = self.loading
+        with self._lock:
+            return {
+                "requests": self._received,
+                "replies": dict(self._replies),
+                "requests_while_loading": self._cold_hits,
+                "loading": loading,
+                "pending": len(self._queue),
+                "connections_opened": self._connections_opened,
+            }
 
     @property
     def connections_opened(self) -> int:
@@ -515,12 +547,17 @@ class InferenceTestServer:
         common = {"x-request-id": rid}
 
         if request.path == "/health":
-            if request.method not in ("GET", "HEAD"):
+            if request.method != "GET":
                 self._record(request, received_at, "method_not_allowed", None, rid)
                 body = _json_bytes({"error": f"Method {request.method} not allowed: use GET /health"})
                 return await self._send(writer, 405, body, "application/json", {"allow": "GET"}, keep_alive)
             self._record(request, received_at, "health", None, rid)
             return await self._send(writer, 200, b'{"ok": true}', "application/json", common, keep_alive)
+
+        if request.path == "/stats" and request.method == "GET":
+            return await self._send(
+                writer, 200, _json_bytes(self.stats()), "application/json", {}, keep_alive
+            )
 
         model = self._model_of(request.path)
         if model is None:
