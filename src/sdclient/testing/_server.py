@@ -20,6 +20,7 @@ from typing import Any, Self
 from ._http import HttpError, HttpRequest, abort_with_reset, read_request, response_head
 from ._images import render
 from ._replies import ReceivedRequest, Reply
+from ._spawn import spawn_server
 
 __all__ = ["InferenceTestServer"]
 
@@ -294,6 +295,9 @@ class InferenceTestServer:
             await self._server.wait_closed()
             self._server = None
 
+    spawn = staticmethod(spawn_server)
+    """`spawn_server`: run the server in a child process, as a context manager yielding its URL."""
+
     # -- addresses ---------------------------------------------------------------------------
 
     @property
@@ -440,20 +444,20 @@ class InferenceTestServer:
     def _record(
         self, request: HttpRequest, received_at: float, reply: str, payload: Any, rid: str | None
     ) -> None:
-        record = ReceivedRequest(
-            method=request.method,
-            path=request.path,
-            headers=request.headers,
-            json=payload,
-            received_at=received_at,
-            reply=reply,
-            body=request.body,
-            request_id=rid,
-        )
         with self._changed:
             self._received += 1
             self._replies[reply] += 1
             if self._keep_records:
+                record = ReceivedRequest(
+                    method=request.method,
+                    path=request.path,
+                    headers=request.headers,
+                    json=payload,
+                    received_at=received_at,
+                    reply=reply,
+                    body=request.body,
+                    request_id=rid,
+                )
                 self._requests.append(record)
             self._changed.notify_all()
 
@@ -528,7 +532,7 @@ class InferenceTestServer:
         return keep_alive
 
     def _model_of(self, path: str) -> str | None:
-        """The model id a path addresses, `""` for a route that is not a model, `None` for no route."""
+        """The model id a path addresses (`model_id` for `/`), or `None` when it is no model route."""
         if path in ("/", ""):
             return self.model_id
         if path.startswith("/models/"):
@@ -550,7 +554,9 @@ class InferenceTestServer:
             if request.method != "GET":
                 self._record(request, received_at, "method_not_allowed", None, rid)
                 body = _json_bytes({"error": f"Method {request.method} not allowed: use GET /health"})
-                return await self._send(writer, 405, body, "application/json", {"allow": "GET"}, keep_alive)
+                return await self._send(
+                    writer, 405, body, "application/json", {"allow": "GET", **common}, keep_alive
+                )
             self._record(request, received_at, "health", None, rid)
             return await self._send(writer, 200, b'{"ok": true}', "application/json", common, keep_alive)
 
@@ -567,7 +573,9 @@ class InferenceTestServer:
         if request.method != "POST":
             self._record(request, received_at, "method_not_allowed", None, rid)
             body = _json_bytes({"error": f"Method {request.method} not allowed: POST a JSON body"})
-            return await self._send(writer, 405, body, "application/json", {"allow": "POST"}, keep_alive)
+            return await self._send(
+                writer, 405, body, "application/json", {"allow": "POST", **common}, keep_alive
+            )
         if request.path != "/" and self.models is not None and model not in self.models:
             self._record(request, received_at, "model_not_found", _loads_or_none(request.body), rid)
             body = _json_bytes({"error": f"Model {model} does not exist"})
