@@ -408,6 +408,11 @@ def test_wait_for_requests_times_out(server: InferenceTestServer) -> None:
         server.wait_for_requests(1, timeout=0.05)
 
 
+def test_replies_compare_and_hash_by_value() -> None:
+    assert Reply.rate_limited(2) == Reply.rate_limited(2) != Reply.rate_limited(3)
+    assert len({Reply.image(headers={"a": "1"}), Reply.image(headers={"a": "1"}), Reply.hang()}) == 2
+
+
 def test_bad_replies_are_refused_early() -> None:
     with pytest.raises(ValueError, match="format"):
         Reply.image(format="gif")  # type: ignore[arg-type]
@@ -476,6 +481,16 @@ def test_httpx_reuses_the_connection(server: InferenceTestServer, client: httpx.
         client.post(server.url, json=PROMPT)
     assert client.post(server.url, json=PROMPT).status_code == 200
     assert server.connections_opened == 2
+
+
+def test_expect_100_continue(server: InferenceTestServer) -> None:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\nExpect: 100-continue\r\n\r\n")
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(b'{"inputs": "cat"}')
+        status_line, headers, body = _read_response(sock, bytearray())
+    assert status_line.startswith(b"HTTP/1.1 200")
+    assert _decode(body).size == (64, 64)
 
 
 def test_malformed_request_gets_400(server: InferenceTestServer) -> None:

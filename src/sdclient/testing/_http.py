@@ -57,8 +57,11 @@ class HttpRequest:
         return "close" not in connection
 
 
-async def read_request(reader: asyncio.StreamReader) -> HttpRequest | None:
+async def read_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> HttpRequest | None:
     """Read one request, or return `None` when the client closed the connection between requests.
+
+    A request with `Expect: 100-continue` (curl sends it for bodies over 1 KiB) gets its
+    `100 Continue` before the body is read.
 
     Raises:
         HttpError: A malformed request, headers over 64 KiB, a body over 16 MiB or a chunked body.
@@ -99,6 +102,8 @@ async def read_request(reader: asyncio.StreamReader) -> HttpRequest | None:
     length = int(length_text)
     if length > MAX_BODY_BYTES:
         raise HttpError(413, f"Request body of {length} bytes is larger than {MAX_BODY_BYTES} bytes")
+    if length and headers.get("expect", "").lower() == "100-continue":
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     body = await reader.readexactly(length) if length else b""
 
     path, _, query = target.partition("?")

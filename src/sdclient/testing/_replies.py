@@ -89,6 +89,10 @@ class Reply:
     compute_time: float = 0.05
     estimated_time: float = 0.0
 
+    def __hash__(self) -> int:
+        headers = tuple(sorted(self.headers.items()))
+        return hash((self.kind, self.status_code, self.body, self.content_type, headers, self.format))
+
     @classmethod
     def image(
         cls,

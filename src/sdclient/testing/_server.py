@@ -495,7 +495,7 @@ class InferenceTestServer:
         try:
             while True:
                 try:
-                    request = await read_request(reader)
+                    request = await read_request(reader, writer)
                 except HttpError as exc:
                     body = _json_bytes({"error": exc.message})
                     head = response_head(exc.status, "application/json", len(body), {}, keep_alive=False)
