@@ -243,8 +243,8 @@ def generate(
             scheduler=scheduler,
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise _fail(f"{'.'.join(map(str, first['loc']))}: {first['msg']}", 2) from None
+        detail = exc.errors()[0]
+        raise _fail(f"{'.'.join(map(str, detail['loc']))}: {detail['msg']}", 2) from None
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -281,9 +281,8 @@ def generate(
         if isinstance(result, Path):
             _out.print(str(result))
     if failures:
-        first = failures[0][1]
         prefix = f"{len(failures)} of {len(results)} images failed; " if len(results) > 1 else ""
-        raise _fail(f"{prefix}{first}")
+        raise _fail(f"{prefix}{failures[0][1]}")
 
 
 def _usage_table(models: dict[str, ModelUsage], total: ModelUsage) -> Table:
