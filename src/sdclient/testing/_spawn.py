@@ -37,7 +37,9 @@ def spawn_server(
 
     The child serves until the `with` block ends, then gets SIGTERM (SIGKILL if it has not
     exited within 5 s). Use it where the server must not share the test's process (and GIL):
-    benchmarks, or services under test that run in their own process.
+    benchmarks, or services under test that run in their own process. The child answers every
+    model request with an image (after the cold start, if any); `GET {url}/stats` returns its
+    counters (`InferenceTestServer.stats`), e.g. how many requests arrived while it was loading.
 
     Example:
         ```python
