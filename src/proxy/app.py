@@ -1,0 +1,177 @@
+"""`create_app()`: the FastAPI application, owning one `SDClient` for its lifetime."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+
+import sdclient
+
+from .admission import AdmissionQueue
+from .cache import ImageCache
+from .config import Settings, load_settings
+from .deps import AppState
+from .errors import ProxyError, error_body, install_error_handlers, register_secret
+from .limits import ClientLimiter
+from .middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
+from .routes import generate, ops
+from .routes.generate import IMAGE_HEADERS
+from .service import GenerationResult, GenerationService
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("proxy")
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+class _CORSMiddleware(CORSMiddleware):
+    """Starlette's CORS middleware, with refused preflights answered in the proxy's error shape."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 400:
+            error = ProxyError(f"CORS preflight refused: {bytes(response.body).decode()}.")
+            error.code = "cors_refused"
+            headers = {k: v for k, v in response.headers.items() if k.lower() != "content-length"}
+            headers.pop("content-type", None)
+            return JSONResponse(error_body(error), status_code=400, headers=headers)
+        return response
+
+
+def _unique_id(route: APIRoute) -> str:
+    return f"{route.tags[0]}-{route.name}" if route.tags else route.name
+
+
+def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | None = None) -> FastAPI:
+    """Build the proxy application.
+
+    Args:
+        settings: The configuration; read from the environment and `.env` when omitted.
+        client: An `SDClient` to use instead of building one from `settings` (it is then not
+            closed by the app). One client, and so one connection pool and one shared cold-start
+            wait, serves every request of the app.
+
+    Returns:
+        The FastAPI app; serve it with uvicorn (`sdproxy serve`) or any ASGI server.
+
+    Raises:
+        ConfigError: The configuration is incomplete or unsafe.
+    """
+    settings = settings if settings is not None else load_settings()
+    token = settings.resolve_token()
+    register_secret(token)
+    for key in (settings.admin_key, *settings.api_keys):
+        register_secret(key.get_secret_value() if key is not None else None)
+    logging.getLogger("proxy").setLevel(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own_client = client is None
+        sd = client or sdclient.SDClient(
+            settings.model or "",
+            token=token,
+            base_url=settings.base_url,
+            timeout=httpx.Timeout(settings.upstream_timeout, connect=CONNECT_TIMEOUT_S),
+            max_wait_for_model=settings.max_wait_for_model,
+            max_retries=settings.max_retries,
+            usage=sdclient.UsageTracker(settings.usage_db) if settings.usage_db else None,
+        )
+        cache: ImageCache[GenerationResult] = ImageCache(settings.cache_max_bytes)
+        service = GenerationService(
+            sd,
+            admission=AdmissionQueue(settings.max_concurrency, settings.queue_size),
+            cache=cache,
+            coalesce=settings.coalesce,
+        )
+        limiter = ClientLimiter(
+            per_minute=settings.rate_limit_per_minute,
+            burst=settings.rate_limit_burst,
+            daily_quota=settings.daily_quota,
+        )
+        state = AppState(settings=settings, service=service, limiter=limiter)
+        app.state.proxy = state
+        warmup = asyncio.create_task(_warm_up(sd)) if settings.warmup else None
+        state.started = True
+        logger.info(
+            "proxy started",
+            extra={
+                "upstream": settings.upstream_url,
+                "token": "set" if token else "none",
+                "max_concurrency": settings.max_concurrency,
+                "queue_size": settings.queue_size,
+                "cors_origins": settings.allowed_origins,
+                "api_keys": len(settings.api_keys),
+            },
+        )
+        try:
+            yield
+        finally:
+            state.started = False
+            if warmup is not None and not warmup.done():
+                warmup.cancel()
+            if own_client:
+                await sd.aclose()
+            logger.info("proxy stopped")
+
+    app = FastAPI(
+        title="sdproxy",
+        summary="Text-to-image for web pages; the Hugging Face token stays on the server.",
+        version=_version(),
+        lifespan=lifespan,
+        generate_unique_id_function=_unique_id,
+    )
+    install_error_handlers(app)
+    app.include_router(generate.router)
+    app.include_router(ops.router)
+    if settings.static_dir is not None:
+        # Its own path: the static mount never answers OPTIONS or POST meant for the API.
+        app.mount("/app", StaticFiles(directory=settings.static_dir, html=True), name="app")
+
+        @app.get("/", include_in_schema=False)
+        async def root() -> RedirectResponse:
+            return RedirectResponse("/app/")
+
+    # Added innermost first: RequestContext (request id) -> CORS -> BodyLimit -> the app.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.allowed_origins:
+        app.add_middleware(
+            _CORSMiddleware,
+            allow_origins=settings.allowed_origins,
+            allow_credentials=settings.allow_credentials,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type", "Accept", "Authorization", "X-API-Key", REQUEST_ID_HEADER],
+            expose_headers=[*IMAGE_HEADERS, REQUEST_ID_HEADER, "Retry-After"],
+            max_age=600,
+        )
+    app.add_middleware(RequestContextMiddleware)  # outermost: every answer gets a request id
+    return app
+
+
+async def _warm_up(client: sdclient.SDClient) -> None:
+    """Send one tiny request so that a cold model starts loading before the first visitor."""
+    try:
+        await client.generate("warm-up", width=64, height=64, num_inference_steps=1, seed=0)
+        logger.info("warm-up done", extra={"model_state": client.status.state})
+    except sdclient.SDClientError as exc:
+        logger.warning("warm-up failed: %s", type(exc).__name__, extra={"model_state": client.status.state})
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdclient")
+    except PackageNotFoundError:
+        return "0"

@@ -1,0 +1,299 @@
+"""Settings of the proxy, read from the environment and `.env`.
+
+Every setting is an environment variable named `SDPROXY_<FIELD>` (for example `SDPROXY_MODEL`),
+except the Hugging Face token, which keeps its usual name `HF_TOKEN`. A `.env` file in the working
+directory is read too; real environment variables win over it. docs/proxy.md has the full table.
+
+`load_settings()` turns pydantic's validation errors into one `ConfigError` whose message names
+the environment variable to fix: the CLI prints it and exits instead of starting an unsafe proxy.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from sdclient import DEFAULT_BASE_URL
+from sdclient._constants import HF_HOST_SUFFIXES
+
+__all__ = ["ENV_PREFIX", "ConfigError", "IPNetwork", "Settings", "load_settings"]
+
+ENV_PREFIX = "SDPROXY_"
+"""Prefix of every environment variable of the proxy, except `HF_TOKEN`."""
+
+MIN_KEY_LENGTH = 16
+"""Client API keys and the admin key must be at least this long (they are bearer secrets)."""
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+
+
+class ConfigError(ValueError):
+    """The configuration is incomplete or unsafe; the message says which variable to fix and how."""
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON list (`["a", "b"]`) or a comma-separated string (`a,b`) for list settings."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
+def _is_hf_host(host: str) -> bool:
+    host = host.lower().rstrip(".")
+    return any(host == suffix or host.endswith("." + suffix) for suffix in HF_HOST_SUFFIXES)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Configuration of one proxy process (see docs/proxy.md for the table of variables)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_ignore_empty=True,
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    hf_token: SecretStr | None = Field(
+        default=None,
+        validation_alias=AliasChoices("HF_TOKEN", "hf_token"),
+        description="Hugging Face token (env HF_TOKEN); else the one saved by `hf auth login`.",
+    )
+    model: str | None = Field(
+        default=None,
+        description="Hub model id (`user/model`) or the full URL of an endpoint that speaks the protocol.",
+    )
+    base_url: str | None = Field(
+        default=None, description=f"Where Hub ids are sent (default {DEFAULT_BASE_URL})."
+    )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed by CORS (`https://app.example.com`); empty: same origin only.",
+    )
+    allow_credentials: bool = Field(
+        default=False, description="Let browsers send cookies/HTTP auth cross-origin (never with `*`)."
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="If set, every generate call needs one (`Authorization: Bearer` or `X-API-Key`).",
+    )
+    admin_key: SecretStr | None = Field(default=None, description="Key for `GET /usage`; unset: disabled.")
+    trusted_proxies: Annotated[list[IPNetwork], NoDecode] = Field(
+        default_factory=list,
+        description="Reverse proxies (IPs/CIDRs) whose `X-Forwarded-For` is believed.",
+    )
+    rate_limit_per_minute: float = Field(
+        default=10.0, ge=0, description="Token-bucket refill per client, requests a minute (0: off)."
+    )
+    rate_limit_burst: int = Field(default=5, ge=1, description="Token-bucket size: requests in a burst.")
+    daily_quota: int = Field(default=200, ge=0, description="Images per client per UTC day (0: unlimited).")
+    max_concurrency: int = Field(default=4, ge=1, description="Upstream calls in flight at once.")
+    queue_size: int = Field(default=32, ge=0, description="Requests that may wait for a slot; more: 503.")
+    upstream_timeout: float = Field(
+        default=120.0, gt=0, description="Seconds to wait for one upstream answer."
+    )
+    max_wait_for_model: float = Field(
+        default=60.0, gt=0, description="Seconds a request may wait for a cold model to load."
+    )
+    max_retries: int = Field(
+        default=2, ge=0, le=10, description="Upstream re-sends after transient failures."
+    )
+    max_body_bytes: int = Field(default=16_384, ge=1024, description="Largest accepted request body.")
+    cache_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=0, description="Bytes of images kept for seeded repeats (0: off)."
+    )
+    coalesce: bool = Field(
+        default=True, description="Share one upstream call between identical seeded calls."
+    )
+    log_prompts: bool = Field(default=False, description="Log prompt text (default: length and hash only).")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO")
+    static_dir: Path | None = Field(default=None, description="Built web app served at `/app/`.")
+    warmup: bool = Field(default=False, description="Send one tiny request at start-up to wake the model.")
+    usage_db: Path | None = Field(
+        default=None, description="SQLite file for upstream usage (shared by workers)."
+    )
+
+    # -- parsing ---------------------------------------------------------------------------------
+
+    @field_validator("allowed_origins", "api_keys", "trusted_proxies", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin == "*":
+                continue
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
+                raise ValueError(
+                    f"{origin!r} is not an origin: write scheme://host[:port] with no path or trailing "
+                    "slash, e.g. https://app.example.com or http://localhost:5173"
+                )
+        return origins
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _networks(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            try:
+                return [ipaddress.ip_network(str(item), strict=False) for item in value]
+            except ValueError as exc:
+                raise ValueError(f"{exc}; write IP addresses or CIDR blocks such as 10.0.0.0/8") from None
+        return value
+
+    # -- safety ----------------------------------------------------------------------------------
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        problems: list[str] = []
+        if not self.model:
+            problems.append(
+                f"{ENV_PREFIX}MODEL is not set: give a Hub model id (user/model) or an endpoint URL "
+                "(https://xxxx.endpoints.huggingface.cloud, http://127.0.0.1:7860/models/demo)"
+            )
+        elif "://" in self.model:
+            parts = urlsplit(self.model)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                problems.append(f"{ENV_PREFIX}MODEL {self.model!r} is not an http(s) URL")
+            if self.base_url is not None:
+                problems.append(
+                    f"{ENV_PREFIX}BASE_URL is set while {ENV_PREFIX}MODEL is a full URL: unset one of them"
+                )
+        elif not _HUB_ID.match(self.model):
+            problems.append(
+                f"{ENV_PREFIX}MODEL {self.model!r} is neither a Hub model id (user/model) nor an http(s) URL"
+            )
+        if self.base_url is not None:
+            parts = urlsplit(self.base_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                problems.append(f"{ENV_PREFIX}BASE_URL {self.base_url!r} is not an http(s) URL")
+        if "*" in self.allowed_origins and self.allow_credentials:
+            problems.append(
+                f"{ENV_PREFIX}ALLOWED_ORIGINS contains '*' while {ENV_PREFIX}ALLOW_CREDENTIALS is true: "
+                "any web site could then call the proxy with its visitors' credentials. List the origins "
+                "of your web app instead, or turn credentials off"
+            )
+        for key in self.api_keys:
+            if len(key.get_secret_value()) < MIN_KEY_LENGTH:
+                problems.append(
+                    f"{ENV_PREFIX}API_KEYS: every key must be at least {MIN_KEY_LENGTH} characters "
+                    "(generate one with `python -c 'import secrets; print(secrets.token_urlsafe(24))'`)"
+                )
+                break
+        if self.admin_key is not None and len(self.admin_key.get_secret_value()) < MIN_KEY_LENGTH:
+            problems.append(
+                f"{ENV_PREFIX}ADMIN_KEY must be at least {MIN_KEY_LENGTH} characters "
+                "(generate one with `python -c 'import secrets; print(secrets.token_urlsafe(24))'`)"
+            )
+        if self.static_dir is not None and not (self.static_dir / "index.html").is_file():
+            problems.append(
+                f"{ENV_PREFIX}STATIC_DIR {str(self.static_dir)!r} has no index.html: "
+                "point it at the folder of a built web app (e.g. examples/react-app/dist)"
+            )
+        if self.model and not problems:
+            host = urlsplit(self.upstream_url).hostname or ""
+            token = self.resolve_token()
+            if token is None and _is_hf_host(host):
+                problems.append(
+                    f"no Hugging Face token for {host}: set HF_TOKEN in the environment or in .env, "
+                    "or run `hf auth login` as the user that runs the proxy"
+                )
+            if token is not None and urlsplit(self.upstream_url).scheme == "http" and not _is_loopback(host):
+                problems.append(
+                    f"refusing to send HF_TOKEN over plain http to {host}: use an https URL, "
+                    "or unset HF_TOKEN for an upstream that needs no token"
+                )
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    # -- derived values --------------------------------------------------------------------------
+
+    @property
+    def upstream_url(self) -> str:
+        """The URL that receives the POSTs (the model itself when it is a URL)."""
+        model = self.model or ""
+        if "://" in model:
+            return model
+        return f"{(self.base_url or DEFAULT_BASE_URL).rstrip('/')}/models/{model}"
+
+    @property
+    def upstream_is_hf(self) -> bool:
+        """Whether the upstream is a Hugging Face host (where a discovered token may be sent)."""
+        return _is_hf_host(urlsplit(self.upstream_url).hostname or "")
+
+    def resolve_token(self) -> str | None:
+        """The token to send upstream: `HF_TOKEN` (environment or `.env`), sent to any upstream;
+        else the token saved by `hf auth login`, sent to Hugging Face hosts only.
+
+        Returns:
+            The token, or None when there is none for this upstream.
+        """
+        if self.hf_token is not None:
+            return self.hf_token.get_secret_value()
+        if self.upstream_is_hf:
+            from huggingface_hub import get_token
+
+            return get_token()
+        return None
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings from the environment and `.env`, with `overrides` on top.
+
+    Args:
+        **overrides: Field values that win over the environment (the CLI's options).
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ConfigError: The configuration is incomplete or unsafe; the message names the variables.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["loc"]:
+            field = str(error["loc"][0])
+            name = "HF_TOKEN" if field in ("hf_token", "HF_TOKEN") else ENV_PREFIX + field.upper()
+            lines.append(f"{name}: {message}")
+        else:
+            lines.extend(message.splitlines())
+    return "invalid proxy configuration:\n  - " + "\n  - ".join(lines)

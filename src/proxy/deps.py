@@ -1,0 +1,170 @@
+"""What the routes depend on: the app's state, who the caller is, and the access checks."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from .config import IPNetwork, Settings
+from .errors import NotFound, NotReady, Unauthorized
+from .limits import ClientLimiter
+from .service import GenerationService
+
+__all__ = [
+    "AdminDep",
+    "Admission",
+    "AdmissionDep",
+    "AppState",
+    "CallerDep",
+    "StateDep",
+    "client_ip",
+    "get_state",
+]
+
+
+@dataclass
+class AppState:
+    """Everything one app instance (one worker process) holds while it runs."""
+
+    settings: Settings
+    service: GenerationService
+    limiter: ClientLimiter
+    started: bool = False
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState | None = getattr(request.app.state, "proxy", None)
+    if state is None:
+        raise NotReady("The proxy is not started yet.")
+    return state
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def _in_networks(address: str, networks: Sequence[IPNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def client_ip(request: Request, trusted_proxies: Sequence[IPNetwork]) -> str:
+    """The caller's IP address.
+
+    `X-Forwarded-For` is only believed when the direct peer is a trusted proxy; it is then read
+    from the right, skipping trusted proxies, so a client cannot pick its own address by sending
+    the header itself.
+    """
+    peer = request.client.host if request.client else "unknown"
+    if not trusted_proxies or not _in_networks(peer, trusted_proxies):
+        return peer
+    hops = [hop.strip() for hop in request.headers.get("x-forwarded-for", "").split(",") if hop.strip()]
+    for hop in reversed(hops):
+        if not _in_networks(hop, trusted_proxies):
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # a garbled header: fall back to the proxy that sent it
+    return hops[0] if hops else peer
+
+
+def _presented_key(request: Request, header: str) -> str | None:
+    value = request.headers.get(header)
+    if value:
+        return value.strip()
+    authorization = request.headers.get("authorization", "")
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
+def _matches(presented: str, secret: str) -> bool:
+    return hmac.compare_digest(presented.encode(), secret.encode())
+
+
+def get_caller(request: Request, state: StateDep) -> str:
+    """The id that rate limits, quotas and counts are kept under: `key:<hash>` of the caller's API
+    key when keys are configured (and a valid one is required), else `ip:<address>`.
+
+    Raises:
+        Unauthorized: Keys are configured and the request has none, or an unknown one.
+    """
+    keys = state.settings.api_keys
+    if keys:
+        presented = _presented_key(request, "x-api-key")
+        if presented is None:
+            raise Unauthorized(
+                "An API key is required: send it as `Authorization: Bearer <key>` or `X-API-Key`."
+            )
+        if not any(_matches(presented, key.get_secret_value()) for key in keys):
+            raise Unauthorized("Unknown API key.")
+        return "key:" + hashlib.sha256(presented.encode()).hexdigest()[:12]
+    return "ip:" + client_ip(request, state.settings.trusted_proxies)
+
+
+CallerDep = Annotated[str, Depends(get_caller)]
+
+
+def require_admin(request: Request, state: StateDep) -> None:
+    """Let the request through only with the admin key (`Authorization: Bearer` or `X-Admin-Key`).
+
+    Raises:
+        NotFound: No admin key is configured.
+        Unauthorized: The key is missing or wrong.
+    """
+    admin_key = state.settings.admin_key
+    if admin_key is None:
+        raise NotFound("This endpoint is disabled: set SDPROXY_ADMIN_KEY to enable it.")
+    presented = _presented_key(request, "x-admin-key")
+    if presented is None or not _matches(presented, admin_key.get_secret_value()):
+        raise Unauthorized("The admin key is missing or wrong.")
+
+
+AdminDep = Depends(require_admin)
+
+
+@dataclass
+class Admission:
+    """A generate call that passed the rate limit and holds one image of its caller's quota."""
+
+    caller: str
+    limiter: ClientLimiter
+    delivered: bool = False
+
+    def deliver(self) -> None:
+        """The image was answered: count it against the caller's quota."""
+        if not self.delivered:
+            self.delivered = True
+            self.limiter.commit_image(self.caller)
+
+
+async def admit(state: StateDep, caller: CallerDep) -> AsyncIterator[Admission]:
+    """Count the request, apply the caller's rate limit and hold one image of its daily quota
+    (given back when no image is delivered).
+
+    Raises:
+        RateLimitExceeded: The caller's bucket is empty.
+        QuotaExceeded: The caller has used today's images.
+    """
+    limiter = state.limiter
+    limiter.count(caller, "requests")
+    limiter.check_rate(caller)
+    limiter.reserve_image(caller)
+    admission = Admission(caller, limiter)
+    try:
+        yield admission
+    finally:
+        if not admission.delivered:
+            limiter.release_image(caller)
+
+
+AdmissionDep = Annotated[Admission, Depends(admit)]

@@ -1,0 +1,300 @@
+"""Errors of the proxy, their one JSON shape, and the translation of the client's errors.
+
+Every error answer is `{"error": {"code", "message", "retry_after"?}}`; `retry_after` (whole
+seconds) is also sent as `Retry-After`.
+
+```
+ProxyError
+ ├─ InvalidInput          422 validation_error
+ ├─ PayloadTooLarge       413 payload_too_large
+ ├─ Unauthorized          401 unauthorized       (client API key or admin key)
+ ├─ NotFound              404 not_found
+ ├─ RateLimitExceeded     429 rate_limited       (this proxy's per-client limit, or the upstream's)
+ ├─ QuotaExceeded         429 quota_exceeded     (per-client daily images, or the service's budget)
+ ├─ ModelLoading          503 model_loading      (cold start longer than the configured wait)
+ ├─ Busy                  503 busy               (every slot and queue place taken)
+ ├─ NotReady              503 not_ready          (starting or stopping)
+ ├─ UpstreamTimeout       504 upstream_timeout
+ └─ UpstreamFailure       502 upstream_error
+     ├─ UpstreamAuth          upstream_auth      (the proxy's token was refused)
+     ├─ UpstreamNotFound      upstream_not_found (wrong model id or URL, retired host)
+     ├─ UpstreamCredits       upstream_credits   (out of credits)
+     └─ UpstreamRejected      upstream_rejected  (the model server refused the parameters)
+```
+
+Messages written for upstream failures never contain the token: they are composed here from the
+status code, and the model server's own text is passed through `redact()` first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import sdclient
+
+__all__ = [
+    "Busy",
+    "InvalidInput",
+    "ModelLoading",
+    "NotFound",
+    "NotReady",
+    "PayloadTooLarge",
+    "ProxyError",
+    "QuotaExceeded",
+    "RateLimitExceeded",
+    "Unauthorized",
+    "UpstreamAuth",
+    "UpstreamCredits",
+    "UpstreamFailure",
+    "UpstreamNotFound",
+    "UpstreamRejected",
+    "UpstreamTimeout",
+    "error_body",
+    "error_response",
+    "from_client_error",
+    "install_error_handlers",
+    "redact",
+]
+
+logger = logging.getLogger("proxy.errors")
+
+_secrets: list[str] = []
+
+
+def register_secret(secret: str | None) -> None:
+    """Remember a secret (the token, keys) so that `redact()` masks it wherever it shows up."""
+    if secret and secret not in _secrets:
+        _secrets.append(secret)
+
+
+def redact(text: str) -> str:
+    """Mask every registered secret in `text`."""
+    for secret in _secrets:
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
+class ProxyError(Exception):
+    """An error answered to the caller as `{"error": {"code", "message", "retry_after"?}}`.
+
+    Attributes:
+        status_code: The HTTP status of the answer.
+        code: The stable machine-readable code.
+        message: What went wrong and what to do, for a person.
+        retry_after: Seconds to wait before trying again, or None.
+    """
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = None if retry_after is None else max(1, math.ceil(retry_after))
+
+
+class InvalidInput(ProxyError):
+    status_code, code = 422, "validation_error"
+
+
+class PayloadTooLarge(ProxyError):
+    status_code, code = 413, "payload_too_large"
+
+
+class Unauthorized(ProxyError):
+    status_code, code = 401, "unauthorized"
+
+
+class NotFound(ProxyError):
+    status_code, code = 404, "not_found"
+
+
+class RateLimitExceeded(ProxyError):
+    status_code, code = 429, "rate_limited"
+
+
+class QuotaExceeded(ProxyError):
+    status_code, code = 429, "quota_exceeded"
+
+
+class ModelLoading(ProxyError):
+    status_code, code = 503, "model_loading"
+
+
+class Busy(ProxyError):
+    status_code, code = 503, "busy"
+
+
+class NotReady(ProxyError):
+    status_code, code = 503, "not_ready"
+
+
+class UpstreamTimeout(ProxyError):
+    status_code, code = 504, "upstream_timeout"
+
+
+class UpstreamFailure(ProxyError):
+    status_code, code = 502, "upstream_error"
+
+
+class UpstreamAuth(UpstreamFailure):
+    code = "upstream_auth"
+
+
+class UpstreamNotFound(UpstreamFailure):
+    code = "upstream_not_found"
+
+
+class UpstreamCredits(UpstreamFailure):
+    code = "upstream_credits"
+
+
+class UpstreamRejected(UpstreamFailure):
+    code = "upstream_rejected"
+
+
+def _server_text(exc: sdclient.APIStatusError) -> str:
+    text = redact(str(exc.message or "")).strip()
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+def from_client_error(exc: sdclient.SDClientError) -> ProxyError:
+    """Translate an error of `SDClient` into what the web page is told.
+
+    The page cannot fix the proxy's configuration, so errors that only the operator can fix
+    (token, model id, credits) are 502s that say so plainly.
+
+    Args:
+        exc: The error raised by `SDClient.generate`.
+
+    Returns:
+        The matching `ProxyError` (not raised).
+    """
+    if isinstance(exc, sdclient.ModelLoadingTimeout):
+        eta = exc.estimated_time
+        wait = f" (about {math.ceil(eta)} s more)" if eta else ""
+        return ModelLoading(
+            f"The model is still loading after {exc.waited_s:.0f} s{wait}. Try again shortly.",
+            retry_after=eta if eta else 10,
+        )
+    if isinstance(exc, sdclient.RateLimited):
+        return RateLimitExceeded(
+            "The model server is rate limiting this service. Try again shortly.",
+            retry_after=exc.retry_after if exc.retry_after else 10,
+        )
+    if isinstance(exc, sdclient.AuthenticationError):
+        return UpstreamAuth(
+            f"The model server refused this service's credentials (HTTP {exc.status_code}). "
+            "The operator must check the proxy's HF_TOKEN (and its permissions)."
+        )
+    if isinstance(exc, sdclient.ModelNotFound | sdclient.EndpointGone):
+        return UpstreamNotFound(
+            f"The model server does not know the configured model (HTTP {exc.status_code}: "
+            f"{_server_text(exc)}). The operator must check SDPROXY_MODEL."
+        )
+    if isinstance(exc, sdclient.InsufficientCredits):
+        return UpstreamCredits(
+            "The model provider's account has run out of credits (HTTP 402). The operator must add credits."
+        )
+    if isinstance(exc, sdclient.InvalidRequest):
+        return UpstreamRejected(
+            f"The model server refused these parameters (HTTP {exc.status_code}): {_server_text(exc)}"
+        )
+    if isinstance(exc, sdclient.APIStatusError):
+        return UpstreamFailure(
+            f"The model server failed (HTTP {exc.status_code}) and kept failing after retries. "
+            "Try again later."
+        )
+    if isinstance(exc, sdclient.APITimeoutError):
+        return UpstreamTimeout("The model server did not answer in time. Try again later.")
+    if isinstance(exc, sdclient.APIConnectionError):
+        return UpstreamFailure("The model server could not be reached. Try again later.")
+    if isinstance(exc, sdclient.InvalidImage):
+        return UpstreamFailure("The model server answered something that is not an image.")
+    if isinstance(exc, sdclient.UsageLimitExceeded):
+        return QuotaExceeded("This service's image budget is used up. Try again tomorrow.")
+    return UpstreamFailure("The model server call failed. Try again later.")
+
+
+def error_body(exc: ProxyError) -> dict[str, Any]:
+    """The JSON body for `exc` (also the data of the stream's `error` event)."""
+    detail: dict[str, Any] = {"code": exc.code, "message": exc.message}
+    if exc.retry_after is not None:
+        detail["retry_after"] = exc.retry_after
+    return {"error": detail}
+
+
+def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The HTTP answer for `exc`, with `Retry-After` where it applies."""
+    all_headers = dict(headers or {})
+    if exc.retry_after is not None:
+        all_headers["Retry-After"] = str(exc.retry_after)
+    return JSONResponse(error_body(exc), status_code=exc.status_code, headers=all_headers)
+
+
+def describe_validation_errors(errors: Sequence[Any]) -> str:
+    """One readable sentence per problem, naming the field, e.g. `width: must be a multiple of 8`."""
+    parts = []
+    for error in errors[:5]:
+        loc = [str(item) for item in error.get("loc", ()) if item != "body"]
+        kind = error.get("type", "")
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if kind == "json_invalid":
+            parts.append('the body is not valid JSON: send an object such as {"prompt": "a red fox"}')
+            continue
+        if not loc:
+            if kind == "missing":
+                message = 'the body is missing: send a JSON object such as {"prompt": "a red fox"}'
+            parts.append(f"body: {message}" if kind != "missing" else message)
+            continue
+        field = ".".join(loc)
+        if kind == "extra_forbidden":
+            message = "unknown field (allowed: prompt, negative_prompt, width, height, num_inference_steps, "
+            message += "guidance_scale, seed)"
+        elif kind == "missing":
+            message = "required"
+        elif kind in ("int_type", "int_parsing", "float_type", "float_parsing", "int_from_float"):
+            message = f"{message} (got {error.get('input')!r})"[:120]
+        parts.append(f"{field}: {message}")
+    if len(errors) > 5:
+        parts.append(f"and {len(errors) - 5} more")
+    return "; ".join(parts) or "invalid request"
+
+
+_HTTP_CODES = {
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error raised inside the app in the one shape."""
+
+    @app.exception_handler(ProxyError)
+    async def _proxy_error(request: Request, exc: ProxyError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(InvalidInput(describe_validation_errors(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = ProxyError(str(exc.detail))
+        error.status_code = exc.status_code
+        error.code = _HTTP_CODES.get(exc.status_code, "http_error")
+        if exc.status_code == 404:
+            error.message = f"No such path: {request.url.path}. See /docs for the API."
+        return error_response(error, headers=dict(exc.headers or {}))

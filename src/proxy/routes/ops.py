@@ -1,0 +1,66 @@
+"""`GET /status` for pages, `/healthz` and `/readyz` for orchestrators, `/usage` for the operator."""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import APIRouter
+
+from ..deps import AdminDep, StateDep
+from ..errors import NotReady
+from ..schemas import ErrorResponse, Health, ModelStatusOut, UsageReport
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/status", response_model=ModelStatusOut, summary="What the proxy knows of the model")
+async def status(state: StateDep) -> ModelStatusOut:
+    """`ready`, `loading` (with `eta_s`, seconds left), `unavailable` (an error retrying will not
+    fix, e.g. a refused token) or `unknown` (nothing sent yet). Sends nothing upstream."""
+    model = state.service.status()
+    eta = None if model.eta_s is None else round(model.eta_s, 1)
+    return ModelStatusOut(state=model.state, eta_s=eta, message=model.message)
+
+
+@router.get("/healthz", response_model=Health, summary="The process is alive")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Health,
+    responses={503: {"model": ErrorResponse, "description": "`not_ready`: starting or stopping."}},
+    summary="The proxy can take requests",
+)
+async def readyz(state: StateDep) -> Health:
+    """Ready once the app has started its client; the model's own state is reported alongside
+    (a loading model still lets the proxy answer `/status` and streams)."""
+    if not state.started:
+        raise NotReady("The proxy is starting or stopping.")
+    return Health(status="ready", model_state=state.service.status().state)
+
+
+@router.get(
+    "/usage",
+    response_model=UsageReport,
+    dependencies=[AdminDep],
+    responses={
+        401: {"model": ErrorResponse, "description": "`unauthorized`: missing or wrong admin key."},
+        404: {"model": ErrorResponse, "description": "`not_found`: no admin key is configured."},
+    },
+    summary="Usage counters of this worker (admin key)",
+)
+async def usage(state: StateDep) -> UsageReport:
+    """The client's usage (requests, images, compute seconds, cold starts, failures) and
+    per-client counts of this worker process. Send the admin key as `Authorization: Bearer`
+    or `X-Admin-Key`."""
+    return UsageReport(
+        pid=os.getpid(),
+        upstream=state.service.client.usage.model_dump(mode="json"),
+        clients={client: dict(counts) for client, counts in state.limiter.counts.items()},
+        cache=state.service.cache.snapshot(),
+        queue={**state.service.admission.snapshot(), "upstream_calls": state.service.upstream_calls},
+    )
