@@ -44,6 +44,11 @@ UNKNOWN_STATE_GRACE_S = 0.3
 possible `loading` answer, so a cold start does not first show "generating" and then "loading"."""
 
 
+ETA_PASSED_S = 0.5
+"""A request sent while loading, with less than this left of the server's estimate, is expected to
+generate: the page is told `generating` (and `loading` again if the model turns out not ready)."""
+
+
 @dataclass(frozen=True)
 class GenerationResult:
     """One image, ready to be answered (or cached)."""
@@ -181,8 +186,8 @@ class GenerationService:
                 flight.emit("loading", {"eta_s": None if event.eta_s is None else round(event.eta_s, 1)})
             elif event.kind == "sending":
                 status = self.client.status
-                if status.state == "loading" and (status.eta_s or 0) > 0:
-                    return  # a wait is still running: the page keeps showing "loading"
+                if status.state == "loading" and (status.eta_s or 0) > ETA_PASSED_S:
+                    return  # a probe well before the estimate: the page keeps showing "loading"
                 if status.state == "unknown":
                     if flight.pending_generating is None:
                         flight.pending_generating = loop.call_later(
