@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -106,7 +107,8 @@ def image_filename(prompt: str, seed: int | None, *, max_slug: int = 60) -> str:
     Returns:
         For example ``"portrait-of-a-fox-1234.png"``.
     """
-    slug = _SLUG.sub("-", prompt.lower()).strip("-")[:max_slug].rstrip("-") or "image"
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
+    slug = _SLUG.sub("-", ascii_text.lower()).strip("-")[:max_slug].rstrip("-") or "image"
     return f"{slug}-{seed}.png" if seed is not None else f"{slug}.png"
 
 

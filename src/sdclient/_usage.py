@@ -275,7 +275,7 @@ class UsageTracker:
             for counter, (n, _) in budgets.items():
                 self._pending[counter] += n
         for message in to_warn:
-            warnings.warn(message, UsageWarning, stacklevel=4)
+            warnings.warn(message, UsageWarning, stacklevel=5)  # the caller of generate()
         try:
             yield
         finally:

@@ -1,0 +1,21 @@
+"""Constants shared by the client's tests (imported by conftest.py and the test modules)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sdclient import SDClient
+from sdclient._retry import RetryPolicy
+
+MODEL_ID = "user/sd-model"
+
+SENTINEL = "hf_SENTINELtoken0123456789abcdefXYZ"
+"""A token that must never show up in any output."""
+
+FAST = RetryPolicy(
+    initial_delay=0.01, max_delay=0.05, max_retry_after=2.0, probe_interval=0.1, min_probe_interval=0.02
+)
+"""Tenths of seconds instead of seconds, so the suite is fast."""
+
+MakeClient = Callable[..., SDClient]
+"""The `make_client` fixture: `make_client(model_url=None, **SDClient kwargs)`."""
