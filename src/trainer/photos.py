@@ -1,0 +1,281 @@
+"""Checking and preparing the photos a run trains on.
+
+Every file in a photo folder is opened and fully decoded before anything trains, and every problem
+(not an image, corrupt, unsupported format, too small) is reported at once, by name, with the fix.
+Usable photos are normalised the same way for checking and for training: EXIF orientation applied,
+converted to RGB (transparency on white), then resized and centre-cropped with Pillow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from trainer.errors import PhotoError
+
+__all__ = [
+    "SUPPORTED_FORMATS",
+    "Photo",
+    "PhotoCheck",
+    "PhotoProblem",
+    "check_photo_folder",
+    "check_photos",
+    "load_photo",
+    "prepare_image",
+    "to_rgb",
+]
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")
+# Files that operating systems drop into folders; never photos, never worth an error.
+_IGNORED_NAMES = {"thumbs.db", "desktop.ini", "icon\r"}
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A usable photo.
+
+    Attributes:
+        path: The file.
+        width: Width after EXIF orientation.
+        height: Height after EXIF orientation.
+        format: ``JPEG``, ``PNG`` or ``WEBP``.
+        mode: Pillow's colour mode as stored (``RGB``, ``RGBA``, ``CMYK``, ``L``, ...).
+        rotated: Whether an EXIF orientation tag turned it.
+        digest: SHA-256 of the normalised RGB pixels (duplicates share it).
+    """
+
+    path: Path
+    width: int
+    height: int
+    format: str
+    mode: str
+    rotated: bool
+    digest: str
+
+    @property
+    def notes(self) -> list[str]:
+        """What normalisation did to the photo, for the ``check`` table."""
+        notes = []
+        if self.rotated:
+            notes.append("EXIF-rotated")
+        if self.mode != "RGB":
+            notes.append(f"{self.mode} -> RGB")
+        return notes
+
+
+@dataclass(frozen=True)
+class PhotoProblem:
+    """A file or folder that cannot be used: why, and what to do about it."""
+
+    path: Path
+    reason: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.path.name}: {self.reason}. Fix: {self.fix}"
+
+
+@dataclass
+class PhotoCheck:
+    """The result of checking one folder.
+
+    Attributes:
+        folder: The folder checked.
+        photos: Usable photos, sorted by file name.
+        problems: Unusable files (or the folder itself).
+        duplicates: ``(duplicate, original)`` pairs of identical photos.
+    """
+
+    folder: Path
+    photos: list[Photo] = field(default_factory=list)
+    problems: list[PhotoProblem] = field(default_factory=list)
+    duplicates: list[tuple[Path, Path]] = field(default_factory=list)
+
+    @property
+    def warnings(self) -> list[str]:
+        """Human-readable warnings (duplicates), one per line."""
+        return [
+            f"{dup.name} is the same picture as {orig.name} in {self.folder}: it will be seen twice as "
+            "often; remove one copy unless that is intended."
+            for dup, orig in self.duplicates
+        ]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparent areas become white.
+
+    CMYK, greyscale (8/16-bit, float), palette and alpha images all come out as ``RGB``.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit/float greyscale: scale to 0-255 (Pillow's own conversion would clip).
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        grey = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def prepare_image(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to ``resolution`` (Lanczos) and centre-crop to a square.
+
+    The input should already be upright RGB (see :func:`to_rgb`, ``ImageOps.exif_transpose``).
+    """
+    width, height = image.size
+    scale = resolution / min(width, height)
+    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    if new_size != image.size:
+        image = image.resize(new_size, Image.Resampling.LANCZOS)
+    left = (new_size[0] - resolution) // 2
+    top = (new_size[1] - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def load_photo(path: Path, resolution: int) -> Image.Image:
+    """Open a photo and return it upright, RGB, ``resolution`` x ``resolution``.
+
+    Raises:
+        PhotoError: the file cannot be read (it changed since it was checked).
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+            return prepare_image(to_rgb(upright), resolution)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        problem = PhotoProblem(path, f"cannot be read ({exc})", "re-copy or remove the file")
+        raise PhotoError(_message([problem], total=1, folder=path.parent), [(path, problem.reason)]) from exc
+
+
+def _check_file(path: Path, resolution: int) -> Photo | PhotoProblem:
+    try:
+        with Image.open(path) as im:
+            fmt = im.format or "unknown"
+            if fmt not in SUPPORTED_FORMATS:
+                return PhotoProblem(
+                    path,
+                    f"{fmt} images are not supported (JPEG, PNG and WebP are)",
+                    "save it as JPEG or PNG",
+                )
+            mode = im.mode
+            im.load()  # decode everything now: truncated or damaged data fails here
+            rotated = _orientation(im) not in (None, 1)
+            upright = ImageOps.exif_transpose(im)
+            rgb = to_rgb(upright)
+    except UnidentifiedImageError:
+        return PhotoProblem(path, "not an image (Pillow cannot identify it)", "remove it from the folder")
+    except Image.DecompressionBombError as exc:
+        return PhotoProblem(path, f"too large to decode safely ({exc})", "downscale it below 50 megapixels")
+    except (OSError, SyntaxError, ValueError) as exc:
+        return PhotoProblem(
+            path, f"corrupt or truncated ({exc})", "re-export or re-copy the photo, or remove it"
+        )
+    width, height = rgb.size
+    if min(width, height) < resolution:
+        return PhotoProblem(
+            path,
+            f"{width}x{height} px is smaller than the training resolution {resolution}x{resolution}",
+            f"use a photo at least {resolution} px on its shorter side, or train at a lower --resolution",
+        )
+    digest = hashlib.sha256(f"{width}x{height}".encode() + rgb.tobytes()).hexdigest()
+    return Photo(path, width, height, fmt, mode, rotated, digest)
+
+
+def _orientation(image: Image.Image) -> int | None:
+    try:
+        value = image.getexif().get(0x0112)
+    except Exception:  # a broken EXIF block: exif_transpose already coped with it
+        return None
+    return int(value) if value is not None else None
+
+
+def _candidates(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.lower() not in _IGNORED_NAMES
+    )
+
+
+def check_photo_folder(folder: Path, *, resolution: int) -> PhotoCheck:
+    """Check every file in ``folder`` (not recursive; hidden files are skipped). Never raises.
+
+    Args:
+        folder: The photo folder.
+        resolution: The training resolution: photos must be at least this big on their shorter side.
+
+    Returns:
+        The usable photos, the problems and the duplicates.
+    """
+    result = PhotoCheck(folder)
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        result.problems.append(PhotoProblem(folder, f"the photo folder {folder} {what}", "check the path"))
+        return result
+    files = _candidates(folder)
+    if not files:
+        result.problems.append(
+            PhotoProblem(
+                folder, f"the photo folder {folder} is empty", "put 5-20 photos of the subject in it"
+            )
+        )
+        return result
+    seen: dict[str, Path] = {}
+    for path in files:
+        checked = _check_file(path, resolution)
+        if isinstance(checked, PhotoProblem):
+            result.problems.append(checked)
+            continue
+        result.photos.append(checked)
+        if checked.digest in seen:
+            result.duplicates.append((path, seen[checked.digest]))
+        else:
+            seen[checked.digest] = path
+    return result
+
+
+def _message(problems: Sequence[PhotoProblem], *, total: int, folder: Path | None = None) -> str:
+    where = f" in {folder}" if folder is not None else ""
+    head = f"{len(problems)} of {total} file(s){where} cannot be used for training:"
+    lines = [head]
+    for p in problems:
+        lines.append(f"  - {p.path}: {p.reason}.\n      Fix: {p.fix}.")
+    lines.append("Nothing was trained. Fix the files above and run again.")
+    return "\n".join(lines)
+
+
+def check_photos(folders: Iterable[Path], *, resolution: int) -> list[PhotoCheck]:
+    """Check several photo folders and raise one error listing every problem in all of them.
+
+    Args:
+        folders: The instance folders of a run (one per concept).
+        resolution: The training resolution.
+
+    Returns:
+        One :class:`PhotoCheck` per folder, every photo usable (duplicates only warned about).
+
+    Raises:
+        PhotoError: at least one file or folder cannot be used; the message lists them all.
+    """
+    checks = [check_photo_folder(Path(f), resolution=resolution) for f in folders]
+    problems = [p for c in checks for p in c.problems]
+    if problems:
+        total = sum(len(c.photos) + len([p for p in c.problems if p.path != c.folder]) for c in checks)
+        total = max(total, len(problems))
+        folder = checks[0].folder if len(checks) == 1 else None
+        raise PhotoError(
+            _message(problems, total=total, folder=folder), [(p.path, p.reason) for p in problems]
+        )
+    return checks
