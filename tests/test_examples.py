@@ -11,12 +11,15 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -42,15 +45,9 @@ def load_example(name: str) -> ModuleType:
 @pytest.fixture(autouse=True)
 def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Keep the developer's own token and model settings out of the examples under test."""
-    for name in (
-        "HF_TOKEN",
-        "HUGGING_FACE_HUB_TOKEN",
-        "SD_MODEL",
-        "SD_BASE_URL",
-        "SD_ENDPOINT_URL",
-        "SDPROXY_URL",
-    ):
-        monkeypatch.delenv(name, raising=False)
+    for name in list(os.environ):
+        if name.startswith(("SDPROXY_", "SD_")) or name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+            monkeypatch.delenv(name)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
 
 
@@ -290,3 +287,82 @@ def test_endpoint_gives_up_after_max_wait(
     assert time.monotonic() - started < 10
     assert "still starting" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+# -- call_proxy.py ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def proxy_url(server: InferenceTestServer) -> Iterator[str]:
+    """The real proxy app under uvicorn on a free port, in front of the test server."""
+    import uvicorn
+
+    from proxy import Settings, create_app
+
+    settings = Settings(
+        model=server.model_url(MODEL_ID), hf_token=SENTINEL_TOKEN, rate_limit_per_minute=0, _env_file=None
+    )
+    app: Any = create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning", lifespan="on")
+    uv_server = uvicorn.Server(config)
+    thread = threading.Thread(target=uv_server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not uv_server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the proxy did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{config.port}"
+    uv_server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("mode", ["bytes", "json"])
+def test_call_proxy_saves_image_and_metadata(
+    server: InferenceTestServer, proxy_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    example = load_example("call_proxy")
+    argv = ["--proxy-url", proxy_url, "--mode", mode, "--out-dir", str(tmp_path), "--seed", "42",
+            "--steps", "5", "--width", "128", "--height", "64", "a watercolor fox"]  # fmt: skip
+
+    assert example.main(argv) == 0
+
+    path = Path(capsys.readouterr().out.strip())
+    assert path.name == "a-watercolor-fox-42.jpg"  # the test server answers JPEG; the proxy passes it on
+    image = Image.open(path)
+    image.load()
+    assert (image.format, image.size) == ("JPEG", (128, 64))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["seed"] == 42
+    assert meta["prompt"] == "a watercolor fox"
+    assert meta["parameters"]["num_inference_steps"] == 5
+    assert meta["timings"]["compute_s"] == pytest.approx(0.25)
+    assert meta["request_id"]
+    upstream = [r for r in server.requests if r.reply == "image"][-1]
+    assert upstream.parameters["seed"] == 42
+
+
+def test_call_proxy_shows_the_proxy_error(
+    server: InferenceTestServer, proxy_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    example = load_example("call_proxy")
+
+    code = example.main(["--proxy-url", proxy_url, "--out-dir", str(tmp_path), "--steps", "500", "a fox"])
+
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "validation_error" in err and "HTTP 422" in err
+    assert list(tmp_path.iterdir()) == []
+    assert server.requests == []
+
+
+def test_call_proxy_unreachable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    example = load_example("call_proxy")
+    url = f"http://127.0.0.1:{_free_port()}"
+    assert example.main(["--proxy-url", url, "--timeout", "5", "--out-dir", str(tmp_path), "a fox"]) == 1
+    assert f"could not reach the proxy at {url}" in capsys.readouterr().err
