@@ -66,10 +66,17 @@ export function Gallery({ items, onReuse, onRemove }: Props) {
               </dd>
               <dt>Time</dt>
               <dd data-testid="gallery-timings">{describeTimings(item.timings)}</dd>
+              <dt>File</dt>
+              <dd className="file-name">{item.fileName}</dd>
             </dl>
             <div className="card-actions">
-              <a href={item.url} download={item.fileName} data-testid="download-link">
-                Download {item.fileName}
+              <a
+                href={item.url}
+                download={item.fileName}
+                data-testid="download-link"
+                aria-label={`Download ${item.fileName}`}
+              >
+                Download
               </a>
               <button type="button" className="link" onClick={() => onReuse(item)}>
                 Reuse settings

@@ -97,7 +97,7 @@ export function GenerateForm({ values, onChange, onSubmit, onCancel, running, pr
       <div className="row">
         <div className="field">
           <label htmlFor="steps">
-            Steps <output htmlFor="steps">{values.steps}</output>
+            Steps <span className="value">{values.steps}</span>
           </label>
           <input
             id="steps"
@@ -112,7 +112,7 @@ export function GenerateForm({ values, onChange, onSubmit, onCancel, running, pr
         </div>
         <div className="field">
           <label htmlFor="guidance">
-            Guidance <output htmlFor="guidance">{values.guidance.toFixed(1)}</output>
+            Guidance <span className="value">{values.guidance.toFixed(1)}</span>
           </label>
           <input
             id="guidance"
