@@ -1,0 +1,407 @@
+"""The whole DreamBooth flow: check -> class images -> train -> samples -> export -> (publish).
+
+``prepare_run`` turns the user's :class:`~trainer.config.RunConfig` into a
+:class:`~trainer.config.RunRecord` (reading the base model's configs for the resolution and the
+prediction type, counting photos for the default number of steps) and checks every photo before
+anything slow happens. ``run`` then does each step in order; each step is also a command of
+``sdtrain``.
+
+Under ``accelerate launch`` (several GPUs) every process checks the photos and trains; only the main
+process writes ``run.json``, generates class images, samples, exports and publishes.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from trainer._console import console
+from trainer.config import (
+    STEPS_WARNING_THRESHOLD,
+    RunConfig,
+    RunRecord,
+    default_max_train_steps,
+)
+from trainer.errors import ConfigError
+from trainer.loading import ModelLoadError
+from trainer.photos import PhotoCheck, check_photos
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
+    from trainer.class_images import ClassImagesResult
+    from trainer.sample import SampleResult
+    from trainer.train import TrainingData, TrainResult
+
+__all__ = [
+    "BaseModelInfo",
+    "PreparedRun",
+    "RunResult",
+    "base_model_license",
+    "inspect_base_model",
+    "make_class_images",
+    "prepare_run",
+    "resolve_mixed_precision",
+    "run",
+    "training_data",
+]
+
+Stage = Literal["train", "sample", "export", "publish"]
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What a run needs to know about its base model before loading any weights.
+
+    Attributes:
+        resolution: Native image size: ``unet.sample_size * vae_scale_factor`` (512 for SD 1.5,
+            768 for SD 2.1, 64 for the tiny test model).
+        prediction_type: ``epsilon`` or ``v_prediction`` (from the scheduler config).
+        license: The model card's ``license`` (e.g. ``creativeml-openrail-m``), if known.
+    """
+
+    resolution: int
+    prediction_type: str
+    license: str | None
+
+
+@dataclass
+class PreparedRun:
+    """A validated run, its photos checked.
+
+    Attributes:
+        record: Every option decided (what ``run.json`` holds).
+        checks: The photo check of each concept's folder, in concept order.
+    """
+
+    record: RunRecord
+    checks: list[PhotoCheck]
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` produced.
+
+    Attributes:
+        record: The run's configuration (``OUT/run.json``).
+        train: The training outcome.
+        samples: The sample images, if any were made.
+        export_path: The single-file checkpoint, if exported.
+        hub_url: The Hub repo's URL, if published.
+    """
+
+    record: RunRecord
+    train: TrainResult | None = None
+    samples: SampleResult | None = None
+    export_path: Path | None = None
+    hub_url: str | None = None
+    class_images: list[ClassImagesResult] = field(default_factory=list)
+
+
+def _load_config(base_model: str, subfolder: str) -> dict[str, Any]:
+    from diffusers.configuration_utils import ConfigMixin
+
+    class _Reader(ConfigMixin):
+        config_name = "scheduler_config.json" if subfolder == "scheduler" else "config.json"
+
+    config: dict[str, Any] = _Reader.load_config(base_model, subfolder=subfolder)
+    return config
+
+
+def inspect_base_model(base_model: str) -> BaseModelInfo:
+    """Read the base model's UNet, VAE and scheduler configs (no weights are loaded).
+
+    Args:
+        base_model: A diffusers folder or a Hub id (downloaded configs are cached).
+
+    Returns:
+        The native resolution, the prediction type and the license.
+
+    Raises:
+        ModelLoadError: the folder is not a diffusers pipeline, or the Hub id cannot be reached.
+    """
+    path = Path(base_model)
+    if path.exists() and not (path / "model_index.json").is_file():
+        raise ModelLoadError(
+            f"{base_model} is not a diffusers pipeline folder (no model_index.json). Give a folder saved "
+            "with save_pretrained (e.g. `sdtrain tiny-model` or a Hub snapshot) or a Hub id."
+        )
+    if not path.exists() and base_model.count("/") != 1:
+        raise ModelLoadError(
+            f"{base_model} is neither an existing folder nor a Hub id (owner/name), e.g. "
+            "stable-diffusion-v1-5/stable-diffusion-v1-5."
+        )
+    try:
+        unet = _load_config(base_model, "unet")
+        vae = _load_config(base_model, "vae")
+        scheduler = _load_config(base_model, "scheduler")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"Could not read the configuration of {base_model}: {exc}. Check the id or path; a gated "
+            "model needs `hf auth login` and accepted terms; offline, the model must be in the cache."
+        ) from exc
+    vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    sample_size = unet.get("sample_size")
+    if not isinstance(sample_size, int):  # some configs give [h, w]
+        sample_size = int(sample_size[0]) if sample_size else 64
+    return BaseModelInfo(
+        resolution=sample_size * vae_scale_factor,
+        prediction_type=str(scheduler.get("prediction_type", "epsilon")),
+        license=base_model_license(base_model),
+    )
+
+
+def base_model_license(base_model: str) -> str | None:
+    """The base model's license from its model card (``None`` when unknown or offline).
+
+    A local folder's ``README.md`` front matter is read; for a Hub id the Hub is asked (unless
+    ``HF_HUB_OFFLINE`` is set).
+    """
+    path = Path(base_model)
+    if path.exists():
+        readme = path / "README.md"
+        if not readme.is_file():
+            return None
+        from huggingface_hub import metadata_load
+
+        try:
+            metadata = metadata_load(readme) or {}
+        except Exception:  # a malformed front matter is not worth failing a run over
+            return None
+        value = metadata.get("license")
+        return str(value) if value else None
+    from huggingface_hub import constants, model_info
+
+    if constants.HF_HUB_OFFLINE:
+        return None
+    try:
+        card = model_info(base_model, timeout=10).card_data
+    except Exception:  # offline, gated, rate-limited: the license is nice to have
+        return None
+    value = getattr(card, "license", None) if card is not None else None
+    return str(value) if value else None
+
+
+def resolve_mixed_precision(choice: str) -> Literal["no", "fp16", "bf16"]:
+    """``auto`` becomes bf16 on CUDA GPUs that support it, else fp16 on CUDA, else ``no``."""
+    if choice in ("no", "fp16", "bf16"):
+        return choice  # type: ignore[return-value]
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdclient")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> PreparedRun:
+    """Decide every option and check every photo; nothing slow happens before this succeeds.
+
+    Args:
+        config: The user's options.
+        info: The base model's facts, if already known (default: :func:`inspect_base_model`).
+
+    Returns:
+        The run record and the photo checks.
+
+    Raises:
+        ModelLoadError: the base model cannot be found.
+        PhotoError: some photos are unusable (all listed).
+        ConfigError: the prediction type is not supported.
+    """
+    info = info or inspect_base_model(config.base_model)
+    if info.prediction_type not in ("epsilon", "v_prediction"):
+        raise ConfigError(
+            f"{config.base_model} predicts {info.prediction_type!r}; only epsilon and v_prediction "
+            "models (SD 1.x, SD 2.x) can be fine-tuned."
+        )
+    resolution = config.resolution or info.resolution
+    concepts = config.resolved_concepts()
+    checks = check_photos([c.instance_dir for c in concepts], resolution=resolution)
+    for check in checks:
+        for warning in check.warnings:
+            console.print(f"[yellow]Warning:[/] {warning}")
+    num_photos = sum(len(c.photos) for c in checks)
+    max_steps = config.max_train_steps or default_max_train_steps(num_photos)
+    if max_steps > STEPS_WARNING_THRESHOLD:
+        console.print(
+            f"[yellow]Warning:[/] {max_steps} training steps is a lot: above {STEPS_WARNING_THRESHOLD} "
+            "DreamBooth tends to over-fit (every image looks like the training photos). Consider "
+            "fewer --max-train-steps or a lower --learning-rate."
+        )
+    data = config.model_dump()
+    data.update(
+        concepts=[c.model_dump() for c in concepts],
+        resolution=resolution,
+        max_train_steps=max_steps,
+        mixed_precision=resolve_mixed_precision(config.mixed_precision),
+        sample_prompt=config.sample_prompt or concepts[0].instance_prompt,
+        sample_seed=config.sample_seed if config.sample_seed is not None else config.seed,
+        base_model_license=info.license,
+        prediction_type=info.prediction_type,
+        num_instance_images=num_photos,
+        sdtrain_version=_version(),
+    )
+    return PreparedRun(RunRecord.model_validate(data), checks)
+
+
+def make_class_images(record: RunRecord) -> list[ClassImagesResult]:
+    """Generate the missing class images of every concept (nothing when prior preservation is off)."""
+    from trainer.class_images import ensure_class_images
+
+    if not record.with_prior_preservation:
+        return []
+    jobs = [(c.class_prompt, c.class_dir) for c in record.concepts if c.class_prompt and c.class_dir]
+    return ensure_class_images(
+        jobs,
+        base_model=record.base_model,
+        num_images=record.num_class_images,
+        resolution=record.resolution,
+        batch_size=record.class_batch_size,
+        num_inference_steps=record.class_image_steps,
+        seed=record.seed,
+    )
+
+
+def training_data(record: RunRecord, checks: list[PhotoCheck]) -> TrainingData:
+    """The instance photos and class images of every concept, as the training loop takes them.
+
+    Class images are checked like photos (a damaged cached image is reported, not trained on).
+
+    Raises:
+        PhotoError: a class image is unusable.
+    """
+    from trainer.class_images import existing_class_images
+    from trainer.train import TrainingData
+
+    instance = [(photo.path, i) for i, check in enumerate(checks) for photo in check.photos]
+    class_images: list[list[Path]] = []
+    for concept in record.concepts:
+        if record.with_prior_preservation and concept.class_dir is not None:
+            wanted = set(existing_class_images(concept.class_dir)[: record.num_class_images])
+            (check,) = check_photos([concept.class_dir], resolution=record.resolution)
+            class_images.append([p.path for p in check.photos if p.path in wanted])
+        else:
+            class_images.append([])
+    return TrainingData(instance=instance, class_images=class_images)
+
+
+def _check_publish_token(record: RunRecord) -> None:
+    if record.hub_repo is None:
+        return
+    from huggingface_hub import get_token
+
+    if not get_token():
+        raise ConfigError(
+            f"Publishing to {record.hub_repo} needs a Hugging Face write token and none was found: set "
+            "HF_TOKEN in the environment or run `hf auth login` before training (sdtrain never takes a "
+            "token as a flag and never writes it anywhere)."
+        )
+
+
+def run(
+    config: RunConfig,
+    *,
+    resume: str = "auto",
+    until: Stage = "publish",
+    hub_api: HfApi | None = None,
+) -> RunResult:
+    """Run the DreamBooth flow, from photo check to export (and publishing with ``hub_repo``).
+
+    Args:
+        config: The options.
+        resume: ``auto``, ``latest``, ``never`` or a checkpoint folder (see :func:`trainer.train.train`).
+        until: Last stage to run: ``train`` (the ``sdtrain train`` command), ``sample``, ``export`` or
+            ``publish`` (everything; publishing happens only when ``config.hub_repo`` is set).
+        hub_api: A ``huggingface_hub.HfApi`` to publish with (tests pass a fake one).
+
+    Returns:
+        What was made.
+
+    Raises:
+        trainer.errors.TrainerError: bad options or photos, interrupted or failed training, ...
+        ModelLoadError: the base model cannot be loaded.
+    """
+    from accelerate import PartialState
+
+    from trainer.train import preflight, train
+
+    state = PartialState()
+    main = state.is_main_process
+    order: list[Stage] = ["train", "sample", "export", "publish"]
+    wanted = set(order[: order.index(until) + 1])
+
+    # 1. check: options, base model, photos, optional features, token (before anything slow).
+    prepared = prepare_run(config)
+    record = prepared.record
+    preflight(record)
+    if "publish" in wanted:
+        _check_publish_token(record)
+    out = record.output_dir
+    result = RunResult(record)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        record.write(out / "run.json")
+        # 2. class images, generated once and cached in each concept's class folder.
+        result.class_images = make_class_images(record)
+        gc.collect()
+    state.wait_for_everyone()
+
+    # 3. train.
+    data = training_data(record, prepared.checks)
+    result.train = train(record, data, resume=resume)
+    _free_memory()
+    if not main:
+        return result
+    model_dir = out / "model"
+
+    # 4. samples from the fine-tuned model.
+    if "sample" in wanted and record.num_samples:
+        from trainer.sample import generate_samples
+
+        result.samples = generate_samples(
+            model_dir,
+            out / "samples",
+            prompt=record.sample_prompt,
+            negative_prompt=record.sample_negative_prompt,
+            num_images=record.num_samples,
+            num_inference_steps=record.sample_steps,
+            guidance_scale=record.sample_guidance_scale,
+            seed=record.sample_seed,
+            resolution=record.resolution,
+        )
+        _free_memory()
+
+    # 5. export to one original-layout checkpoint file.
+    if "export" in wanted:
+        from trainer.export import export_single_file
+
+        target = out / "export" / f"model.{record.export_format}"
+        result.export_path = export_single_file(model_dir, target, half=record.export_half, verify=True)
+        console.print(f"Exported {result.export_path}")
+
+    # 6. publish.
+    if "publish" in wanted and record.hub_repo:
+        from trainer.publish import publish_run
+
+        result.hub_url = publish_run(out, record.hub_repo, private=record.hub_private, api=hub_api)
+        console.print(f"Published {result.hub_url}")
+    return result
+
+
+def _free_memory() -> None:
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

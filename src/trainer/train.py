@@ -1,0 +1,766 @@
+"""The DreamBooth training loop: fine-tune the UNet (and optionally the text encoder) on a few photos.
+
+The loop is written out step by step, in the manner of diffusers' ``train_dreambooth.py``:
+
+1. load the base model's parts; freeze the VAE (and the text encoder unless it is trained);
+2. optionally encode every photo to latents and every prompt to embeddings once (``cache_latents``,
+   frozen text encoder): each step then only runs the UNet;
+3. each step: pick a batch (the order is a pure function of the seed and the step number), add noise
+   at random timesteps, predict it, and compare with the target the scheduler's ``prediction_type``
+   asks for (the noise for epsilon models such as SD 1.5, the velocity for v-prediction models such
+   as SD 2.1 768); with prior preservation the loss is instance MSE + ``prior_loss_weight`` x class MSE;
+4. every ``checkpointing_steps`` save the full state (weights, optimizer, LR scheduler, every RNG)
+   atomically, keeping the newest ``checkpoints_total_limit``; SIGINT/SIGTERM save one and stop;
+5. at the end save the pipeline in diffusers layout at ``OUT/model`` (atomically).
+
+Because the data order and all randomness are restored from a checkpoint, a resumed run ends with
+the same weights as one that was never interrupted (same seed, same machine, within float tolerance).
+
+Multi-GPU: ``accelerate launch -m trainer.cli train --config run.toml`` runs one process per GPU;
+each takes its own slice of every batch and accelerate averages the gradients.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import itertools
+import json
+import math
+import re
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from trainer._console import StepProgress, console
+from trainer._fs import TMP_PREFIX, publish_dir, remove_stale_temp, temp_sibling
+from trainer.config import RunRecord
+from trainer.errors import MissingDependency, TrainingError, TrainingInterrupted
+from trainer.photos import load_photo
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "TrainResult",
+    "TrainingData",
+    "batch_positions",
+    "dreambooth_loss",
+    "find_checkpoints",
+    "preflight",
+    "train",
+    "training_target",
+]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+_STATE_FILE = "trainer_state.json"
+_LATENT_BATCH = 8  # photos encoded per VAE call when caching latents
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What to train on.
+
+    Attributes:
+        instance: ``(photo, concept index)`` for every instance photo of every concept.
+        class_images: Per concept, its class images (empty without prior preservation).
+    """
+
+    instance: list[tuple[Path, int]]
+    class_images: list[list[Path]]
+
+
+@dataclass
+class TrainResult:
+    """The outcome of :func:`train`.
+
+    Attributes:
+        global_step: Optimizer steps done in total (including those before a resume).
+        model_dir: ``OUT/model`` when the pipeline was saved.
+        resumed_from: The checkpoint training continued from, if any.
+        last_loss: The loss of the last step run (``None`` if no step ran).
+        step_times: Seconds per optimizer step run by this call (for benchmarks).
+        peak_gpu_memory: ``torch.cuda.max_memory_allocated()`` in bytes, on CUDA.
+    """
+
+    global_step: int
+    model_dir: Path | None
+    resumed_from: Path | None
+    last_loss: float | None
+    step_times: list[float] = field(default_factory=list)
+    peak_gpu_memory: int | None = None
+
+
+def training_target(
+    noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the UNet must predict, from the scheduler's ``prediction_type``.
+
+    ``epsilon`` (SD 1.x, SD 2.x base 512): the added noise. ``v_prediction`` (SD 2.x 768):
+    the velocity ``alpha_t * noise - sigma_t * latents``.
+
+    Raises:
+        TrainingError: any other prediction type.
+    """
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise TrainingError(
+        f"The base model's scheduler predicts {prediction_type!r}; only 'epsilon' and 'v_prediction' "
+        "models can be fine-tuned here."
+    )
+
+
+def dreambooth_loss(
+    model_pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    prior_preservation: bool,
+    prior_loss_weight: float = 1.0,
+) -> torch.Tensor:
+    """The DreamBooth loss, computed in fp32.
+
+    Without prior preservation: the MSE between prediction and target. With it, the batch is
+    ``[instance examples, class examples]`` and the loss is
+    ``MSE(instance half) + prior_loss_weight * MSE(class half)``.
+    """
+    import torch.nn.functional as F
+
+    if not prior_preservation:
+        return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    pred_instance, pred_prior = model_pred.float().chunk(2, dim=0)
+    target_instance, target_prior = target.float().chunk(2, dim=0)
+    instance_loss = F.mse_loss(pred_instance, target_instance, reduction="mean")
+    prior_loss = F.mse_loss(pred_prior, target_prior, reduction="mean")
+    return instance_loss + prior_loss_weight * prior_loss
+
+
+def batch_positions(
+    micro_step: int,
+    *,
+    seed: int,
+    num_examples: int,
+    batch_size: int,
+    num_processes: int = 1,
+    process_index: int = 0,
+) -> list[tuple[int, int, int]]:
+    """Which examples a process trains on at a given micro-step: ``(epoch, position, example)``.
+
+    Every epoch visits the examples in a fresh order drawn from ``(seed, epoch)``; the batches of all
+    processes tile that order (the last batch of an epoch wraps around to its start). The result
+    depends on nothing else, so a resumed run sees exactly the batches the interrupted one would have.
+    """
+    global_batch = batch_size * num_processes
+    steps_per_epoch = math.ceil(num_examples / global_batch)
+    epoch, slot = divmod(micro_step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    start = slot * global_batch + process_index * batch_size
+    positions = [(start + j) % num_examples for j in range(batch_size)]
+    return [(epoch, pos, int(order[pos])) for pos in positions]
+
+
+def find_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``checkpoints_dir``, oldest first, as ``(step, folder)``."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for entry in checkpoints_dir.iterdir():
+        match = _CHECKPOINT_RE.match(entry.name)
+        if match and (entry / _STATE_FILE).is_file():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def preflight(record: RunRecord) -> None:
+    """Check, before any slow work, that the requested features can run on this machine.
+
+    Raises:
+        MissingDependency: 8-bit Adam without bitsandbytes, xformers missing or without CUDA.
+        TrainingError: fp16 mixed precision without a CUDA GPU.
+    """
+    cuda = _cuda_available()
+    if record.mixed_precision == "fp16" and not cuda:
+        raise TrainingError(
+            "fp16 mixed precision needs a CUDA GPU and none is available: use --mixed-precision no "
+            "(or bf16 on a CPU that supports it)."
+        )
+    if record.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise MissingDependency(
+            "--use-8bit-adam needs the bitsandbytes package (CUDA GPUs): `pip install bitsandbytes`, "
+            "or leave the option off to use the standard AdamW."
+        )
+    if record.attention == "xformers":
+        if importlib.util.find_spec("xformers") is None:
+            raise MissingDependency(
+                "--attention xformers needs the xformers package: `pip install xformers` matching your "
+                "torch and CUDA, or use the default --attention sdpa (PyTorch's own fast attention)."
+            )
+        if not cuda:
+            raise MissingDependency(
+                "xformers only runs on CUDA GPUs and this machine has none: "
+                "use --attention sdpa (the default)."
+            )
+
+
+class _StopSignal:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step (a second Ctrl-C quits)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
+        self.signum = signum
+        console.print(
+            f"[yellow]{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+            "(Ctrl-C again quits without saving)[/]"
+        )
+
+
+class _TrainingRNG:
+    """The one random generator of the loop (noise, timesteps, latent sampling); checkpointed."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        import torch
+
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def save(self, path: Path) -> None:
+        import torch
+
+        torch.save(self.generator.get_state(), path)
+
+    def load(self, path: Path) -> None:
+        import torch
+
+        self.generator.set_state(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _pixels(paths: Sequence[Path], resolution: int) -> torch.Tensor:
+    """Photos as a float tensor in [-1, 1], shape (n, 3, resolution, resolution)."""
+    import torch
+
+    arrays = [np.asarray(load_photo(p, resolution), dtype=np.float32) for p in paths]
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return batch / 127.5 - 1.0
+
+
+def _tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
+    ids: torch.Tensor = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    return ids
+
+
+def _select_optimizer(record: RunRecord) -> Any:
+    import torch
+
+    if not record.use_8bit_adam:
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise MissingDependency(
+            "--use-8bit-adam needs the bitsandbytes package (CUDA GPUs): `pip install bitsandbytes`, "
+            "or leave the option off."
+        ) from exc
+    return bnb.optim.AdamW8bit
+
+
+def _enable_xformers(unet: Any) -> None:
+    try:
+        unet.enable_xformers_memory_efficient_attention()
+    except Exception as exc:  # xformers raises many kinds of errors when its kernels cannot run
+        raise MissingDependency(
+            f"xformers is installed but cannot run here ({exc}). Use --attention sdpa (the default), or "
+            "install the xformers build that matches your torch and CUDA versions."
+        ) from exc
+
+
+def _resolve_resume(resume: str, checkpoints_dir: Path) -> Path | None:
+    checkpoints = find_checkpoints(checkpoints_dir)
+    if resume == "never":
+        return None
+    if resume in ("auto", "latest"):
+        if checkpoints:
+            return checkpoints[-1][1]
+        if resume == "latest":
+            raise TrainingError(
+                f"--resume latest: there is no checkpoint in {checkpoints_dir}. Drop --resume to start "
+                "from the beginning."
+            )
+        return None
+    path = Path(resume)
+    if not (path / _STATE_FILE).is_file():
+        raise TrainingError(
+            f"--resume {resume}: not a checkpoint folder (no {_STATE_FILE}); give `auto`, `latest`, "
+            f"`never` or a folder such as {checkpoints_dir / (CHECKPOINT_PREFIX + '500')}."
+        )
+    return path
+
+
+def _delete_checkpoints(checkpoints_dir: Path) -> None:
+    checkpoints = find_checkpoints(checkpoints_dir)
+    if checkpoints:
+        console.print(f"[yellow]--resume never: deleting {len(checkpoints)} earlier checkpoint(s)[/]")
+    for _, path in checkpoints:
+        shutil.rmtree(path)
+
+
+def _check_fingerprint(checkpoint: Path, record: RunRecord) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads((checkpoint / _STATE_FILE).read_text(encoding="utf-8"))
+    saved, now = state.get("fingerprint", {}), record.training_fingerprint()
+    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+    if changed:
+        raise TrainingError(
+            f"{checkpoint} was saved by a run with other settings ({'; '.join(changed)}). Run with the "
+            "same settings to continue it, pass --resume never to start over, or choose another --output."
+        )
+    return state
+
+
+def _save_checkpoint(
+    accelerator: Accelerator,
+    checkpoints_dir: Path,
+    step: int,
+    record: RunRecord,
+    rng: _TrainingRNG,
+) -> Path:
+    """Save the complete training state as ``checkpoint-<step>``, atomically, and prune old ones.
+
+    Every process writes into one temporary folder (its RNG state included); the main process
+    then flushes it to disk and renames it into place, so a crash leaves either no new checkpoint
+    or a complete one.
+    """
+    final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = checkpoints_dir / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"  # same name on every process
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    rng.save(tmp / f"training_rng_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {
+            "global_step": step,
+            "max_train_steps": record.max_train_steps,
+            "num_processes": accelerator.num_processes,
+            "fingerprint": record.training_fingerprint(),
+        }
+        (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+        publish_dir(tmp, final)
+        for _, old in find_checkpoints(checkpoints_dir)[: -record.checkpoints_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _save_pipeline(record: RunRecord, unet: Any, text_encoder: Any | None, out: Path) -> Path:
+    """Save the fine-tuned pipeline in diffusers layout at ``out`` (atomically)."""
+    from diffusers import StableDiffusionPipeline
+
+    components: dict[str, Any] = {"unet": unet}
+    if text_encoder is not None:
+        components["text_encoder"] = text_encoder
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        record.base_model,
+        **components,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = temp_sibling(out)
+    try:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        _copy_missing_tokenizer_files(record.base_model, tmp / "tokenizer")
+        publish_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _copy_missing_tokenizer_files(base_model: str, tokenizer_dir: Path) -> None:
+    """Keep the classic ``vocab.json``/``merges.txt`` beside ``tokenizer.json`` (older loaders need them)."""
+    source = Path(base_model) / "tokenizer"
+    if not source.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            source = Path(
+                snapshot_download(base_model, allow_patterns=["tokenizer/*"], local_files_only=True)
+            )
+            source = source / "tokenizer"
+        except Exception:  # not in the local cache: the saved tokenizer.json is enough
+            return
+    for item in source.iterdir():
+        if item.is_file() and not (tokenizer_dir / item.name).exists():
+            shutil.copy2(item, tokenizer_dir / item.name)
+
+
+def train(
+    record: RunRecord, data: TrainingData, *, resume: str = "auto", save_model: bool = True
+) -> TrainResult:
+    """Fine-tune the base model on ``data`` as ``record`` says; crash-safe and resumable.
+
+    Args:
+        record: The resolved run configuration (see :func:`trainer.run.prepare_run`).
+        data: The checked instance photos and the class images of every concept.
+        resume: ``auto`` (continue from the newest checkpoint if there is one), ``latest`` (must
+            continue), ``never`` (start over, deleting old checkpoints) or a checkpoint folder.
+        save_model: Save the pipeline to ``OUT/model`` at the end.
+
+    Returns:
+        The steps done, where the model is, and timings.
+
+    Raises:
+        TrainingInterrupted: SIGINT/SIGTERM arrived; a checkpoint was saved first.
+        TrainingError: the checkpoint to resume does not match the settings, or no checkpoint exists
+            with ``resume="latest"``.
+        MissingDependency: 8-bit Adam or xformers asked for and not usable.
+        trainer.loading.ModelLoadError: the base model cannot be loaded.
+    """
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from trainer.loading import ModelLoadError
+
+    preflight(record)
+    if not data.instance:
+        raise TrainingError("No instance photos to train on.")
+    if record.with_prior_preservation and any(not images for images in data.class_images):
+        raise TrainingError("Prior preservation is on but a concept has no class images.")
+
+    output_dir = record.output_dir
+    checkpoints_dir = output_dir / "checkpoints"
+    accelerator = Accelerator(
+        mixed_precision=record.mixed_precision,
+        gradient_accumulation_steps=record.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=str(output_dir)),
+    )
+    device = accelerator.device
+    # Python, NumPy and torch's global generators; the loop itself draws from its own `rng`.
+    set_seed(record.seed)
+
+    # -- 1. Load the base model's parts --------------------------------------------------------
+    base = record.base_model
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        # DDPM's noise schedule is the one every SD model was trained with; the base model's own
+        # scheduler config supplies the betas and, above all, the prediction type.
+        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"Could not load the parts of {base} for training: {exc}") from exc
+    if noise_scheduler.config.prediction_type != record.prediction_type:
+        raise TrainingError(
+            f"{base}'s scheduler predicts {noise_scheduler.config.prediction_type!r} but run.json says "
+            f"{record.prediction_type!r}: start a new --output for this base model."
+        )
+
+    # Frozen parts run in the mixed-precision dtype to save memory; trained weights stay in fp32
+    # (accelerate autocasts the forward pass and keeps an fp32 master copy of what is trained).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(record.mixed_precision, torch.float32)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(record.train_text_encoder)
+    vae.to(device)
+    text_encoder.to(device)
+    if weight_dtype != torch.float32:
+        vae.to(dtype=weight_dtype)
+        if not record.train_text_encoder:
+            text_encoder.to(dtype=weight_dtype)
+
+    if record.attention == "xformers":
+        _enable_xformers(unet)
+    if record.gradient_checkpointing:
+        # Recompute activations in the backward pass: ~30% slower, a fraction of the memory.
+        unet.enable_gradient_checkpointing()
+        if record.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+
+    # -- 2. Optimizer and learning-rate schedule ----------------------------------------------------
+    params_to_optimize = (
+        itertools.chain(unet.parameters(), text_encoder.parameters())
+        if record.train_text_encoder
+        else unet.parameters()
+    )
+    optimizer = _select_optimizer(record)(
+        params_to_optimize,
+        lr=record.learning_rate,
+        betas=(record.adam_beta1, record.adam_beta2),
+        weight_decay=record.adam_weight_decay,
+        eps=record.adam_epsilon,
+    )
+    # The prepared scheduler steps once per process per optimizer step, hence the multiplication.
+    lr_scheduler = get_scheduler(
+        record.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=record.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=record.max_train_steps * accelerator.num_processes,
+    )
+    if record.train_text_encoder:
+        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
+            unet, text_encoder, optimizer, lr_scheduler
+        )
+        trained_models: tuple[Any, ...] = (unet, text_encoder)
+    else:
+        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+        trained_models = (unet,)
+    rng = _TrainingRNG(record.seed + accelerator.process_index, device)
+
+    # -- 3. Resume: weights, optimizer, LR schedule and every RNG state ----------------------------
+    if accelerator.is_main_process:
+        remove_stale_temp(checkpoints_dir)  # half-written checkpoints of a killed run
+        if resume == "never":
+            _delete_checkpoints(checkpoints_dir)
+    accelerator.wait_for_everyone()
+    resume_from = _resolve_resume(resume, checkpoints_dir)
+    global_step = 0
+    if resume_from is not None:
+        state = _check_fingerprint(resume_from, record)
+        accelerator.load_state(str(resume_from))
+        rng.load(resume_from / f"training_rng_{accelerator.process_index}.pt")
+        global_step = int(state["global_step"])
+        console.print(f"Resuming from {resume_from} (step {global_step} of {record.max_train_steps})")
+
+    # -- 4. Caches: prompts to embeddings, photos to latent distributions ---------------------------
+    prompts = sorted({p for c in record.concepts for p in (c.instance_prompt, c.class_prompt) if p})
+    token_ids = {p: _tokenize(tokenizer, [p]).to(device) for p in prompts}
+    cached_embeddings: dict[str, torch.Tensor] = {}
+    if not record.train_text_encoder:
+        with torch.no_grad():
+            for p in prompts:
+                cached_embeddings[p] = text_encoder(token_ids[p])[0]
+
+    all_images = [path for path, _ in data.instance] + [p for images in data.class_images for p in images]
+    latent_cache: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
+    if record.cache_latents and global_step < record.max_train_steps:
+        with torch.no_grad():
+            unique = list(dict.fromkeys(all_images))
+            for i in range(0, len(unique), _LATENT_BATCH):
+                chunk = unique[i : i + _LATENT_BATCH]
+                dist = vae.encode(
+                    _pixels(chunk, record.resolution).to(device, dtype=weight_dtype)
+                ).latent_dist
+                for j, path in enumerate(chunk):
+                    latent_cache[path] = (dist.mean[j], dist.std[j])
+    if record.cache_latents and not record.train_text_encoder:
+        # Nothing else needs the encoders: give their memory back to the UNet.
+        text_encoder.to("cpu")
+        vae.to("cpu")
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    scaling_factor = float(vae.config.scaling_factor)
+
+    def encode_latents(paths: list[Path]) -> torch.Tensor:
+        """Sample latents of the photos from the VAE's posterior (cached mean/std, or the VAE now)."""
+        if latent_cache:
+            mean = torch.stack([latent_cache[p][0] for p in paths])
+            std = torch.stack([latent_cache[p][1] for p in paths])
+        else:
+            with torch.no_grad():
+                dist = vae.encode(
+                    _pixels(paths, record.resolution).to(device, dtype=weight_dtype)
+                ).latent_dist
+            mean, std = dist.mean, dist.std
+        sample = mean + std * torch.randn(
+            mean.shape, generator=rng.generator, device=device, dtype=mean.dtype
+        )
+        return sample * scaling_factor
+
+    def encode_prompts(batch_prompts: list[str]) -> torch.Tensor:
+        if cached_embeddings:
+            return torch.cat([cached_embeddings[p] for p in batch_prompts])
+        ids = torch.cat([token_ids[p] for p in batch_prompts])
+        hidden: torch.Tensor = text_encoder(ids)[0]
+        return hidden
+
+    num_instances = len(data.instance)
+
+    def micro_batch(micro_step: int) -> tuple[list[Path], list[str]]:
+        """The photos and prompts of a micro-step: instance examples first, then their class images."""
+        picks = batch_positions(
+            micro_step,
+            seed=record.seed,
+            num_examples=num_instances,
+            batch_size=record.train_batch_size,
+            num_processes=accelerator.num_processes,
+            process_index=accelerator.process_index,
+        )
+        paths, batch_prompts = [], []
+        for _, _, example in picks:
+            path, concept = data.instance[example]
+            paths.append(path)
+            batch_prompts.append(record.concepts[concept].instance_prompt)
+        if record.with_prior_preservation:
+            for epoch, pos, example in picks:
+                concept = data.instance[example][1]
+                images = data.class_images[concept]
+                # Walk through the class images across epochs so every one of them gets used.
+                paths.append(images[(epoch * num_instances + pos) % len(images)])
+                batch_prompts.append(record.concepts[concept].class_prompt or "")
+        return paths, batch_prompts
+
+    # -- 5. The loop ---------------------------------------------------------------------------
+    for model in trained_models:
+        model.train()
+    params_to_clip = [p for m in trained_models for p in m.parameters()]
+    step_times: list[float] = []
+    last_loss: float | None = None
+    micro_step = global_step * record.gradient_accumulation_steps
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with (
+        _StopSignal() as stop,  # from here on SIGINT/SIGTERM mean "checkpoint, then stop"
+        StepProgress("Training", record.max_train_steps, completed=global_step) as bar,
+    ):
+        console.print(
+            f"Training {record.max_train_steps} steps on {num_instances} photo(s) at {record.resolution} "
+            f"px ({device}, mixed precision: {record.mixed_precision}, batch {record.train_batch_size} x "
+            f"{accelerator.num_processes} process(es) x {record.gradient_accumulation_steps} accumulation)"
+        )
+        step_started = time.perf_counter()
+        while global_step < record.max_train_steps:
+            with accelerator.accumulate(*trained_models):
+                paths, batch_prompts = micro_batch(micro_step)
+                # Latents of the photos (VAE posterior sample, scaled as the UNet expects).
+                model_input = encode_latents(paths)
+                # Sample the noise to add; an offset shifts whole channels (darker/brighter images).
+                noise = torch.randn(
+                    model_input.shape, generator=rng.generator, device=device, dtype=model_input.dtype
+                )
+                if record.noise_offset:
+                    noise = noise + record.noise_offset * torch.randn(
+                        (model_input.shape[0], model_input.shape[1], 1, 1),
+                        generator=rng.generator,
+                        device=device,
+                        dtype=model_input.dtype,
+                    )
+                bsz = model_input.shape[0]
+                # A random timestep for each image.
+                timesteps = torch.randint(
+                    0,
+                    noise_scheduler.config.num_train_timesteps,
+                    (bsz,),
+                    generator=rng.generator,
+                    device=device,
+                ).long()
+                # Add noise to the latents according to the noise magnitude at each timestep.
+                noisy_model_input = noise_scheduler.add_noise(model_input, noise, timesteps)
+                # The text conditioning.
+                encoder_hidden_states = encode_prompts(batch_prompts)
+                # Predict the noise (or velocity) residual.
+                model_pred = unet(noisy_model_input, timesteps, encoder_hidden_states, return_dict=False)[0]
+                # The target depends on the prediction type (noise for epsilon, velocity for v).
+                target = training_target(noise_scheduler, model_input, noise, timesteps)
+
+                # MSE on the instance half (+ weighted MSE on the class half with prior preservation).
+                loss = dreambooth_loss(
+                    model_pred,
+                    target,
+                    prior_preservation=record.with_prior_preservation,
+                    prior_loss_weight=record.prior_loss_weight,
+                )
+
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params_to_clip, record.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+
+            if not accelerator.sync_gradients:
+                continue  # still accumulating gradients for this optimizer step
+            global_step += 1
+            last_loss = float(loss.detach().item())
+            now = time.perf_counter()
+            step_times.append(now - step_started)
+            step_started = now
+            bar.advance(last_loss)
+
+            saved_now = False
+            if global_step % record.checkpointing_steps == 0 and global_step < record.max_train_steps:
+                _save_checkpoint(accelerator, checkpoints_dir, global_step, record, rng)
+                saved_now = True
+            if global_step < record.max_train_steps and _stop_requested(accelerator, stop):
+                checkpoint = checkpoints_dir / f"{CHECKPOINT_PREFIX}{global_step}"
+                if not saved_now:
+                    checkpoint = _save_checkpoint(accelerator, checkpoints_dir, global_step, record, rng)
+                raise TrainingInterrupted(global_step, checkpoint, stop.signum or signal.SIGTERM)
+            step_started = time.perf_counter()
+
+    # -- 6. Save the fine-tuned pipeline ---------------------------------------------------------
+    peak = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+    accelerator.wait_for_everyone()
+    model_dir = None
+    if save_model and accelerator.is_main_process:
+        model_dir = _save_pipeline(
+            record,
+            _unwrap(accelerator, unet),
+            _unwrap(accelerator, text_encoder) if record.train_text_encoder else None,
+            output_dir / "model",
+        )
+        console.print(f"Saved the fine-tuned model in {model_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return TrainResult(global_step, model_dir, resume_from, last_loss, step_times, peak)
+
+
+def _stop_requested(accelerator: Accelerator, stop: _StopSignal) -> bool:
+    """Whether any process got SIGINT/SIGTERM (all processes must agree before saving together)."""
+    if accelerator.num_processes == 1:
+        return stop.signum is not None
+    import torch
+
+    flag = torch.tensor([1.0 if stop.signum is not None else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="max").item() > 0)
+
+
+def _unwrap(accelerator: Accelerator, model: Any) -> Any:
+    model = accelerator.unwrap_model(model)
+    return getattr(model, "_orig_mod", model)  # torch.compile wrapper

@@ -1,0 +1,137 @@
+"""Shared fixtures of the trainer tests: tiny pipelines, synthetic photos and one trained run.
+
+Everything is built offline, once per session where possible: two tiny pipelines (``tiny_sd1``
+epsilon, ``tiny_sd2`` v-prediction), a folder of photos, and one complete ``sdtrain run``
+(``trained_run``) that several test modules inspect instead of training again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+# Never reach the Hub from the trainer tests, and keep library chatter out of the logs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from trainer.tiny import build_tiny_pipeline  # noqa: E402
+
+# The run every "trained" test shares: 64 px, prior preservation with 4 class images, 10 steps.
+INSTANCE_PROMPT = "a photo of sks toy"
+CLASS_PROMPT = "a photo of a toy"
+SAMPLE_PROMPT = "a photo of sks toy on a beach"
+TRAIN_STEPS = 10
+
+
+def make_photos(folder: Path, count: int = 4, *, size: tuple[int, int] = (80, 96), seed: int = 0) -> list[Path]:
+    """Draw ``count`` distinct synthetic photos (coloured shapes on a background) as JPEG/PNG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        background = tuple(int(v) for v in rng.integers(80, 220, 3))
+        image = Image.new("RGB", size, background)
+        draw = ImageDraw.Draw(image)
+        for _ in range(3):
+            x0, y0 = (int(v) for v in rng.integers(0, min(size) // 2, 2))
+            x1, y1 = x0 + int(rng.integers(10, 40)), y0 + int(rng.integers(10, 40))
+            draw.ellipse((x0, y0, x1, y1), fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+        path = folder / (f"photo-{i}.jpg" if i % 2 == 0 else f"photo-{i}.png")
+        image.save(path, quality=95) if path.suffix == ".jpg" else image.save(path)
+        paths.append(path)
+    return paths
+
+
+def run_args(base: Path, photos: Path, out: Path, **overrides: Any) -> list[str]:
+    """``sdtrain run``/``train`` arguments for the shared tiny run, with ``--flag value`` overrides."""
+    options: dict[str, Any] = {
+        "base-model": base,
+        "instance-dir": photos,
+        "instance-prompt": INSTANCE_PROMPT,
+        "class-prompt": CLASS_PROMPT,
+        "output": out,
+        "num-class-images": 4,
+        "class-batch-size": 2,
+        "class-image-steps": 2,
+        "max-train-steps": TRAIN_STEPS,
+        "checkpointing-steps": 4,
+        "checkpoints-total-limit": 1,
+        "learning-rate": 1e-4,  # the tiny model must visibly move in 10 steps
+        "sample-prompt": SAMPLE_PROMPT,
+        "num-samples": 4,
+        "sample-steps": 2,
+        "seed": 7,
+    }
+    options.update({k.replace("_", "-"): v for k, v in overrides.items()})
+    args: list[str] = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        if value is True:
+            args.append(f"--{key}")
+        else:
+            args += [f"--{key}", str(value)]
+    return args
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    # Two shared cores: several torch threads per process only fight each other.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD 1.x-style pipeline (epsilon prediction, 64 px), built once per session."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd1"), variant="sd1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD 2.x-style pipeline (v-prediction, 64 px), built once per session."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd2"), variant="sd2")
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A fresh folder of 4 small synthetic photos (80x96, JPEG and PNG) the test may modify."""
+    folder = tmp_path / "photos"
+    make_photos(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def session_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The photos of the shared trained run (do not modify)."""
+    folder = tmp_path_factory.mktemp("session-photos")
+    make_photos(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_sd1: Path, session_photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One complete ``sdtrain run`` on the tiny SD 1 model (photos -> class images -> 10 steps ->
+    4 samples -> export), through the command line. Returns the run folder; do not modify it."""
+    from typer.testing import CliRunner
+
+    from trainer.cli import app
+
+    out = tmp_path_factory.mktemp("trained-run") / "run"
+    result = CliRunner().invoke(app, ["run", *run_args(tiny_sd1, session_photos, out)])
+    if result.exit_code != 0:
+        raise AssertionError(f"sdtrain run failed ({result.exit_code}):\n{result.output}") from result.exception
+    return out
