@@ -112,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_requests(args: argparse.Namespace) -> list[GenerateRequest]:
-    requests = []
+    requests: list[GenerateRequest] = []
     for prompt in args.prompt_list:
         for _ in range(args.images_per_prompt):
             seed = None if args.seed is None else args.seed + len(requests)

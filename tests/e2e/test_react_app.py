@@ -102,7 +102,7 @@ def test_prompt_to_image_with_seed_timings_and_download(
     expect(page.locator("form")).to_have_attribute("aria-busy", "true")
     status = page.get_by_role("status")
     expect(status).to_be_visible()
-    expect(status).to_have_text(re.compile(r"Sending|Queued|Generating"))
+    expect(status).to_have_text(re.compile(r"Sending|Starting|Queued|Generating"))
 
     wait_for_image(page)
     expect(generate).to_be_enabled()
@@ -169,6 +169,29 @@ def test_cold_start_shows_warming_up_with_eta_then_the_image(
     assert replies[0] == "loading" and replies[-1] == "image"
     # The progress came from the stream, not from a fallback request.
     assert traffic.to_path("/generate/stream") and not traffic.to_path("/generate")
+
+
+def test_a_second_visitor_sees_their_place_in_the_queue(
+    start_stack: Callable[..., Stack], open_page: Callable[[Stack], Page], page: Page
+) -> None:
+    stack = start_stack(max_concurrency=1)
+    stack.upstream.default = Reply.image(format="png", compute_time=0.12, delay=1.5)
+    first = open_page(stack)
+    second = page.context.new_page()
+    second.goto(stack.app_url)
+    fill_form(first, "first visitor")
+    fill_form(second, "second visitor")
+
+    first.get_by_test_id("generate-button").click()
+    expect(first.get_by_test_id("status-area")).to_have_attribute("data-phase", "generating")
+    second.get_by_test_id("generate-button").click()
+
+    status = second.get_by_test_id("status-area")
+    expect(status).to_have_attribute("data-phase", "queued")
+    expect(status).to_contain_text("Queued: you are next in line")
+    wait_for_image(first)
+    wait_for_image(second)
+    expect(second.get_by_test_id("gallery-item")).to_contain_text("second visitor")
 
 
 def test_rate_limit_shows_the_proxy_message_and_retry_time(

@@ -21,10 +21,10 @@ export function StatusArea({ phase }: { phase: Phase }) {
     if (phase.kind === "sending") {
       text = "Sending the request…";
     } else if (phase.kind === "queued") {
-      text =
-        phase.position !== null && phase.position > 0
-          ? `Queued: ${phase.position} ${phase.position === 1 ? "request" : "requests"} ahead of yours`
-          : "Queued: waiting for a free slot";
+      // The proxy's position: 0 when a slot was free, else the place in line (1 = next).
+      if (phase.position === null || phase.position <= 0) text = "Starting…";
+      else if (phase.position === 1) text = "Queued: you are next in line";
+      else text = `Queued: number ${phase.position} in line`;
     } else if (phase.kind === "loading") {
       if (phase.deadline !== null && phase.etaS !== null) {
         const left = secondsLeft(phase.deadline, now);
