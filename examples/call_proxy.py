@@ -14,7 +14,7 @@ This script saves the image as the proxy sent it (PNG or JPEG) and its metadata 
 
 Examples::
 
-    sdproxy --port 8000 &    # see the proxy's README for its settings
+    SDPROXY_MODEL=user/sd-raza sdproxy serve --port 8000 &    # docs/proxy.md has its settings
     python examples/call_proxy.py --proxy-url http://127.0.0.1:8000 "a watercolor fox"
     python examples/call_proxy.py --mode json --seed 1234 --steps 20 "a watercolor fox"
 """
