@@ -26,39 +26,21 @@ from trainer.export import (  # noqa: E402
     to_original_state_dict,
     verify_single_file,
 )
-from trainer.tiny import build_tiny_pipeline  # noqa: E402
-
-
-def _tiny(request: pytest.FixtureRequest, factory: pytest.TempPathFactory, variant: str) -> Path:
-    """The session's shared tiny pipeline when conftest provides one, else one built here."""
-    try:
-        return Path(request.getfixturevalue(f"tiny_{variant}"))
-    except pytest.FixtureLookupError:
-        return build_tiny_pipeline(factory.mktemp(f"tiny-{variant}"), variant=variant)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
-def sd1_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny(request, tmp_path_factory, "sd1")
+def sd1_dir(tiny_sd1: Path) -> Path:
+    return tiny_sd1
 
 
 @pytest.fixture(scope="module")
-def sd2_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny(request, tmp_path_factory, "sd2")
+def sd2_dir(tiny_sd2: Path) -> Path:
+    return tiny_sd2
 
 
 @pytest.fixture(params=["sd1", "sd2"])
 def model_dir(request: pytest.FixtureRequest) -> Path:
     return Path(request.getfixturevalue(f"{request.param}_dir"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> object:
-    # Two shared cores: several torch threads per process only fight each other (10x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _independent_round_trip(path: Path, model_dir: Path, *, half: bool) -> None:
