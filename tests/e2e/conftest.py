@@ -19,6 +19,20 @@ from browser_harness import CHROMIUM, CHROMIUM_ARGS, DIST, MODEL_ID, SENTINEL, R
 from sdclient.testing import InferenceTestServer, Reply
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the browser tests after every other test of the session.
+
+    Playwright's sync API keeps an event loop running in the main thread from the first browser
+    test to the end of the session (pytest-playwright's `playwright` fixture is session-scoped);
+    any later test that calls `asyncio.run()` (the examples, the sync client, the CLIs) would then
+    fail with "cannot be called from a running event loop".
+    """
+    browser = [item for item in items if item.get_closest_marker("browser") is not None]
+    if browser:
+        others = [item for item in items if item.get_closest_marker("browser") is None]
+        items[:] = others + browser
+
+
 @pytest.fixture(scope="session")
 def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
     """pytest-playwright's launch arguments, pointed at Debian's Chromium."""
