@@ -64,12 +64,12 @@ def open_page(page: Page, traffic: Traffic) -> Iterator[Callable[[Stack], Page]]
 
 
 def fill_form(page: Page, prompt: str, *, seed: int | None = None, size: int = 256) -> None:
-    page.get_by_test_id("prompt-input").fill(prompt)
+    page.get_by_test_id("prompt").fill(prompt)
     page.get_by_label("Width").select_option(str(size))
     page.get_by_label("Height").select_option(str(size))
     if seed is not None:
         page.get_by_test_id("random-seed").uncheck()
-        page.get_by_test_id("seed-input").fill(str(seed))
+        page.get_by_test_id("seed").fill(str(seed))
 
 
 def natural_width(page: Page, index: int = 0) -> int:
@@ -90,7 +90,7 @@ def test_prompt_to_image_with_seed_timings_and_download(
 ) -> None:
     stack.upstream.default = Reply.image(format="png", compute_time=0.12, delay=0.6)
     page = open_page(stack)
-    generate = page.get_by_test_id("generate-button")
+    generate = page.get_by_test_id("generate")
     expect(page.get_by_test_id("gallery-empty")).to_be_visible()
 
     fill_form(page, "Portrait of Ábraza man, peaky blinders", seed=1234)
@@ -136,7 +136,7 @@ def test_prompt_to_image_with_seed_timings_and_download(
     # A second image with a random seed goes first in the gallery, with the seed the proxy drew.
     stack.upstream.default = Reply.image(format="png", compute_time=0.12)
     page.get_by_test_id("random-seed").check()
-    page.get_by_test_id("prompt-input").fill("a lighthouse at dusk")
+    page.get_by_test_id("prompt").fill("a lighthouse at dusk")
     generate.click()
     wait_for_image(page, count=2)
     drawn_seed = [r for r in stack.upstream.requests if r.reply == "image"][-1].parameters["seed"]
@@ -155,7 +155,7 @@ def test_cold_start_shows_warming_up_with_eta_then_the_image(
     stack.upstream.cold_start(3.0)
     page = open_page(stack)
     fill_form(page, "a red fox in the snow")
-    page.get_by_test_id("generate-button").click()
+    page.get_by_test_id("generate").click()
 
     status = page.get_by_test_id("status-area")
     expect(status).to_have_attribute("data-phase", "loading")
@@ -182,9 +182,9 @@ def test_a_second_visitor_sees_their_place_in_the_queue(
     fill_form(first, "first visitor")
     fill_form(second, "second visitor")
 
-    first.get_by_test_id("generate-button").click()
+    first.get_by_test_id("generate").click()
     expect(first.get_by_test_id("status-area")).to_have_attribute("data-phase", "generating")
-    second.get_by_test_id("generate-button").click()
+    second.get_by_test_id("generate").click()
 
     status = second.get_by_test_id("status-area")
     expect(status).to_have_attribute("data-phase", "queued")
@@ -200,7 +200,7 @@ def test_rate_limit_shows_the_proxy_message_and_retry_time(
     stack = start_stack(rate_limit_per_minute=5, rate_limit_burst=1)  # one token every 12 s
     page = open_page(stack)
     fill_form(page, "a watercolor fox")
-    generate = page.get_by_test_id("generate-button")
+    generate = page.get_by_test_id("generate")
     generate.click()
     wait_for_image(page)
 
@@ -227,7 +227,7 @@ def test_error_event_in_the_stream_is_shown_as_written(
     stack.upstream.default = Reply.error(404, "Model user/sd-raza does not exist")
     page = open_page(stack)
     fill_form(page, "a castle")
-    page.get_by_test_id("generate-button").click()
+    page.get_by_test_id("generate").click()
 
     error = page.get_by_test_id("error-area")
     expect(error).to_be_visible()
@@ -239,7 +239,7 @@ def test_error_event_in_the_stream_is_shown_as_written(
     assert match, events
     expect(page.get_by_test_id("error-message")).to_have_text(json.loads(match.group(1))["error"]["message"])
     expect(page.get_by_test_id("gallery-image")).to_have_count(0)
-    expect(page.get_by_test_id("generate-button")).to_be_enabled()
+    expect(page.get_by_test_id("generate")).to_be_enabled()
 
 
 def test_falls_back_to_post_generate_when_streaming_is_unavailable(
@@ -248,7 +248,7 @@ def test_falls_back_to_post_generate_when_streaming_is_unavailable(
     page = open_page(stack)
     page.route("**/generate/stream", lambda route: route.fulfill(status=404, body="Not Found"))
     fill_form(page, "a paper boat", seed=77)
-    page.get_by_test_id("generate-button").click()
+    page.get_by_test_id("generate").click()
 
     wait_for_image(page)
     expect(page.get_by_test_id("gallery-seed")).to_have_text("77")
@@ -261,7 +261,7 @@ def test_empty_prompt_is_refused_in_the_page(
     stack: Stack, open_page: Callable[[Stack], Page], traffic: Traffic
 ) -> None:
     page = open_page(stack)
-    page.get_by_test_id("generate-button").click()
+    page.get_by_test_id("generate").click()
     expect(page.get_by_test_id("form-problem")).to_have_text("Write a prompt first.")
     assert not traffic.to_path("/generate/stream")
     assert stack.upstream.requests == []
@@ -283,7 +283,7 @@ def test_the_token_never_reaches_the_browser(
     stack.upstream.cold_start(1.0)
     open_page(stack)
     fill_form(page, "a portrait in oil", seed=5)
-    page.get_by_test_id("generate-button").click()
+    page.get_by_test_id("generate").click()
     wait_for_image(page)
 
     # The token is configured and used: the model server received it.
@@ -305,7 +305,7 @@ def test_the_token_never_reaches_the_browser(
     assert {"/app/", "/status", "/generate/stream"} <= {a.path for a in stack.recorder.answers}
 
     page.reload()  # what the browser kept across a reload
-    expect(page.get_by_test_id("prompt-input")).to_be_visible()
+    expect(page.get_by_test_id("prompt")).to_be_visible()
     places.update({f"{where} (after a reload)": text for where, text in _storage_and_cookies(page).items()})
 
     leaked = [where for where, text in places.items() if SENTINEL in text or "hf_SENTINEL" in text]

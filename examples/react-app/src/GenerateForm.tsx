@@ -64,7 +64,7 @@ export function GenerateForm({ values, onChange, onSubmit, onCancel, running, pr
         <label htmlFor="prompt">Prompt</label>
         <textarea
           id="prompt"
-          data-testid="prompt-input"
+          data-testid="prompt"
           rows={3}
           maxLength={LIMITS.promptMaxLength}
           placeholder="portrait of abraza man as a peaky blinders character"
@@ -85,7 +85,7 @@ export function GenerateForm({ values, onChange, onSubmit, onCancel, running, pr
         <label htmlFor="negative-prompt">Negative prompt</label>
         <input
           id="negative-prompt"
-          data-testid="negative-prompt-input"
+          data-testid="negative-prompt"
           type="text"
           maxLength={LIMITS.promptMaxLength}
           placeholder="blurry, low quality"
@@ -101,7 +101,7 @@ export function GenerateForm({ values, onChange, onSubmit, onCancel, running, pr
           </label>
           <input
             id="steps"
-            data-testid="steps-input"
+            data-testid="steps"
             type="range"
             min={LIMITS.steps.min}
             max={LIMITS.steps.max}
@@ -116,7 +116,7 @@ export function GenerateForm({ values, onChange, onSubmit, onCancel, running, pr
           </label>
           <input
             id="guidance"
-            data-testid="guidance-input"
+            data-testid="guidance"
             type="range"
             min={LIMITS.guidance.min}
             max={LIMITS.guidance.max}
@@ -134,7 +134,7 @@ export function GenerateForm({ values, onChange, onSubmit, onCancel, running, pr
           <label htmlFor="width">Width</label>
           <select
             id="width"
-            data-testid="width-select"
+            data-testid="width"
             value={values.width}
             onChange={(e) => set("width", Number(e.target.value))}
           >
@@ -149,7 +149,7 @@ export function GenerateForm({ values, onChange, onSubmit, onCancel, running, pr
           <label htmlFor="height">Height</label>
           <select
             id="height"
-            data-testid="height-select"
+            data-testid="height"
             value={values.height}
             onChange={(e) => set("height", Number(e.target.value))}
           >
@@ -167,7 +167,7 @@ export function GenerateForm({ values, onChange, onSubmit, onCancel, running, pr
         <div className="seed">
           <input
             id="seed"
-            data-testid="seed-input"
+            data-testid="seed"
             type="number"
             inputMode="numeric"
             min={LIMITS.seed.min}
@@ -197,7 +197,7 @@ export function GenerateForm({ values, onChange, onSubmit, onCancel, running, pr
       )}
 
       <div className="actions">
-        <button type="submit" data-testid="generate-button" disabled={running}>
+        <button type="submit" data-testid="generate" disabled={running}>
           {running ? "Generating…" : "Generate"}
         </button>
         {running && (
