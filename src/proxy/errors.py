@@ -241,6 +241,9 @@ def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> JS
     return JSONResponse(error_body(exc), status_code=exc.status_code, headers=all_headers)
 
 
+_EXAMPLE = '{"prompt": "a red fox"}'
+
+
 def describe_validation_errors(errors: Sequence[Any]) -> str:
     """One readable sentence per problem, naming the field, e.g. `width: must be a multiple of 8`."""
     parts = []
@@ -249,11 +252,11 @@ def describe_validation_errors(errors: Sequence[Any]) -> str:
         kind = error.get("type", "")
         message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
         if kind == "json_invalid":
-            parts.append('the body is not valid JSON: send an object such as {"prompt": "a red fox"}')
+            parts.append("the body is not valid JSON: send an object such as " + _EXAMPLE)
             continue
         if not loc:
             if kind == "missing":
-                message = 'the body is missing: send a JSON object such as {"prompt": "a red fox"}'
+                message = "the body is missing: send a JSON object such as " + _EXAMPLE
             parts.append(f"body: {message}" if kind != "missing" else message)
             continue
         field = ".".join(loc)
@@ -292,6 +295,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not read the body (bytes that are not UTF-8 JSON)
+            return error_response(
+                InvalidInput("the body is not valid JSON: send UTF-8 JSON such as " + _EXAMPLE)
+            )
         error = ProxyError(str(exc.detail))
         error.status_code = exc.status_code
         error.code = _HTTP_CODES.get(exc.status_code, "http_error")

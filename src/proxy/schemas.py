@@ -27,6 +27,13 @@ MAX_SEED = 2**32 - 1
 """Seeds are 32-bit unsigned integers: exact in JavaScript numbers and accepted by every pipeline."""
 
 
+def _json_number(value: Any) -> Any:
+    """Numbers must be JSON numbers: `"512"` or `true` are refused rather than converted."""
+    if isinstance(value, bool | str | bytes):
+        raise ValueError("Input should be a number")
+    return value
+
+
 class GenerateBody(BaseModel):
     """The JSON body of `POST /generate` and `POST /generate/stream`. Unset fields use the model's
     defaults; without a seed the proxy draws one and returns it."""
@@ -36,7 +43,12 @@ class GenerateBody(BaseModel):
         json_schema_extra={"examples": [{"prompt": "a watercolor fox in the snow", "seed": 1234}]},
     )
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_LENGTH, description="What to draw.")
+    prompt: str = Field(
+        min_length=1,
+        max_length=MAX_PROMPT_LENGTH,
+        json_schema_extra={"pattern": r"\S"},  # checked by `_not_blank`, with a readable message
+        description="What to draw (not blank).",
+    )
     negative_prompt: str | None = Field(
         default=None, max_length=MAX_PROMPT_LENGTH, description="What to keep out of the image."
     )
@@ -53,6 +65,11 @@ class GenerateBody(BaseModel):
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="Same seed + same body = same image."
     )
+
+    @field_validator("width", "height", "num_inference_steps", "guidance_scale", "seed", mode="before")
+    @classmethod
+    def _numbers(cls, value: Any) -> Any:
+        return _json_number(value)
 
     @field_validator("prompt")
     @classmethod

@@ -44,8 +44,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     504: {"model": ErrorResponse, "description": "`upstream_timeout`"},
 }
 
+# The stream's own media type is text/event-stream; its early errors are JSON, said explicitly.
 _STREAM_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: spec for status, spec in _ERRORS.items() if status in (401, 413, 422, 429)
+    status: {
+        "description": spec["description"],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    for status, spec in _ERRORS.items()
+    if status in (401, 413, 422, 429)
 }
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
