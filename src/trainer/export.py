@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from trainer import _keymaps
 from trainer._keymaps import KeyMapError, Rule
+from trainer.errors import TrainerError
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +61,7 @@ _WEIGHT_NAMES = ("diffusion_pytorch_model", "model")
 _MAX_LISTED = 20
 
 
-class ExportError(RuntimeError):
+class ExportError(TrainerError, RuntimeError):
     """The model cannot be exported; the message says why."""
 
 

@@ -1,0 +1,403 @@
+"""Publish a training run to the Hugging Face Hub: one repo, one commit, with a model card.
+
+What goes up (and nothing else: no checkpoints, no class images, no ``run.json`` with local paths):
+
+```
+<repo>/model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/   (OUT/model/)
+<repo>/<repo-name>.safetensors                                               (OUT/export/*)
+<repo>/samples/*.png                                                         (OUT/samples/)
+<repo>/README.md                                                             (the model card)
+```
+
+The card is also written to ``OUT/README.md``. The token comes from the argument, else
+``HF_TOKEN`` / ``hf auth login`` (``huggingface_hub.get_token()``); it is never written anywhere.
+
+```python
+from trainer.publish import publish_run
+
+url = publish_run(Path("runs/me"), "me/sd-me")  # private by default
+```
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from trainer.errors import TrainerError
+
+if TYPE_CHECKING:
+    from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
+
+__all__ = [
+    "LICENSE_SD1",
+    "LICENSE_SD2",
+    "PublishError",
+    "build_model_card",
+    "planned_uploads",
+    "publish_run",
+]
+
+logger = logging.getLogger(__name__)
+
+# Licenses of the base families, used when run.json does not record the base model's license.
+# Both are OpenRAIL licenses whose use restrictions carry over to derivatives.
+LICENSE_SD1 = "creativeml-openrail-m"
+LICENSE_SD2 = "openrail++"
+TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "dreambooth"]
+TOKENS_URL = "https://huggingface.co/settings/tokens"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_MAX_SAMPLES_SHOWN = 8
+
+
+class PublishError(TrainerError):
+    """The run cannot be published; the message says why and what to do (never the token)."""
+
+
+class _Concept(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    instance_prompt: str
+    class_prompt: str | None = None
+
+
+class _RunInfo(BaseModel):
+    """The fields of ``run.json`` the model card uses."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    base_model: str
+    base_model_license: str | None = None
+    concepts: list[_Concept]
+    resolution: int | None = None
+    max_train_steps: int | None = None
+    train_text_encoder: bool | None = None
+    learning_rate: float | None = None
+    seed: int | None = None
+    prediction_type: str | None = None
+    sample_prompt: str | None = None
+    mixed_precision: str | None = None
+    with_prior_preservation: bool | None = None
+    num_class_images: int | None = None
+
+
+def _read_run(run_dir: Path) -> _RunInfo:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise PublishError(f"{path} is missing: publish a folder made by `sdtrain run` (or `sdtrain train`).")
+    try:
+        return _RunInfo.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        raise PublishError(f"{path} is not a valid run record: {exc}") from exc
+
+
+def _is_sd2(model_dir: Path) -> bool:
+    config = model_dir / "text_encoder" / "config.json"
+    if not config.is_file():
+        return False
+    return bool(json.loads(config.read_text(encoding="utf-8")).get("hidden_act") == "gelu")
+
+
+def _license(info: _RunInfo, model_dir: Path) -> tuple[str, bool]:
+    """The base model's license, and whether it was inferred from the architecture."""
+    if info.base_model_license:
+        return info.base_model_license, False
+    return (LICENSE_SD2 if _is_sd2(model_dir) else LICENSE_SD1), True
+
+
+def _samples(run_dir: Path) -> list[Path]:
+    folder = run_dir / "samples"
+    return sorted(p for p in folder.glob("*.png") if p.is_file()) if folder.is_dir() else []
+
+
+def _sample_prompt(path: Path, fallback: str) -> str:
+    """The prompt recorded in a sample's PNG text chunks, else ``fallback``."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = getattr(image, "text", None) or {}
+    return str(text.get("prompt") or fallback)
+
+
+def _single_files(run_dir: Path) -> list[Path]:
+    folder = run_dir / "export"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".ckpt"))
+
+
+def _single_file_name(path: Path, repo_id: str) -> str:
+    """``export/model.safetensors`` -> ``<repo-name>.safetensors`` (other names are kept)."""
+    name = repo_id.split("/")[-1]
+    return f"{name}{path.suffix}" if path.stem == "model" else path.name
+
+
+def build_model_card(run_dir: Path, repo_id: str) -> ModelCard:
+    """The model card of a run: metadata for the Hub plus samples, settings and usage.
+
+    Metadata: ``base_model`` (when it is a Hub id), ``license`` (run.json's ``base_model_license``,
+    else ``creativeml-openrail-m`` for SD 1.x / ``openrail++`` for SD 2.x architectures),
+    ``library_name: diffusers``, ``pipeline_tag: text-to-image`` (InferenceClient requires it),
+    ``tags``, ``instance_prompt`` and a ``widget`` showing the first sample.
+
+    Args:
+        run_dir: The run folder (``run.json``, ``model/``, ``samples/``, ``export/``).
+        repo_id: The repo the card is for (used in the snippets).
+
+    Raises:
+        PublishError: ``run.json`` is missing or invalid.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    info = _read_run(run_dir)
+    model_dir = run_dir / "model"
+    license_id, inferred = _license(info, model_dir)
+    samples = [p for p in _samples(run_dir) if p.stem != "grid"]
+    grid = run_dir / "samples" / "grid.png"
+    prompts = [c.instance_prompt for c in info.concepts]
+    example_prompt = info.sample_prompt or prompts[0]
+    widget = []
+    if samples:
+        first = samples[0]
+        widget = [
+            {
+                "text": _sample_prompt(first, example_prompt),
+                "output": {"url": f"samples/{first.name}"},
+            }
+        ]
+    data = ModelCardData(
+        base_model=info.base_model if _HUB_ID.fullmatch(info.base_model) else None,
+        license=license_id,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=list(TAGS),
+        instance_prompt=prompts[0] if len(prompts) == 1 else prompts,
+        widget=widget or None,
+    )
+    single = _single_files(run_dir)
+    name = repo_id.split("/")[-1]
+    body = [
+        f"# {name}",
+        "",
+        _intro(info),
+        "",
+        "## Prompts",
+        "",
+        *[
+            f"- `{c.instance_prompt}`" + (f" (class: `{c.class_prompt}`)" if c.class_prompt else "")
+            for c in info.concepts
+        ],
+        "",
+        f"Put the instance prompt's words in your prompt, e.g. `{example_prompt}`.",
+        "",
+    ]
+    if samples or grid.is_file():
+        body += ["## Samples", ""]
+        shown = samples[:_MAX_SAMPLES_SHOWN] or [grid]
+        body += [" ".join(f"![{p.stem}](samples/{p.name})" for p in shown), ""]
+        if info.sample_prompt:
+            body += [f"Prompt: `{info.sample_prompt}` (each PNG records its prompt and seed).", ""]
+    body += ["## Training", "", "| setting | value |", "| --- | --- |"]
+    body += [f"| {k} | {v} |" for k, v in _settings(info)]
+    body += ["", *_usage(repo_id, example_prompt, [_single_file_name(p, repo_id) for p in single])]
+    note = " (inferred from the architecture: check the base model's card)" if inferred else ""
+    body += [
+        "",
+        "## License",
+        "",
+        f"`{license_id}`, inherited from the base model{note}. Its use restrictions apply to this model "
+        "and to the images made with it.",
+        "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def _intro(info: _RunInfo) -> str:
+    base = info.base_model
+    link = f"[{base}](https://huggingface.co/{base})" if _HUB_ID.fullmatch(base) else f"`{base}`"
+    return f"A DreamBooth fine-tune of {link}, trained with `sdtrain` on photos of the subject below."
+
+
+def _settings(info: _RunInfo) -> list[tuple[str, str]]:
+    rows: list[tuple[str, Any]] = [
+        ("base model", f"`{info.base_model}`"),
+        ("steps", info.max_train_steps),
+        ("resolution", f"{info.resolution} px" if info.resolution else None),
+        ("learning rate", info.learning_rate),
+        ("text encoder trained", info.train_text_encoder),
+        ("prediction type", info.prediction_type),
+        ("mixed precision", info.mixed_precision),
+        ("seed", info.seed),
+    ]
+    if info.with_prior_preservation:
+        classes = ", ".join(f"`{c.class_prompt}`" for c in info.concepts if c.class_prompt)
+        rows.append(("prior preservation", f"{info.num_class_images or '?'} class images of {classes}"))
+    elif info.with_prior_preservation is not None:
+        rows.append(("prior preservation", "no"))
+    return [(k, "yes" if v is True else "no" if v is False else str(v)) for k, v in rows if v is not None]
+
+
+def _usage(repo_id: str, prompt: str, single_files: list[str]) -> list[str]:
+    literal = json.dumps(prompt)  # a valid Python string literal, whatever the prompt holds
+    lines = [
+        "## Use it",
+        "",
+        "With diffusers:",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import StableDiffusionPipeline",
+        "",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")',
+        f"image = pipe({literal}, num_inference_steps=50, guidance_scale=7.5).images[0]",
+        'image.save("image.png")',
+        "```",
+        "",
+    ]
+    if single_files:
+        file = single_files[0]
+        lines += [
+            f"`{file}` is the same model as one original-layout checkpoint (AUTOMATIC1111, ComfyUI); in "
+            f'diffusers: `StableDiffusionPipeline.from_single_file("https://huggingface.co/{repo_id}/blob/main/{file}")`.',
+            "",
+        ]
+    lines += [
+        "With `sdclient`, from a dedicated Inference Endpoint running this repo or a local server "
+        f"(`sdtrain serve {repo_id} --model-id {repo_id}`):",
+        "",
+        "```python",
+        "import asyncio",
+        "from sdclient import SDClient",
+        "",
+        "async def main() -> None:",
+        f'    async with SDClient("http://127.0.0.1:7860/models/{repo_id}") as client:',
+        f"        image = await client.generate({literal}, seed=42)",
+        '        image.save("image.png")',
+        "",
+        "asyncio.run(main())",
+        "```",
+    ]
+    return lines
+
+
+def planned_uploads(run_dir: Path, repo_id: str) -> list[tuple[Path, str]]:
+    """``(local file, path in repo)`` for everything a publish uploads, README.md excluded.
+
+    Raises:
+        PublishError: the run has no diffusers model.
+    """
+    model_dir = run_dir / "model"
+    if not (model_dir / "model_index.json").is_file():
+        raise PublishError(
+            f"{model_dir} has no model_index.json: train first (`sdtrain run`), then publish the run folder."
+        )
+    uploads = [
+        (path, path.relative_to(model_dir).as_posix())
+        for path in sorted(model_dir.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(model_dir).parts)
+    ]
+    single = _single_files(run_dir)
+    if not single:
+        logger.warning(
+            "%s has no single file: run `sdtrain export %s` to include one.", run_dir / "export", run_dir
+        )
+    uploads += [(path, _single_file_name(path, repo_id)) for path in single]
+    uploads += [(path, f"samples/{path.name}") for path in _samples(run_dir)]
+    return uploads
+
+
+def _http_error(exc: Exception, repo_id: str) -> PublishError:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    status = (
+        exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
+    )
+    if status == 403:
+        return PublishError(
+            f"The Hub refused to write to {repo_id} (403): this token can't write: create a token with "
+            f"write access at {TOKENS_URL} (and check that you may write to the '{repo_id.split('/')[0]}' "
+            "namespace), then `hf auth login` or set HF_TOKEN."
+        )
+    if status == 401:
+        return PublishError(
+            "The Hub rejected the token (401): it is invalid or expired. Run `hf auth login` again or set "
+            f"HF_TOKEN to a token with write access ({TOKENS_URL})."
+        )
+    server_message = getattr(exc, "server_message", None) or str(exc).splitlines()[0]
+    return PublishError(f"Publishing to {repo_id} failed ({status or type(exc).__name__}): {server_message}")
+
+
+def publish_run(
+    run_dir: Path,
+    repo_id: str,
+    *,
+    private: bool = True,
+    token: str | None = None,
+    api: HfApi | None = None,
+) -> str:
+    """Upload a run to a Hub model repo in one commit, with a model card.
+
+    Args:
+        run_dir: The run folder (``model/``, ``export/``, ``samples/``, ``run.json``).
+        repo_id: ``owner/name`` (or ``name`` for the token's own namespace). Created if missing.
+        private: Visibility of a *new* repo (an existing repo keeps its visibility).
+        token: A Hub token with write access; default ``HF_TOKEN`` or the one saved by
+            ``hf auth login`` (``huggingface_hub.get_token()``). Never written to disk.
+        api: The ``HfApi`` to use (e.g. another endpoint); default ``HfApi()``.
+
+    Returns:
+        The repo's URL.
+
+    Raises:
+        PublishError: no token, a token that cannot write, an invalid repo id, an incomplete run,
+            or the Hub refused the upload (the message says which and what to do).
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+    from huggingface_hub.utils import validate_repo_id  # type: ignore[attr-defined]  # lazily exported
+
+    run_dir = Path(run_dir)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise PublishError(f"Invalid repo id {repo_id!r}: use owner/name, e.g. me/sd-me ({exc}).") from None
+    uploads = planned_uploads(run_dir, repo_id)
+    card = build_model_card(run_dir, repo_id)
+
+    token = token or (api.token if api is not None and isinstance(api.token, str) else None) or get_token()
+    if not token:
+        raise PublishError(
+            "No Hugging Face token found: run `hf auth login` or set HF_TOKEN "
+            f"(create a token with write access at {TOKENS_URL})."
+        )
+    api = api if api is not None else HfApi()
+
+    readme = run_dir / "README.md"
+    card.save(readme)
+    operations: list[CommitOperationAdd] = [
+        CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=local) for local, in_repo in uploads
+    ]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme))
+    size_mb = sum(local.stat().st_size for local, _ in uploads) / 1e6
+    logger.info("Publishing %d files (%.1f MB) to %s", len(operations), size_mb, repo_id)
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
+        api.create_commit(
+            url.repo_id,
+            operations,
+            commit_message="Upload DreamBooth model (sdtrain)",
+            commit_description="Diffusers folder, single-file checkpoint, samples and model card.",
+            repo_type="model",
+            token=token,
+        )
+    except OfflineModeIsEnabled:
+        raise PublishError("HF_HUB_OFFLINE is set: unset it to publish to the Hub.") from None
+    except HfHubHTTPError as exc:
+        raise _http_error(exc, repo_id) from exc
+    logger.info("Published %s", url)
+    return str(url)

@@ -1,0 +1,349 @@
+"""Publishing against a fake Hub over real HTTP: one commit, the card, what is (not) uploaded, tokens."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+
+from huggingface_hub import HfApi, ModelCard  # noqa: E402
+from PIL import Image, PngImagePlugin  # noqa: E402
+
+from trainer.export import export_single_file  # noqa: E402
+from trainer.publish import LICENSE_SD1, LICENSE_SD2, PublishError, publish_run  # noqa: E402
+
+WRITE_TOKEN = "hf_writeSENTINELtoken0123456789abcdef"
+READ_TOKEN = "hf_readSENTINELtoken0123456789abcdef"
+SAMPLE_PROMPT = "a photo of sks toy on a beach"
+
+
+@dataclass
+class FakeHub:
+    """The Hub endpoints ``create_repo`` + ``create_commit`` use, kept in memory.
+
+    Every file is accepted in "regular" upload mode (inline, base64): no LFS/Xet transfer.
+    """
+
+    url: str = ""
+    repos: dict[str, dict[str, Any]] = field(default_factory=dict)
+    requests: list[tuple[str, str, str | None]] = field(default_factory=list)
+
+    def commits(self, repo_id: str) -> list[dict[str, Any]]:
+        return list(self.repos[repo_id]["commits"])
+
+
+def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _reply(self, status: int, body: Any) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _token(self) -> str | None:
+            auth = self.headers.get("Authorization", "")
+            return auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
+
+        def _body(self) -> bytes:
+            return self.rfile.read(int(self.headers.get("Content-Length", "0")))
+
+        def do_GET(self) -> None:
+            token = self._token()
+            hub.requests.append(("GET", self.path, token))
+            repo_id = self.path.removeprefix("/api/models/").split("?")[0]
+            if token not in (WRITE_TOKEN, READ_TOKEN):
+                return self._reply(401, {"error": "Invalid credentials in Authorization header"})
+            if repo_id not in hub.repos:
+                return self._reply(404, {"error": "Repository not found"})
+            return self._reply(
+                200, {"id": repo_id, "sha": "0" * 40, "private": hub.repos[repo_id]["private"]}
+            )
+
+        def do_POST(self) -> None:
+            token = self._token()
+            body = self._body()
+            hub.requests.append(("POST", self.path, token))
+            if self.path == "/api/validate-yaml":
+                content = json.loads(body)["content"]
+                try:
+                    yaml.safe_load(content.split("---")[1])
+                except yaml.YAMLError as exc:
+                    return self._reply(400, {"errors": [{"message": str(exc)}]})
+                return self._reply(200, {"errors": [], "warnings": []})
+            if token not in (WRITE_TOKEN, READ_TOKEN):
+                return self._reply(401, {"error": "Invalid credentials in Authorization header"})
+            if self.path == "/api/repos/create":
+                payload = json.loads(body)
+                repo_id = f"{payload.get('organization') or 'me'}/{payload['name']}"
+                if token != WRITE_TOKEN:
+                    return self._reply(403, {"error": "You don't have the rights to create a model"})
+                if repo_id in hub.repos:
+                    return self._reply(
+                        409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"}
+                    )
+                private = payload.get("visibility", "public") == "private"
+                hub.repos[repo_id] = {"private": private, "commits": []}
+                return self._reply(200, {"url": f"{hub.url}/{repo_id}"})
+            prefix, _, action = self.path.removeprefix("/api/models/").rpartition("/")
+            repo_id, _, kind = prefix.rpartition("/")
+            if repo_id not in hub.repos:
+                return self._reply(404, {"error": "Repository not found"})
+            if token != WRITE_TOKEN:
+                return self._reply(403, {"error": "You don't have the rights to write to this repo"})
+            if kind == "preupload":
+                files = json.loads(body)["files"]
+                modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+                return self._reply(200, {"files": modes})
+            if kind == "commit":
+                lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+                header = next(line["value"] for line in lines if line["key"] == "header")
+                files = {
+                    line["value"]["path"]: base64.b64decode(line["value"]["content"])
+                    for line in lines
+                    if line["key"] == "file"
+                }
+                hub.repos[repo_id]["commits"].append({"message": header["summary"], "files": files})
+                oid = f"{len(hub.repos[repo_id]['commits']):040x}"
+                return self._reply(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid})
+            return self._reply(404, {"error": f"unknown endpoint {action}"})
+
+    return Handler
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    import huggingface_hub.constants
+
+    # The trainer tests run with HF_HUB_OFFLINE=1 (no Hub). This fake lives on 127.0.0.1.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    fake = FakeHub()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    fake.url = f"http://127.0.0.1:{server.server_address[1]}"
+    # As with HF_ENDPOINT=<a self-hosted Hub>: HfApi() and RepoUrl use the fake.
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake.url)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield fake
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+@pytest.fixture
+def no_saved_token(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"))
+
+
+def _sample(path: Path, prompt: str, seed: int) -> None:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", prompt)
+    info.add_text("seed", str(seed))
+    Image.new("RGB", (64, 64), (seed * 40 % 255, 90, 120)).save(path, pnginfo=info)
+
+
+def make_run(
+    base: Path, run: Path, *, license: str | None = "creativeml-openrail-m", variant: str = "sd1"
+) -> Path:
+    """A finished run folder as `sdtrain run` lays it out (model, export, samples, checkpoints)."""
+    shutil.copytree(base, run / "model")
+    export_single_file(run / "model", run / "export" / "model.safetensors", half=True)
+    (run / "samples").mkdir()
+    for i in range(2):
+        _sample(run / "samples" / f"sample-{i}.png", SAMPLE_PROMPT, i)
+    _sample(run / "samples" / "grid.png", SAMPLE_PROMPT, 9)
+    (run / "checkpoints" / "checkpoint-10").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-10" / "optimizer.bin").write_bytes(b"\0" * 64)
+    (run / "class_images").mkdir()
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5"
+                if variant == "sd1"
+                else str(base),
+                "base_model_license": license,
+                "concepts": [
+                    {
+                        "instance_prompt": "a photo of sks toy",
+                        "class_prompt": "a photo of a toy",
+                        "instance_dir": "/home/someone/photos",
+                        "class_dir": str(run / "class_images"),
+                    }
+                ],
+                "resolution": 64,
+                "max_train_steps": 10,
+                "train_text_encoder": True,
+                "learning_rate": 1e-4,
+                "seed": 7,
+                "prediction_type": "epsilon" if variant == "sd1" else "v_prediction",
+                "sample_prompt": SAMPLE_PROMPT,
+                "mixed_precision": "no",
+                "with_prior_preservation": True,
+                "num_class_images": 4,
+            }
+        )
+    )
+    return run
+
+
+@pytest.fixture
+def run_dir(tiny_sd1: Path, tmp_path: Path) -> Path:
+    return make_run(tiny_sd1, tmp_path / "run")
+
+
+def test_one_private_commit_with_the_model_card(hub: FakeHub, run_dir: Path) -> None:
+    api = HfApi(endpoint=hub.url)
+
+    url = publish_run(run_dir, "me/sd-toy", token=WRITE_TOKEN, api=api)
+
+    assert url == f"{hub.url}/me/sd-toy"
+    assert hub.repos["me/sd-toy"]["private"] is True
+    (commit,) = hub.commits("me/sd-toy")
+    files = commit["files"]
+    model_files = {
+        p.relative_to(run_dir / "model").as_posix() for p in (run_dir / "model").rglob("*") if p.is_file()
+    }
+    assert model_files | {"sd-toy.safetensors", "README.md"} | {
+        "samples/sample-0.png",
+        "samples/sample-1.png",
+        "samples/grid.png",
+    } == set(files)
+    assert (
+        files["unet/diffusion_pytorch_model.safetensors"]
+        == (run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    assert files["sd-toy.safetensors"] == (run_dir / "export" / "model.safetensors").read_bytes()
+    assert not any(p.startswith(("checkpoints", "class_images")) or p == "run.json" for p in files)
+    # The card that went up is the one written beside the run.
+    assert files["README.md"] == (run_dir / "README.md").read_bytes()
+
+
+def test_card_metadata_and_body(hub: FakeHub, run_dir: Path) -> None:
+    publish_run(run_dir, "me/sd-toy", token=WRITE_TOKEN, api=HfApi(endpoint=hub.url))
+
+    card = ModelCard.load(run_dir / "README.md")
+    data = card.data.to_dict()
+    assert data["pipeline_tag"] == "text-to-image"
+    assert data["library_name"] == "diffusers"
+    assert data["license"] == "creativeml-openrail-m"
+    assert data["base_model"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert data["instance_prompt"] == "a photo of sks toy"
+    assert {
+        "stable-diffusion",
+        "stable-diffusion-diffusers",
+        "text-to-image",
+        "diffusers",
+        "dreambooth",
+    } <= set(data["tags"])
+    assert data["widget"] == [{"text": SAMPLE_PROMPT, "output": {"url": "samples/sample-0.png"}}]
+    text = card.text
+    assert "![sample-0](samples/sample-0.png)" in text and "![sample-1](samples/sample-1.png)" in text
+    assert "| steps | 10 |" in text and "4 class images of `a photo of a toy`" in text
+    assert 'StableDiffusionPipeline.from_pretrained("me/sd-toy"' in text
+    assert "from sdclient import SDClient" in text and "sd-toy.safetensors" in text
+    assert "/home/someone/photos" not in text
+
+
+def test_license_falls_back_to_the_architecture(
+    hub: FakeHub, tiny_sd1: Path, tiny_sd2: Path, tmp_path: Path
+) -> None:
+    sd1 = make_run(tiny_sd1, tmp_path / "sd1", license=None)
+    sd2 = make_run(tiny_sd2, tmp_path / "sd2", license=None, variant="sd2")
+    api = HfApi(endpoint=hub.url)
+
+    publish_run(sd1, "me/one", token=WRITE_TOKEN, api=api)
+    publish_run(sd2, "me/two", token=WRITE_TOKEN, api=api)
+
+    card1, card2 = ModelCard.load(sd1 / "README.md"), ModelCard.load(sd2 / "README.md")
+    assert card1.data.license == LICENSE_SD1 and card2.data.license == LICENSE_SD2
+    assert "inferred from the architecture" in card2.text
+    # A local base model is not a Hub id: no base_model metadata (the Hub would reject it).
+    assert card2.data.to_dict().get("base_model") is None
+
+
+def test_public_and_existing_repos(hub: FakeHub, run_dir: Path) -> None:
+    api = HfApi(endpoint=hub.url)
+
+    publish_run(run_dir, "me/public", private=False, token=WRITE_TOKEN, api=api)
+    publish_run(run_dir, "me/public", token=WRITE_TOKEN, api=api)  # exists: a second commit
+
+    assert hub.repos["me/public"]["private"] is False
+    assert len(hub.commits("me/public")) == 2
+
+
+def test_token_from_the_environment_is_never_written(
+    hub: FakeHub, run_dir: Path, monkeypatch: pytest.MonkeyPatch, no_saved_token: None
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+
+    publish_run(run_dir, "me/sd-toy")  # the default HfApi()
+
+    assert {token for _, _, token in hub.requests if token} == {WRITE_TOKEN}, "found through get_token()"
+    sentinel = b"SENTINEL"
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert sentinel not in path.read_bytes(), path
+    for content in hub.commits("me/sd-toy")[0]["files"].values():
+        assert sentinel not in content
+
+
+def test_missing_token(hub: FakeHub, run_dir: Path, no_saved_token: None) -> None:
+    with pytest.raises(PublishError, match=r"run `hf auth login` or set HF_TOKEN"):
+        publish_run(run_dir, "me/sd-toy", api=HfApi(endpoint=hub.url))
+    assert hub.requests == []
+
+
+def test_read_only_token_new_repo(hub: FakeHub, run_dir: Path) -> None:
+    with pytest.raises(PublishError, match="this token can't write") as info:
+        publish_run(run_dir, "me/sd-toy", token=READ_TOKEN, api=HfApi(endpoint=hub.url))
+    assert "https://huggingface.co/settings/tokens" in str(info.value)
+    assert READ_TOKEN not in str(info.value)
+    assert "me/sd-toy" not in hub.repos
+
+
+def test_read_only_token_existing_repo(hub: FakeHub, run_dir: Path) -> None:
+    hub.repos["me/sd-toy"] = {"private": True, "commits": []}
+
+    # create_repo(exist_ok=True) accepts the existing repo; the commit is what gets refused.
+    with pytest.raises(PublishError, match="this token can't write"):
+        publish_run(run_dir, "me/sd-toy", token=READ_TOKEN, api=HfApi(endpoint=hub.url))
+    assert hub.commits("me/sd-toy") == []
+
+
+def test_invalid_token(hub: FakeHub, run_dir: Path) -> None:
+    with pytest.raises(PublishError, match=r"rejected the token \(401\)") as info:
+        publish_run(run_dir, "me/sd-toy", token="hf_not_a_real_token", api=HfApi(endpoint=hub.url))
+    assert "hf_not_a_real_token" not in str(info.value)
+
+
+def test_incomplete_runs_and_bad_repo_ids(hub: FakeHub, tmp_path: Path, run_dir: Path) -> None:
+    api = HfApi(endpoint=hub.url)
+    with pytest.raises(PublishError, match="model_index.json"):
+        publish_run(tmp_path / "empty", "me/x", token=WRITE_TOKEN, api=api)
+    with pytest.raises(PublishError, match="Invalid repo id"):
+        publish_run(run_dir, "me/x/y", token=WRITE_TOKEN, api=api)
+    (run_dir / "run.json").unlink()
+    with pytest.raises(PublishError, match="run.json is missing"):
+        publish_run(run_dir, "me/x", token=WRITE_TOKEN, api=api)
+    assert hub.repos == {}
