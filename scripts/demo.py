@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                 "--instance-prompt", INSTANCE_PROMPT,
                 "--class-prompt", CLASS_PROMPT,
                 "--num-class-images", "8",
+                "--class-image-steps", "10",
                 "--max-train-steps", str(args.steps),
                 "--sample-prompt", SAMPLE_PROMPT,
                 "--sample-steps", "20",
