@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import io
+import logging
 import socket
 import threading
 import time
@@ -114,16 +115,28 @@ async def test_loading_503_then_the_image(tiny_sd1: Path) -> None:
         assert 0 < body["estimated_time"] < 60
         assert health.status_code == 503 and health.json()["state"] == "loading"
 
-        # SDClient waits out the cold start and gets the image once loading is done.
+        # SDClient waits out the cold start and gets the image once loading is done; a request with
+        # the legacy `x-wait-for-model: true` is held by the server instead of answered 503.
         events: list[GenerationEvent] = []
-        async with SDClient(
-            f"{url}/models/me/gated", on_event=events.append, max_wait_for_model=90
-        ) as client:
+        async with (
+            SDClient(f"{url}/models/me/gated", on_event=events.append, max_wait_for_model=90) as client,
+            httpx.AsyncClient(timeout=90) as http,
+        ):
             task = asyncio.create_task(client.generate("a photo of sks toy", seed=3, **FAST))
+            held = asyncio.create_task(
+                http.post(
+                    f"{url}/models/me/gated",
+                    json={"inputs": "a photo of sks toy", "parameters": {"seed": 3, **FAST}},
+                    headers={"x-wait-for-model": "true"},
+                )
+            )
             await asyncio.sleep(0.5)
-            assert not task.done()
+            assert not task.done() and not held.done()
             gate.set()
             image = await asyncio.wait_for(task, 90)
+            waited = await asyncio.wait_for(held, 90)
+
+    assert waited.status_code == 200 and waited.content == image.data
 
     assert image.format == "png" and (image.width, image.height) == (64, 64)
     assert any(e.kind == "loading" and e.eta_s is not None for e in events)
@@ -131,8 +144,12 @@ async def test_loading_503_then_the_image(tiny_sd1: Path) -> None:
 
 
 @pytest.mark.slow
-def test_png_by_default_with_the_protocol_headers(served: str, tiny_sd1: Path) -> None:
-    response = post(served, {"inputs": "a photo of sks toy", "parameters": {"seed": 1, **FAST}})
+def test_png_by_default_with_the_protocol_headers(
+    served: str, tiny_sd1: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    prompt = "a photo of sks toy, secret-ish words"
+    with caplog.at_level(logging.INFO, logger="trainer.serve"):
+        response = post(served, {"inputs": prompt, "parameters": {"seed": 1, **FAST}})
 
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "image/png"
@@ -143,6 +160,9 @@ def test_png_by_default_with_the_protocol_headers(served: str, tiny_sd1: Path) -
     assert response.headers["x-seed"] == "1"
     expected_sha = hashlib.sha256((tiny_sd1 / "model_index.json").read_bytes()).hexdigest()
     assert response.headers["x-sha"] == expected_sha
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"prompt of {len(prompt)} characters" in logged
+    assert "secret-ish" not in logged, "prompts are never logged, only their length"
 
 
 @pytest.mark.slow
