@@ -24,7 +24,8 @@ from rich.text import Text
 
 __all__ = ["StepProgress", "console", "progress_bar"]
 
-console = Console(stderr=True, highlight=False)
+# soft_wrap: long paths stay on one line in logs (terminals wrap them themselves).
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class _RateColumn(ProgressColumn):

@@ -518,7 +518,9 @@ def train(
         # Recompute activations in the backward pass: ~30% slower, a fraction of the memory.
         unet.enable_gradient_checkpointing()
         if record.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            # transformers 5 renamed it; 4.x only has the old name.
+            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+            (enable or text_encoder.gradient_checkpointing_enable)()
 
     # -- 2. Optimizer and learning-rate schedule ----------------------------------------------------
     params_to_optimize = (

@@ -8,7 +8,8 @@ epsilon, ``tiny_sd2`` v-prediction), a folder of photos, and one complete ``sdtr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,9 @@ SAMPLE_PROMPT = "a photo of sks toy on a beach"
 TRAIN_STEPS = 10
 
 
-def make_photos(folder: Path, count: int = 4, *, size: tuple[int, int] = (80, 96), seed: int = 0) -> list[Path]:
+def make_photos(
+    folder: Path, count: int = 4, *, size: tuple[int, int] = (80, 96), seed: int = 0
+) -> list[Path]:
     """Draw ``count`` distinct synthetic photos (coloured shapes on a background) as JPEG/PNG."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -85,6 +88,12 @@ def run_args(base: Path, photos: Path, out: Path, **overrides: Any) -> list[str]
     return args
 
 
+@pytest.fixture(name="run_args", scope="session")
+def run_args_fixture() -> Callable[..., list[str]]:
+    """:func:`run_args`, for tests that start their own runs of the shared configuration."""
+    return run_args
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     # Two shared cores: several torch threads per process only fight each other.
@@ -122,16 +131,67 @@ def session_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+HUB_REPO = "me/sd-sks-toy"
+HUB_TOKEN = "hf_SENTINELtokenNeverPrinted0123456789"
+
+
+class FakeHfApi:
+    """Stands in for ``huggingface_hub.HfApi``: records the two calls publishing makes."""
+
+    def __init__(self) -> None:
+        self.token = None
+        self.created: list[dict[str, Any]] = []
+        self.commits: list[dict[str, Any]] = []
+
+    def create_repo(self, repo_id: str, **kwargs: Any) -> Any:
+        from huggingface_hub import RepoUrl
+
+        self.created.append({"repo_id": repo_id, **kwargs})
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id: str, operations: list[Any], **kwargs: Any) -> None:
+        self.commits.append(
+            {"repo_id": repo_id, "paths": sorted(op.path_in_repo for op in operations), **kwargs}
+        )
+
+
+@dataclass
+class TrainedRun:
+    """The shared run: its folder, everything it printed, and what it sent to the (fake) Hub."""
+
+    path: Path
+    output: str
+    hub: FakeHfApi
+    hub_repo: str = HUB_REPO
+    token: str = HUB_TOKEN
+    sample_prompt: str = SAMPLE_PROMPT
+
+
 @pytest.fixture(scope="session")
-def trained_run(tiny_sd1: Path, session_photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One complete ``sdtrain run`` on the tiny SD 1 model (photos -> class images -> 10 steps ->
-    4 samples -> export), through the command line. Returns the run folder; do not modify it."""
+def trained_run_result(
+    tiny_sd1: Path, session_photos: Path, tmp_path_factory: pytest.TempPathFactory
+) -> TrainedRun:
+    """One complete ``sdtrain run --hub-repo`` on the tiny SD 1 model, through the command line:
+    photos -> 4 class images -> 10 steps -> 4 samples -> export -> publish to a fake Hub (token from
+    ``HF_TOKEN``). Do not modify the folder."""
+    import huggingface_hub
     from typer.testing import CliRunner
 
     from trainer.cli import app
 
     out = tmp_path_factory.mktemp("trained-run") / "run"
-    result = CliRunner().invoke(app, ["run", *run_args(tiny_sd1, session_photos, out)])
+    hub = FakeHfApi()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_TOKEN", HUB_TOKEN)
+        mp.setattr(huggingface_hub, "HfApi", lambda *args, **kwargs: hub)
+        result = CliRunner().invoke(app, ["run", *run_args(tiny_sd1, session_photos, out, hub_repo=HUB_REPO)])
     if result.exit_code != 0:
-        raise AssertionError(f"sdtrain run failed ({result.exit_code}):\n{result.output}") from result.exception
-    return out
+        message = f"sdtrain run failed ({result.exit_code}):\n{result.output}"
+        raise AssertionError(message) from result.exception
+    return TrainedRun(out, result.output, hub)
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained_run_result: TrainedRun) -> Path:
+    """The folder of the shared trained run (model/, checkpoints/, samples/, export/, run.json)."""
+    return trained_run_result.path
