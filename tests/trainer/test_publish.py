@@ -347,3 +347,23 @@ def test_incomplete_runs_and_bad_repo_ids(hub: FakeHub, tmp_path: Path, run_dir:
     with pytest.raises(PublishError, match="run.json is missing"):
         publish_run(run_dir, "me/x", token=WRITE_TOKEN, api=api)
     assert hub.repos == {}
+
+
+@pytest.mark.slow
+def test_publishes_a_real_training_run(hub: FakeHub, trained_run: Path, tmp_path: Path) -> None:
+    run = shutil.copytree(trained_run, tmp_path / "run")  # the shared run must stay untouched
+
+    url = publish_run(run, "me/trained", token=WRITE_TOKEN, api=HfApi(endpoint=hub.url))
+
+    assert url.endswith("/me/trained")
+    files = hub.commits("me/trained")[0]["files"]
+    assert "model_index.json" in files and "trained.safetensors" in files and "README.md" in files
+    assert any(p.startswith("samples/") for p in files)
+    assert not any(p.startswith(("checkpoints/", "class_images/")) for p in files)
+    card = ModelCard.load(run / "README.md")
+    assert card.data.pipeline_tag == "text-to-image"
+    assert (
+        card.data.to_dict()["instance_prompt"]
+        == json.loads((run / "run.json").read_text())["concepts"][0]["instance_prompt"]
+    )
+    assert card.data.to_dict()["widget"][0]["output"]["url"] in files
