@@ -10,6 +10,7 @@ import os
 import random
 import re
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -39,7 +40,8 @@ from ._exceptions import (
     make_status_error,
 )
 from ._models import GeneratedImage, GenerateRequest, GenerationEvent, ImageFormat, ModelStatus, Timings
-from ._retry import RetryPolicy, build_retrying, parse_retry_after
+from ._retry import RetryPolicy, build_retrying, call_with_retries, parse_retry_after
+from ._transport import ShardedTransport
 from ._usage import UsageSnapshot, UsageTracker
 from ._version import __version__
 
@@ -105,6 +107,10 @@ def _resolve_url(model: str, base_url: str | None) -> str:
     if not base.startswith(("http://", "https://")):
         raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
     return f"{base}/models/{model}"
+
+
+def _environment_proxies() -> bool:
+    return any(scheme in ("http", "https", "all") for scheme in urllib.request.getproxies())
 
 
 def _resolve_token(token: str | None, url: str) -> str | None:
@@ -225,6 +231,8 @@ class SDClient:
             self._http = httpx.AsyncClient(
                 timeout=timeout_obj,
                 limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+                # httpx's own transport when proxies come from the environment (it applies them).
+                transport=None if _environment_proxies() else ShardedTransport(max_connections=pool),
             )
             self._owns_http = True
             self._request_timeout: httpx.Timeout | None = None
@@ -236,9 +244,7 @@ class SDClient:
 
         self._usage = usage if usage is not None else UsageTracker()
         self._gate = ColdStartGate(self._policy, on_episode=self._record_cold_start)
-        self._retrying = build_retrying(
-            max_retries=max_retries, deadline_s=self.max_wait_for_model, policy=self._policy
-        )
+        self._retrying = build_retrying(self._policy)
         self._semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self._closed = False
         self._state: Literal["unknown", "ready", "loading", "unavailable"] = "unknown"
@@ -462,15 +468,21 @@ class SDClient:
             log.info("%s: retrying in %.2f s after: %s", self.model, delay, exc)
             self._emit(call, "retrying", delay_s=delay, message=str(exc))
 
-        image: GeneratedImage | None = None
-        async for attempt in self._retrying.copy(before_sleep=before_sleep):
-            with attempt:
-                response, waited = await self._gate.run(
-                    send, deadline=deadline, model=self.model, on_loading=on_loading
-                )
-                cold_start_wait += waited
-                image = self._to_image(response, request, call, start, cold_start_wait)
-        assert image is not None
+        async def attempt() -> GeneratedImage:
+            nonlocal cold_start_wait
+            response, waited = await self._gate.run(
+                send, deadline=deadline, model=self.model, on_loading=on_loading
+            )
+            cold_start_wait += waited
+            return self._to_image(response, request, call, start, cold_start_wait)
+
+        image = await call_with_retries(
+            attempt,
+            retrying=self._retrying,
+            max_retries=self.max_retries,
+            deadline=deadline,
+            before_sleep=before_sleep,
+        )
         self._set_state("ready")
         return image
 

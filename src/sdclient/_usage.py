@@ -142,6 +142,10 @@ class UsageTracker:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
             self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+            # WAL: readers never block the writer, and a commit is one append (fsync'd at
+            # checkpoints with synchronous=NORMAL: a crash of the process loses nothing).
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             with self._transaction() as db:
                 db.execute(_SCHEMA)
 
