@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trainer._console import console, progress_bar
 from trainer._fs import atomic_write_bytes
@@ -137,8 +137,9 @@ def _generate(
 ) -> list[Path]:
     import torch
 
+    pipe: Any = pipeline  # diffusers pipelines are untyped callables
     class_dir.mkdir(parents=True, exist_ok=True)
-    device = pipeline.device
+    device = pipe.device
     # CPU generators give the same pictures on any machine; CUDA generators are faster to use there.
     gen_device = "cpu" if device.type == "mps" else device.type
     written: list[Path] = []
@@ -154,7 +155,7 @@ def _generate(
                 index += 1
             generators = [torch.Generator(gen_device).manual_seed(seed + i) for i in indices]
             with torch.inference_mode():
-                images = pipeline(
+                images = pipe(
                     [prompt] * n,
                     height=resolution,
                     width=resolution,

@@ -64,15 +64,14 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     try:
-        import diffusers.utils.logging as diffusers_logging
-        import transformers.utils.logging as transformers_logging
-
-        diffusers_logging.disable_progress_bar()
-        diffusers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
-        transformers_logging.set_verbosity_error()
+        import diffusers.utils.logging
+        import transformers.utils.logging
     except ImportError:  # the train extra is missing: the command will say so
-        pass
+        return
+    for library in (diffusers.utils.logging, transformers.utils.logging):
+        logging_module: Any = library  # untyped helpers
+        logging_module.disable_progress_bar()
+        logging_module.set_verbosity_error()
 
 
 def _step_errors() -> tuple[type[Exception], ...]:

@@ -225,12 +225,12 @@ class RunRecord(RunConfig):
 
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
 
-    concepts: list[ResolvedConcept] = Field(min_length=1)  # type: ignore[assignment]
-    resolution: int = Field(ge=64, le=2048)  # type: ignore[assignment]
-    max_train_steps: int = Field(ge=1)  # type: ignore[assignment]
-    mixed_precision: MixedPrecision  # type: ignore[assignment]
-    sample_prompt: str  # type: ignore[assignment]
-    sample_seed: int  # type: ignore[assignment]
+    concepts: list[ResolvedConcept] = Field(min_length=1)  # type: ignore[assignment]  # narrower
+    resolution: int = Field(ge=64, le=2048)
+    max_train_steps: int = Field(ge=1)
+    mixed_precision: MixedPrecision
+    sample_prompt: str
+    sample_seed: int
     base_model_license: str | None = None
     prediction_type: PredictionType = "epsilon"
     num_instance_images: int = Field(default=0, ge=0)

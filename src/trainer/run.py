@@ -101,12 +101,10 @@ class RunResult:
 
 
 def _load_config(base_model: str, subfolder: str) -> dict[str, Any]:
-    from diffusers.configuration_utils import ConfigMixin
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-    class _Reader(ConfigMixin):
-        config_name = "scheduler_config.json" if subfolder == "scheduler" else "config.json"
-
-    config: dict[str, Any] = _Reader.load_config(base_model, subfolder=subfolder)
+    reader: Any = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "scheduler": DDPMScheduler}[subfolder]
+    config: dict[str, Any] = reader.load_config(base_model, subfolder=subfolder)
     return config
 
 

@@ -115,6 +115,7 @@ def generate_samples(
     else:
         pipeline = model
         model_name = str(getattr(pipeline, "name_or_path", "") or "pipeline")
+    pipe: Any = pipeline  # diffusers pipelines are untyped callables
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     images: list[Image.Image] = []
@@ -123,7 +124,7 @@ def generate_samples(
         for i in range(num_images):
             image_seed = seed + i
             with torch.inference_mode():
-                image = pipeline(
+                image = pipe(
                     prompt,
                     negative_prompt=negative_prompt,
                     height=resolution,

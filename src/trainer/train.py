@@ -49,7 +49,6 @@ from trainer.photos import load_photo
 if TYPE_CHECKING:
     import torch
     from accelerate import Accelerator
-    from diffusers import DDPMScheduler
 
 __all__ = [
     "CHECKPOINT_PREFIX",
@@ -104,9 +103,11 @@ class TrainResult:
 
 
 def training_target(
-    noise_scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> torch.Tensor:
     """What the UNet must predict, from the scheduler's ``prediction_type``.
+
+    ``noise_scheduler`` is a diffusers scheduler with ``get_velocity`` (``DDPMScheduler``).
 
     ``epsilon`` (SD 1.x, SD 2.x base 512): the added noise. ``v_prediction`` (SD 2.x 768):
     the velocity ``alpha_t * noise - sigma_t * latents``.
@@ -118,7 +119,8 @@ def training_target(
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
+        velocity: torch.Tensor = noise_scheduler.get_velocity(latents, noise, timesteps)
+        return velocity
     raise TrainingError(
         f"The base model's scheduler predicts {prediction_type!r}; only 'epsilon' and 'v_prediction' "
         "models can be fine-tuned here."
@@ -183,6 +185,11 @@ def find_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
         if match and (entry / _STATE_FILE).is_file():
             found.append((int(match.group(1)), entry))
     return sorted(found)
+
+
+def _load_part(cls: Any, base_model: str, subfolder: str) -> Any:
+    """One component of the base model (diffusers and transformers loaders are untyped)."""
+    return cls.from_pretrained(base_model, subfolder=subfolder)
 
 
 def _cuda_available() -> bool:
@@ -399,7 +406,8 @@ def _save_pipeline(record: RunRecord, unet: Any, text_encoder: Any | None, out: 
     components: dict[str, Any] = {"unet": unet}
     if text_encoder is not None:
         components["text_encoder"] = text_encoder
-    pipeline = StableDiffusionPipeline.from_pretrained(
+    pipeline_cls: Any = StableDiffusionPipeline
+    pipeline = pipeline_cls.from_pretrained(
         record.base_model,
         **components,
         safety_checker=None,
@@ -485,13 +493,13 @@ def train(
     # -- 1. Load the base model's parts --------------------------------------------------------
     base = record.base_model
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder")
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        tokenizer = _load_part(CLIPTokenizer, base, "tokenizer")
+        text_encoder = _load_part(CLIPTextModel, base, "text_encoder")
+        vae = _load_part(AutoencoderKL, base, "vae")
+        unet = _load_part(UNet2DConditionModel, base, "unet")
         # DDPM's noise schedule is the one every SD model was trained with; the base model's own
         # scheduler config supplies the betas and, above all, the prediction type.
-        noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")
+        noise_scheduler = _load_part(DDPMScheduler, base, "scheduler")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not load the parts of {base} for training: {exc}") from exc
     if noise_scheduler.config.prediction_type != record.prediction_type:
