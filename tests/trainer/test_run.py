@@ -108,6 +108,7 @@ def test_published_to_the_hub_with_the_token_kept_secret(trained_run_result: Any
             assert token.encode() not in path.read_bytes(), path
 
 
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated:UserWarning")
 def test_inspect_base_model(tiny_sd1: Path, tiny_sd2: Path, tmp_path: Path) -> None:
     sd1, sd2 = inspect_base_model(str(tiny_sd1)), inspect_base_model(str(tiny_sd2))
     assert (sd1.resolution, sd1.prediction_type) == (64, "epsilon")
