@@ -34,6 +34,18 @@ class AdmissionQueue:
         """About how long until a place frees up: the average call time per slot in line."""
         return self._avg_duration_s * (self.waiting + 1) / self.max_concurrency
 
+    def is_full(self) -> bool:
+        """Whether a new call would be refused: every slot and every place in line is taken."""
+        return self._slots.locked() and self.waiting >= self.queue_size
+
+    def busy_error(self) -> Busy:
+        """The error a refused call gets, with an estimate of when to try again."""
+        self.refused += 1
+        return Busy(
+            "The service is busy: every generation slot and queue place is taken. Try again shortly.",
+            retry_after=self._retry_after(),
+        )
+
     @asynccontextmanager
     async def slot(self, on_queued: Callable[[int], None] | None = None) -> AsyncIterator[None]:
         """Hold a slot for the duration of the `async with` block.
@@ -45,13 +57,9 @@ class AdmissionQueue:
         Raises:
             Busy: Every slot and every place in the queue is taken.
         """
+        if self.is_full():
+            raise self.busy_error()
         free = not self._slots.locked()
-        if not free and self.waiting >= self.queue_size:
-            self.refused += 1
-            raise Busy(
-                "The service is busy: every generation slot and queue place is taken. Try again shortly.",
-                retry_after=self._retry_after(),
-            )
         if on_queued is not None:
             on_queued(0 if free else self.waiting + 1)
         self.waiting += 1

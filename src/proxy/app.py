@@ -24,7 +24,12 @@ from .config import Settings, load_settings
 from .deps import AppState
 from .errors import ProxyError, error_body, install_error_handlers, register_secret
 from .limits import ClientLimiter
-from .middleware import REQUEST_ID_HEADER, BodyLimitMiddleware, RequestContextMiddleware
+from .middleware import (
+    REQUEST_ID_HEADER,
+    BodyLimitMiddleware,
+    LoadSheddingMiddleware,
+    RequestContextMiddleware,
+)
 from .routes import generate, ops
 from .routes.generate import IMAGE_HEADERS
 from .service import GenerationResult, GenerationService
@@ -143,8 +148,9 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
         async def root() -> RedirectResponse:
             return RedirectResponse("/app/")
 
-    # Added innermost first: RequestContext (request id) -> CORS -> BodyLimit -> the app.
+    # Added innermost first: RequestContext (request id) -> CORS -> LoadShedding -> BodyLimit -> app.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(LoadSheddingMiddleware)
     if settings.allowed_origins:
         app.add_middleware(
             _CORSMiddleware,

@@ -21,10 +21,12 @@ __all__ = [
     "Admission",
     "AdmissionDep",
     "AppState",
-    "CallerDep",
     "StateDep",
+    "StreamAdmissionDep",
+    "admit",
     "client_ip",
     "get_state",
+    "identify_caller",
 ]
 
 
@@ -38,7 +40,11 @@ class AppState:
     started: bool = False
 
 
-def get_state(request: Request) -> AppState:
+# Dependencies are `async def` even where they do not await: FastAPI runs plain `def` dependencies
+# in a thread pool, a thread hand-off per request for nothing.
+
+
+async def get_state(request: Request) -> AppState:
     state: AppState | None = getattr(request.app.state, "proxy", None)
     if state is None:
         raise NotReady("The proxy is not started yet.")
@@ -91,7 +97,7 @@ def _matches(presented: str, secret: str) -> bool:
     return hmac.compare_digest(presented.encode(), secret.encode())
 
 
-def get_caller(request: Request, state: StateDep) -> str:
+def identify_caller(request: Request, state: AppState) -> str:
     """The id that rate limits, quotas and counts are kept under: `key:<hash>` of the caller's API
     key when keys are configured (and a valid one is required), else `ip:<address>`.
 
@@ -111,10 +117,7 @@ def get_caller(request: Request, state: StateDep) -> str:
     return "ip:" + client_ip(request, state.settings.trusted_proxies)
 
 
-CallerDep = Annotated[str, Depends(get_caller)]
-
-
-def require_admin(request: Request, state: StateDep) -> None:
+async def require_admin(request: Request, state: StateDep) -> None:
     """Let the request through only with the admin key (`Authorization: Bearer` or `X-Admin-Key`).
 
     Raises:
@@ -134,37 +137,59 @@ AdminDep = Depends(require_admin)
 
 @dataclass
 class Admission:
-    """A generate call that passed the rate limit and holds one image of its caller's quota."""
+    """A generate call that passed the API-key check and the rate limit, and holds one image of its
+    caller's daily quota until `deliver()` (image answered) or `release()` (no image)."""
 
+    state: AppState
     caller: str
-    limiter: ClientLimiter
-    delivered: bool = False
+    settled: bool = False
 
     def deliver(self) -> None:
         """The image was answered: count it against the caller's quota."""
-        if not self.delivered:
-            self.delivered = True
-            self.limiter.commit_image(self.caller)
+        if not self.settled:
+            self.settled = True
+            self.state.limiter.commit_image(self.caller)
+
+    def release(self) -> None:
+        """No image was answered: give the held image back."""
+        if not self.settled:
+            self.settled = True
+            self.state.limiter.release_image(self.caller)
 
 
-async def admit(state: StateDep, caller: CallerDep) -> AsyncIterator[Admission]:
-    """Count the request, apply the caller's rate limit and hold one image of its daily quota
-    (given back when no image is delivered).
+async def admit(request: Request) -> Admission:
+    """Identify the caller, count the request, apply its rate limit and hold one image of its
+    daily quota. One flat dependency: each dependency FastAPI resolves costs time per request.
 
     Raises:
+        NotReady: The app has not started.
+        Unauthorized: API keys are configured and the request has none, or an unknown one.
         RateLimitExceeded: The caller's bucket is empty.
         QuotaExceeded: The caller has used today's images.
+        Busy: Every generation slot and queue place is taken.
     """
+    state = await get_state(request)
+    caller = identify_caller(request, state)
+    if state.service.admission.is_full():  # answered before a stream starts, as plain JSON
+        raise state.service.admission.busy_error()
     limiter = state.limiter
     limiter.count(caller, "requests")
     limiter.check_rate(caller)
     limiter.reserve_image(caller)
-    admission = Admission(caller, limiter)
+    return Admission(state, caller)
+
+
+async def admit_for_stream(request: Request) -> AsyncIterator[Admission]:
+    """`admit`, with the held image given back when the stream ends without one."""
+    admission = await admit(request)
     try:
         yield admission
     finally:
-        if not admission.delivered:
-            limiter.release_image(caller)
+        admission.release()
 
 
 AdmissionDep = Annotated[Admission, Depends(admit)]
+"""For `/generate`, which settles the admission itself (`deliver` or `release`)."""
+
+StreamAdmissionDep = Annotated[Admission, Depends(admit_for_stream)]
+"""For `/generate/stream`: a dependency with teardown, as the stream outlives the route call."""

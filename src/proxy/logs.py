@@ -22,7 +22,8 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("req
 """The id of the request being handled (set by `RequestContextMiddleware`)."""
 
 _STANDARD_ATTRS = frozenset(
-    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime", "taskName"}
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys()
+    | {"message", "asctime", "taskName", "color_message"}
 )
 
 

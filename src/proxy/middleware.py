@@ -15,7 +15,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import PayloadTooLarge, ProxyError, error_response
 from .logs import request_id_var
 
-__all__ = ["REQUEST_ID_HEADER", "BodyLimitMiddleware", "RequestContextMiddleware", "accept_request_id"]
+__all__ = [
+    "REQUEST_ID_HEADER",
+    "BodyLimitMiddleware",
+    "LoadSheddingMiddleware",
+    "RequestContextMiddleware",
+    "accept_request_id",
+]
 
 REQUEST_ID_HEADER = "X-Request-ID"
 
@@ -119,3 +125,22 @@ class BodyLimitMiddleware:
 
     def _error(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"The request body is larger than {self.max_bytes} bytes.")
+
+
+class LoadSheddingMiddleware:
+    """Refuse `POST /generate` and `/generate/stream` with 503 `busy` before anything else (body,
+    validation, rate limit) while the admission queue is full: under overload a refusal costs as
+    little as possible and never waits behind the requests that were let in."""
+
+    PATHS = frozenset({"/generate", "/generate/stream"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.PATHS:
+            state = getattr(scope["app"].state, "proxy", None)
+            if state is not None and state.service.admission.is_full():
+                await error_response(state.service.admission.busy_error())(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,31 +62,31 @@ def test_json_answer_with_accept_application_json(proxy: RunningProxy, upstream:
     assert upstream.requests[0].json["parameters"]["negative_prompt"] == "blurry"
 
 
-@pytest.mark.parametrize(
-    ("body", "field"),
-    [
-        ({"prompt": "x", "width": 513}, "width"),
-        ({"prompt": "x", "height": 2048}, "height"),
-        ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
-        ({"prompt": "x", "num_inference_steps": 151}, "num_inference_steps"),
-        ({"prompt": "x", "guidance_scale": 31}, "guidance_scale"),
-        ({"prompt": "x", "seed": -1}, "seed"),
-        ({"prompt": "x" * 2001}, "prompt"),
-        ({"prompt": "   "}, "prompt"),
-        ({"negative_prompt": "x"}, "prompt"),
-        ({"prompt": "x", "steps": 20}, "steps"),
-        ({"prompt": "x", "width": "wide"}, "width"),
-    ],
-)
-def test_invalid_body_is_422_naming_the_field(
-    proxy: RunningProxy, upstream: InferenceTestServer, body: dict[str, object], field: str
-) -> None:
+INVALID_BODIES: list[tuple[dict[str, object], str]] = [
+    ({"prompt": "x", "width": 513}, "width"),
+    ({"prompt": "x", "height": 2048}, "height"),
+    ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
+    ({"prompt": "x", "num_inference_steps": 151}, "num_inference_steps"),
+    ({"prompt": "x", "guidance_scale": 31}, "guidance_scale"),
+    ({"prompt": "x", "seed": -1}, "seed"),
+    ({"prompt": "x", "seed": 2**32}, "seed"),
+    ({"prompt": "x" * 2001}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"negative_prompt": "x"}, "prompt"),
+    ({"prompt": "x", "steps": 20}, "steps"),
+    ({"prompt": "x", "width": "512"}, "width"),
+    ({"prompt": "x", "seed": True}, "seed"),
+]
+
+
+def test_invalid_body_is_422_naming_the_field(proxy: RunningProxy, upstream: InferenceTestServer) -> None:
     with proxy.client() as client:
-        response = client.post("/generate", json=body)
-    assert response.status_code == 422
-    error = response.json()["error"]
-    assert error["code"] == "validation_error"
-    assert error["message"].startswith(f"{field}: ")
+        for body, field in INVALID_BODIES:
+            response = client.post("/generate", json=body)
+            assert response.status_code == 422, body
+            error = response.json()["error"]
+            assert error["code"] == "validation_error"
+            assert error["message"].startswith(f"{field}: "), (body, error["message"])
     assert upstream.requests == []
 
 
@@ -328,3 +329,21 @@ def test_upstream_sees_the_model_url_and_the_token(
         client.post("/generate", json={"prompt": "fox"})
     assert upstream.requests[0].path == f"/models/{MODEL_ID}"
     assert upstream.requests[0].headers["authorization"] == f"Bearer {SENTINEL}"
+
+
+def test_warm_up_wakes_a_cold_model_before_the_first_visitor(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer
+) -> None:
+    upstream.cold_start(0.5)
+    proxy = start_proxy(warmup=True, max_wait_for_model=5)
+    deadline = time.monotonic() + 5
+    with proxy.client() as client:
+        while client.get("/status").json()["state"] != "ready":
+            assert time.monotonic() < deadline, "the warm-up did not finish"
+            time.sleep(0.05)
+    sent = [r.json for r in upstream.requests if r.method == "POST"]
+    assert sent[0] == {
+        "inputs": "warm-up",
+        "parameters": {"width": 64, "height": 64, "num_inference_steps": 1, "seed": 0},
+    }
+    assert upstream.requests_while_loading >= 1

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import httpx
 from proxy_harness import RunningProxy
 
 from sdclient.testing import InferenceTestServer, Reply
@@ -126,21 +127,23 @@ async def test_a_queued_request_is_told_its_place_in_line(
     assert names(events) == ["queued", "generating", "image"]
 
 
-def test_busy_queue_is_an_error_event(
+def test_busy_queue_is_a_plain_json_answer_before_the_stream(
     start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer
 ) -> None:
     upstream.default = Reply.image(delay=0.5)
     proxy = start_proxy(max_concurrency=1, queue_size=0)
 
-    async def scenario() -> str:
+    async def scenario() -> httpx.Response:
         async with proxy.async_client() as client:
             running = asyncio.create_task(client.post("/generate", json={"prompt": "first"}))
             while proxy.service.admission.active == 0:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             streamed = await client.post("/generate/stream", json={"prompt": "second"})
             await running
-            return streamed.text
+            return streamed
 
-    events = parse_sse(asyncio.run(scenario()))
-    assert names(events) == ["error"]
-    assert events[0][1]["error"]["code"] == "busy"
+    streamed = asyncio.run(scenario())
+    assert streamed.status_code == 503
+    assert streamed.headers["content-type"] == "application/json"
+    assert streamed.json()["error"]["code"] == "busy"
+    assert int(streamed.headers["retry-after"]) >= 1

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
-from ..deps import AdmissionDep, AppState, StateDep
+from ..deps import AdmissionDep, AppState, StreamAdmissionDep
 from ..errors import ProxyError, error_body
 from ..logs import prompt_fields, request_id_var
 from ..schemas import ErrorResponse, GenerateBody, GenerateResult
@@ -116,19 +116,20 @@ def _log_error(state: AppState, body: GenerateBody, caller: str, exc: ProxyError
     },
     summary="Generate one image",
 )
-async def generate(
-    body: GenerateBody, request: Request, state: StateDep, admission: AdmissionDep
-) -> Response:
+async def generate(body: GenerateBody, request: Request, admission: AdmissionDep) -> Response:
     """Generate one image, waiting for a cold model up to the configured time.
 
     Answers the image bytes with the seed and timings in headers, or with
     `Accept: application/json` the image as base64 in `GenerateResult`.
     """
+    state = admission.state
     try:
         result, source = await state.service.generate(body)
-    except ProxyError as exc:
-        state.limiter.count(admission.caller, "errors")
-        _log_error(state, body, admission.caller, exc)
+    except BaseException as exc:
+        admission.release()  # no image: the caller keeps its quota
+        if isinstance(exc, ProxyError):
+            state.limiter.count(admission.caller, "errors")
+            _log_error(state, body, admission.caller, exc)
         raise
     admission.deliver()
     _log_result(state, body, admission.caller, source, result)
@@ -164,10 +165,11 @@ async def generate(
     summary="Generate one image, streaming progress",
 )
 async def generate_stream(
-    body: GenerateBody, request: Request, state: StateDep, admission: AdmissionDep
+    body: GenerateBody, request: Request, admission: StreamAdmissionDep
 ) -> AsyncIterator[ServerSentEvent]:
     """Generate one image and report progress as Server-Sent Events (read it with `fetch()`:
     `EventSource` cannot POST)."""
+    state = admission.state
     events: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
     task = asyncio.create_task(
         state.service.generate(body, listener=lambda name, data: events.put_nowait((name, data)))

@@ -1,0 +1,365 @@
+"""What the proxy costs, and how it holds up when the model is slow.
+
+1. Overhead: an instant upstream (`python -m sdclient.testing`, a ~50 KB JPEG per request) called
+   directly and through `sdproxy serve` (one uvicorn worker, its own process), 32 concurrent
+   clients, in the same run. Targets: added p50 latency <= 3 ms, throughput >= 0.5x direct.
+2. Overload: an upstream that takes 5 s per image and 1,000 concurrent clients. Targets: the
+   proxy's memory (RSS, psutil) stays under 300 MB, and requests beyond its queue are refused
+   (503 `busy`) in under 50 ms.
+
+The load generator is a minimal keep-alive HTTP/1.1 client on asyncio streams rather than httpx:
+httpx spends about a millisecond of CPU per request, which on a small machine would be measured
+as much as the proxy. Load generator, upstream and proxy still share the machine's cores: on a
+2-core machine every figure includes that competition.
+
+Run: `.venv/bin/python benchmarks/bench_proxy.py [--quick]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import psutil
+
+from sdclient.testing import spawn_server
+
+BIN = Path(sys.executable).parent
+MODEL_ID = "bench/model"
+SIZE = 480  # a JPEG of about 50 KB from the test server
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+
+
+# -- a lean HTTP/1.1 client --------------------------------------------------------------------
+
+
+class Connection:
+    """One keep-alive connection that sends prepared requests and reads whole answers."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> Connection:
+        reader, writer = await asyncio.open_connection(host, port, limit=1 << 20)
+        return cls(reader, writer)
+
+    async def send(self, raw: bytes) -> tuple[int, bytes]:
+        self.writer.write(raw)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        body = await self.reader.readexactly(length) if length else b""
+        return status, body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def post(host: str, port: int, path: str, body: dict[str, object]) -> bytes:
+    payload = json.dumps(body).encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+        f"Accept: image/*\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode() + payload
+
+
+def get(host: str, port: int, path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+
+
+@dataclass
+class Load:
+    latencies_ms: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    bytes: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies_ms) / self.elapsed_s
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+async def closed_loop(
+    url: str, path: str, bodies: list[dict[str, object]], *, requests: int, concurrency: int
+) -> Load:
+    """`concurrency` clients on their own connection, each sending its next request (the next of
+    `bodies`, in turn) as soon as the previous answer is read, until `requests` were answered."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    raws = [post(host, port, path, body) for body in bodies]
+    load = Load()
+    left = requests
+
+    async def client() -> None:
+        nonlocal left
+        connection = await Connection.open(host, port)
+        try:
+            while left > 0:
+                left -= 1
+                raw = raws[left % len(raws)]
+                started = time.perf_counter()
+                status, content = await connection.send(raw)
+                load.latencies_ms.append((time.perf_counter() - started) * 1000)
+                load.statuses[status] = load.statuses.get(status, 0) + 1
+                load.bytes += len(content)
+        finally:
+            connection.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    load.elapsed_s = time.perf_counter() - started
+    return load
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def sdproxy(upstream: str, **settings: object) -> Iterator[tuple[str, psutil.Process]]:
+    """`sdproxy serve` (one worker) in front of `upstream`; yields its URL and its process."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDPROXY_") and k != "HF_TOKEN"}
+    env["SDPROXY_MODEL"] = f"{upstream}/models/{MODEL_ID}"
+    env.update({f"SDPROXY_{k.upper()}": str(v) for k, v in settings.items()})
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(
+            [str(BIN / "sdproxy"), "serve", "--port", str(port)], env=env, stdout=log, stderr=log
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                if process.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(f"sdproxy exited: {log.read().decode()[-2000:]}")
+                try:
+                    if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("sdproxy did not start")
+                time.sleep(0.1)
+            yield url, psutil.Process(process.pid)
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+# -- the two scenarios --------------------------------------------------------------------------
+
+
+def overhead(requests: int, concurrency: int) -> bool:
+    print(f"\n== Overhead: instant upstream, {SIZE}x{SIZE} JPEG, {concurrency} concurrent clients ==")
+    with spawn_server(format="jpeg") as upstream:
+        # Limits off, a queue that never refuses: only the proxy's own cost is measured.
+        settings = {
+            "rate_limit_per_minute": 0,
+            "daily_quota": 0,
+            "max_concurrency": concurrency,
+            "queue_size": 1000,
+            "cache_max_bytes": 0,
+        }
+        with sdproxy(upstream, **settings) as (proxy, _):
+            # The proxy's client sends a fresh random seed with every request; the direct calls do
+            # too, so that the upstream does the same work either way.
+            rng = random.Random(0)
+            direct_body: list[dict[str, object]] = [
+                {
+                    "inputs": PROMPT,
+                    "parameters": {"width": SIZE, "height": SIZE, "seed": rng.randrange(2**32)},
+                }
+                for _ in range(4096)  # distinct seeds, as the proxy's random ones
+            ]
+            proxy_body: list[dict[str, object]] = [{"prompt": PROMPT, "width": SIZE, "height": SIZE}]
+
+            def run(url: str, path: str, bodies: list[dict[str, object]], n: int) -> Load:
+                return asyncio.run(closed_loop(url, path, bodies, requests=n, concurrency=concurrency))
+
+            run(upstream, f"/models/{MODEL_ID}", direct_body, concurrency * 2)  # warm up both
+            run(proxy, "/generate", proxy_body, concurrency * 2)
+            # One client at a time: the latency the proxy adds when it is not saturated.
+            one = min(200, requests // 4)
+            alone = {
+                name: asyncio.run(closed_loop(url, path, body, requests=one, concurrency=1)).pct(50)
+                for name, url, path, body in (
+                    ("direct", upstream, f"/models/{MODEL_ID}", direct_body),
+                    ("proxy", proxy, "/generate", proxy_body),
+                )
+            }
+            # Alternate halves so that a change in the machine's load hits both sides alike.
+            direct, proxied = Load(), Load()
+            for _ in range(2):
+                for target, url, path, body in (
+                    (direct, upstream, f"/models/{MODEL_ID}", direct_body),
+                    (proxied, proxy, "/generate", proxy_body),
+                ):
+                    part = run(url, path, body, requests // 2)
+                    target.latencies_ms += part.latencies_ms
+                    target.elapsed_s += part.elapsed_s
+                    target.bytes += part.bytes
+                    for status, count in part.statuses.items():
+                        target.statuses[status] = target.statuses.get(status, 0) + count
+
+    print(f"{'':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'KB/answer':>10}  statuses")
+    for name, load in (("direct", direct), ("proxy", proxied)):
+        kb = load.bytes / len(load.latencies_ms) / 1024
+        row = f"{name:10} {load.throughput:9.0f} {load.pct(50):8.2f} {load.pct(99):8.2f} {kb:10.1f}"
+        print(f"{row}  {load.statuses}")
+    print(
+        f"one client at a time: p50 direct {alone['direct']:.2f} ms, proxy {alone['proxy']:.2f} ms, "
+        f"added {alone['proxy'] - alone['direct']:.2f} ms"
+    )
+    added = proxied.pct(50) - direct.pct(50)
+    ratio = proxied.throughput / direct.throughput
+    ok_latency, ok_throughput = added <= 3.0, ratio >= 0.5
+    ok_statuses = set(direct.statuses) == set(proxied.statuses) == {200}
+    verdict = "PASS" if ok_latency else "FAIL"
+    print(f"added p50 at {concurrency} clients: {added:.2f} ms (target <= 3 ms)  {verdict}")
+    print(f"throughput: {ratio:.2f}x direct (target >= 0.5x)  {'PASS' if ok_throughput else 'FAIL'}")
+    if not ok_statuses:
+        print("FAIL: some answers were not 200")
+    return ok_latency and ok_throughput and ok_statuses
+
+
+def _quantiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan"), float("nan"), float("nan")
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], ordered[-1]
+
+
+def overload(clients: int, delay: float) -> bool:
+    concurrency, queue = 50, 50
+    admitted = concurrency + queue
+    print(f"\n== Overload: {delay:g} s upstream, {clients} concurrent clients ==")
+    print(
+        f"proxy: max_concurrency={concurrency}, queue_size={queue}: {admitted} are let in, the rest refused"
+    )
+    with spawn_server(format="jpeg", delay=delay) as upstream:
+        settings = {
+            "rate_limit_per_minute": 0,
+            "daily_quota": 0,
+            "max_concurrency": concurrency,
+            "queue_size": queue,
+            "upstream_timeout": delay * 4,
+        }
+        with sdproxy(upstream, **settings) as (proxy, process):
+            parts = urlsplit(proxy)
+            host, port = parts.hostname or "127.0.0.1", parts.port or 80
+            raw = post(host, port, "/generate", {"prompt": PROMPT, "width": 64, "height": 64})
+            idle_rss = process.memory_info().rss
+            peak_rss = idle_rss
+            statuses: dict[int, int] = {}
+            spread_ms: list[float] = []
+            burst_ms: list[float] = []
+
+            async def request(
+                connection: Connection, latencies: list[float] | None, start_in: float = 0
+            ) -> None:
+                await asyncio.sleep(start_in)
+                started = time.perf_counter()
+                status, _ = await connection.send(raw)
+                statuses[status] = statuses.get(status, 0) + 1
+                if status == 503 and latencies is not None:
+                    latencies.append((time.perf_counter() - started) * 1000)
+
+            async def scenario() -> float:
+                nonlocal peak_rss
+
+                async def sample() -> None:
+                    nonlocal peak_rss
+                    while True:
+                        peak_rss = max(peak_rss, process.memory_info().rss)
+                        await asyncio.sleep(0.05)
+
+                sampler = asyncio.create_task(sample())
+                # Every client opens its connection first.
+                connections = await asyncio.gather(*(Connection.open(host, port) for _ in range(clients)))
+                for connection in connections:
+                    await connection.send(get(host, port, "/healthz"))
+                started = time.perf_counter()
+                # 1. The first clients fill every slot and the whole queue (they wait for the model).
+                held = [asyncio.create_task(request(c, None)) for c in connections[:admitted]]
+                await asyncio.sleep(0.5)
+                rest = connections[admitted:]
+                half = len(rest) // 2
+                # 2. Half of the others arrive over one second (about a thousand requests a second)...
+                spread = [request(c, spread_ms, start_in=i / half) for i, c in enumerate(rest[:half])]
+                await asyncio.gather(*spread)
+                # 3. ...then the other half all at once, a burst on one event loop.
+                await asyncio.gather(*(request(c, burst_ms) for c in rest[half:]))
+                await asyncio.gather(*held)
+                sampler.cancel()
+                for connection in connections:
+                    connection.close()
+                return time.perf_counter() - started
+
+            elapsed = asyncio.run(scenario())
+    refused = len(spread_ms) + len(burst_ms)
+    s50, s99, smax = _quantiles(spread_ms)
+    b50, b99, bmax = _quantiles(burst_ms)
+    print(f"answers after {elapsed:.1f} s: {statuses}")
+    print(f"  {statuses.get(200, 0)} images, {refused} refused with 503 busy")
+    print(f"refusals arriving over 1 s ({len(spread_ms)}): p50 {s50:.1f}, p99 {s99:.1f}, max {smax:.1f} ms")
+    print(f"refusals all at once ({len(burst_ms)}): p50 {b50:.1f}, p99 {b99:.1f}, max {bmax:.1f} ms")
+    each = bmax / max(1, len(burst_ms))
+    print(f"  (one event loop answers a burst one request after another: {each:.2f} ms each)")
+    print(f"proxy RSS: {idle_rss / 2**20:.0f} MB idle, {peak_rss / 2**20:.0f} MB peak")
+    ok_rss = peak_rss < 300 * 2**20
+    ok_refusal = bool(spread_ms) and s99 < 50
+    ok_split = statuses.get(200, 0) == admitted and refused == clients - admitted
+    print(f"peak RSS < 300 MB  {'PASS' if ok_rss else 'FAIL'}")
+    print(f"refused in < 50 ms (p99, arriving over 1 s)  {'PASS' if ok_refusal else 'FAIL'}")
+    print(f"exactly max_concurrency + queue_size served, the rest refused  {'PASS' if ok_split else 'FAIL'}")
+    return ok_rss and ok_refusal and ok_split
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests and clients (about 20 s)")
+    args = parser.parse_args()
+    requests, clients, delay = (400, 300, 2.0) if args.quick else (4000, 1000, 5.0)
+    print(f"machine: {os.cpu_count()} CPU cores, shared by the load generator, the upstream and the proxy")
+    ok = overhead(requests, concurrency=32)
+    ok = overload(clients, delay) and ok
+    print("\nALL PASS" if ok else "\nSOME FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
