@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import os
@@ -19,7 +18,6 @@ from urllib.parse import urlsplit
 
 import httpx
 import tenacity
-from PIL import Image
 
 from ._coldstart import ColdStartGate
 from ._constants import (
@@ -39,7 +37,8 @@ from ._exceptions import (
     error_message_from_body,
     make_status_error,
 )
-from ._models import GeneratedImage, GenerateRequest, GenerationEvent, ImageFormat, ModelStatus, Timings
+from ._imageinfo import image_size, is_complete, sniff
+from ._models import GeneratedImage, GenerateRequest, GenerationEvent, ModelStatus, Timings
 from ._retry import RetryPolicy, build_retrying, call_with_retries, parse_retry_after
 from ._transport import ShardedTransport
 from ._usage import UsageSnapshot, UsageTracker
@@ -55,32 +54,6 @@ EventHook = Callable[[GenerationEvent], None]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 _SEED_LIMIT = 2**32  # seeds drawn by the client; any int up to 2**63 may be passed explicitly
 _UNAVAILABLE_STATUSES = frozenset({401, 402, 403, 404, 410})
-
-# Magic numbers of the formats a text-to-image server sends.
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"IEND\xaeB`\x82"
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_JPEG_END = b"\xff\xd9"
-_PIL_FORMATS: dict[ImageFormat, list[str]] = {"png": ["PNG"], "jpeg": ["JPEG"], "webp": ["WEBP"]}
-
-
-def _sniff(data: bytes) -> ImageFormat | None:
-    if data.startswith(_PNG_MAGIC):
-        return "png"
-    if data.startswith(_JPEG_MAGIC):
-        return "jpeg"
-    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
-def _complete(fmt: ImageFormat, data: bytes) -> bool:
-    """Cheap end-of-image check (no decoding): catches bodies cut short without a Content-Length."""
-    if fmt == "png":
-        return data.rstrip(b"\0")[-8:] == _PNG_END
-    if fmt == "jpeg":
-        return _JPEG_END in data[-64:]
-    return int.from_bytes(data[4:8], "little") + 8 <= len(data)
 
 
 def _is_hf_host(url: str) -> bool:
@@ -204,6 +177,7 @@ class SDClient:
         """The model id or endpoint URL, as given."""
         self.url = _resolve_url(self.model, base_url)
         """Where requests are sent."""
+        self._url = httpx.URL(self.url)  # parsed once: parsing a URL costs ~30 µs a request
         self.max_wait_for_model = float(max_wait_for_model)
         self.max_retries = max_retries
         self._token = _resolve_token(token, self.url)
@@ -369,7 +343,7 @@ class SDClient:
             height=height,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
-            seed=seed,
+            seed=random.randrange(_SEED_LIMIT) if seed is None else seed,
             scheduler=scheduler,
             extra_parameters=dict(extra_parameters) if extra_parameters is not None else None,
         )
@@ -490,9 +464,9 @@ class SDClient:
         """One POST; transport failures become :class:`APIConnectionError` (the one place)."""
         try:
             if self._request_timeout is None:
-                return await self._http.post(self.url, content=body, headers=headers)
+                return await self._http.post(self._url, content=body, headers=headers)
             return await self._http.post(
-                self.url, content=body, headers=headers, timeout=self._request_timeout
+                self._url, content=body, headers=headers, timeout=self._request_timeout
             )
         except httpx.TimeoutException as exc:
             raise APITimeoutError(
@@ -515,12 +489,18 @@ class SDClient:
         start: float,
         cold_start_wait: float,
     ) -> GeneratedImage:
-        headers = response.headers
-        request_id = headers.get("x-request-id")
+        # One pass over the raw headers instead of one scan per `Headers.get`.
+        fields = {name.lower(): value for name, value in response.headers.raw}
+
+        def header(name: bytes) -> str | None:
+            value = fields.get(name)
+            return None if value is None else value.decode("latin-1")
+
+        request_id = header(b"x-request-id")
         if response.status_code >= 300 or response.status_code < 200:
             message = self._redact(
                 error_message_from_body(
-                    response.content, headers.get("content-type"), reason=response.reason_phrase
+                    response.content, header(b"content-type"), reason=response.reason_phrase
                 )
             )
             raise make_status_error(
@@ -528,11 +508,11 @@ class SDClient:
                 message,
                 model=self.model,
                 request_id=request_id,
-                retry_after=parse_retry_after(headers.get("retry-after"), cap=self._policy.max_retry_after),
+                retry_after=parse_retry_after(header(b"retry-after"), cap=self._policy.max_retry_after),
             )
         data = response.content
-        content_type = headers.get("content-type")
-        fmt = _sniff(data)
+        content_type = header(b"content-type")
+        fmt = sniff(data)
         if fmt is None:
             snippet = self._redact(error_message_from_body(data[:2000], content_type, reason="empty body"))
             raise InvalidImage(
@@ -542,16 +522,14 @@ class SDClient:
                 content_type=content_type,
                 request_id=request_id,
             )
-        if not _complete(fmt, data):
+        if not is_complete(fmt, data):
             # Cut short in transit (no Content-Length to catch it): transient, like a reset.
             raise APIConnectionError(
                 f"truncated {fmt.upper()} body from {self.url} ({len(data)} bytes)", model=self.model
             )
         try:
-            # Image.open reads only the header: the size without decoding the pixels.
-            with Image.open(io.BytesIO(data), formats=_PIL_FORMATS[fmt]) as pil:
-                width, height = pil.size
-        except Exception as exc:
+            width, height = image_size(fmt, data)
+        except ValueError as exc:
             raise InvalidImage(
                 f"the server answered {response.status_code} with a {fmt.upper()} header that "
                 f"cannot be decoded: {exc}",
@@ -559,7 +537,7 @@ class SDClient:
                 content_type=content_type,
                 request_id=request_id,
             ) from exc
-        compute = headers.get("x-compute-time")
+        compute = header(b"x-compute-time")
         try:
             compute_s = float(compute) if compute is not None else None
         except ValueError:
@@ -577,8 +555,8 @@ class SDClient:
             ),
             attempts=call.attempts,
             request_id=request_id,
-            compute_type=headers.get("x-compute-type"),
-            model_sha=headers.get("x-sha"),
+            compute_type=header(b"x-compute-type"),
+            model_sha=header(b"x-sha"),
         )
 
     @overload

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ._imageinfo import ImageFormat
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -23,8 +25,6 @@ __all__ = [
     "Timings",
     "image_filename",
 ]
-
-ImageFormat = Literal["png", "jpeg", "webp"]
 
 
 class GenerateRequest(BaseModel):

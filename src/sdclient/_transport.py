@@ -87,12 +87,8 @@ class ShardedTransport(httpx.AsyncBaseTransport):
             shard.in_flight -= 1
             raise
         assert isinstance(response.stream, httpx.AsyncByteStream)
-        return httpx.Response(
-            status_code=response.status_code,
-            headers=response.headers,
-            stream=_CountedStream(response.stream, shard),
-            extensions=response.extensions,
-        )
+        response.stream = _CountedStream(response.stream, shard)
+        return response
 
     async def aclose(self) -> None:
         for shard in self._shards:

@@ -1,0 +1,242 @@
+"""Benchmark SDClient against raw httpx and huggingface_hub's AsyncInferenceClient.
+
+All three call one local server of the protocol (`python -m sdclient.testing`, in a subprocess so
+it does not share this process's GIL) that answers every request at once with a ~50 KB 512x512
+JPEG. Throughput is measured at concurrency 1, 16 and 64; clients take turns, every level is run
+several rounds and the best round of each client counts (the machine is shared: the best round is
+the one least disturbed by others). Then a cold start of T seconds with 50 concurrent calls.
+
+Targets (PASS/FAIL printed for each; exit status 1 if any fails):
+  - SDClient >= 0.9x raw httpx and >= 1.0x AsyncInferenceClient at every level;
+  - cold start: first image <= T + 1.5 s after the first call, and after the first 503 has
+    come back at most 10 further requests reach the server before the model is ready.
+
+Usage:
+    python benchmarks/bench_client.py            # full run (about two minutes)
+    python benchmarks/bench_client.py --quick    # short run, cold start of 3 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import httpx
+from huggingface_hub import AsyncInferenceClient
+
+from sdclient import GenerationEvent, SDClient
+from sdclient.testing import spawn_server
+
+MODEL_ID = "bench/sd-model"
+IMAGE_SIDE = 512
+LEVELS = (1, 16, 64)
+PROMPT = "portrait of abraza man as a peaky blinders character"
+POOL = httpx.Limits(max_connections=100, max_keepalive_connections=100)  # what SDClient uses by default
+
+Call = Callable[[], Awaitable[object]]
+
+
+@dataclass
+class Plan:
+    requests: dict[int, int]
+    rounds: int
+    cold_start_s: float
+    cold_start_calls: int = 50
+
+
+FULL = Plan(requests={1: 150, 16: 400, 64: 600}, rounds=8, cold_start_s=10.0)
+QUICK = Plan(requests={1: 80, 16: 200, 64: 300}, rounds=4, cold_start_s=3.0)
+
+
+@dataclass
+class Rate:
+    """Best figures over the rounds of one client at one level."""
+
+    req_per_s: float = 0.0
+    """Requests per second of wall-clock time."""
+    cpu_us: float = float("inf")
+    """Microseconds of this process's CPU time per request (the client's own cost; the server
+    runs in another process). Less disturbed than wall-clock time on a busy machine."""
+
+    def add(self, req_per_s: float, cpu_us: float) -> None:
+        self.req_per_s = max(self.req_per_s, req_per_s)
+        self.cpu_us = min(self.cpu_us, cpu_us)
+
+
+async def measure(call: Call, concurrency: int, total: int) -> tuple[float, float]:
+    """(requests per second, client CPU microseconds per request) for `total` calls made by
+    `concurrency` workers."""
+    remaining = iter(range(total))
+
+    async def worker() -> None:
+        for _ in remaining:
+            await call()
+
+    start, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return total / (time.perf_counter() - start), (time.process_time() - cpu) / total * 1e6
+
+
+def seed() -> int:
+    return random.randrange(2**32)
+
+
+async def throughput(url: str, plan: Plan) -> dict[int, dict[str, Rate]]:
+    """Best-of-rounds figures per level and client."""
+    results: dict[int, dict[str, Rate]] = {}
+    model_url = f"{url}/models/{MODEL_ID}"
+    body_headers = {"Accept": "image/png"}
+    for level in LEVELS:
+        async with (
+            SDClient(model_url, max_retries=0) as sd,
+            httpx.AsyncClient(limits=POOL, timeout=60.0) as raw,
+            AsyncInferenceClient(model=model_url, timeout=60.0) as hf,
+        ):
+
+            async def sdclient_call() -> object:
+                return await sd.generate(PROMPT)
+
+            async def httpx_call() -> object:
+                response = await raw.post(
+                    model_url, json={"inputs": PROMPT, "parameters": {"seed": seed()}}, headers=body_headers
+                )
+                response.raise_for_status()
+                return response.content
+
+            async def hf_call() -> object:
+                return await hf.text_to_image(PROMPT, seed=seed())
+
+            calls: dict[str, Call] = {"sdclient": sdclient_call, "httpx": httpx_call, "hf_async": hf_call}
+            best = {name: Rate() for name in calls}
+            for call in calls.values():  # warm up: connections, caches, imports
+                await measure(call, level, max(2 * level, 20))
+            for round_ in range(plan.rounds):
+                names = list(calls)
+                names = names[round_ % len(names) :] + names[: round_ % len(names)]  # take turns going first
+                for name in names:
+                    best[name].add(*await measure(calls[name], level, plan.requests[level]))
+            results[level] = best
+            print(
+                f"  concurrency {level:>2}: "
+                + "   ".join(f"{n} {r.req_per_s:5.0f} req/s {r.cpu_us:5.0f} us CPU" for n, r in best.items()),
+                flush=True,
+            )
+    return results
+
+
+@dataclass
+class ColdStart:
+    first_image_s: float
+    all_images_s: float
+    sends_before_first_503: int
+    further_requests: int
+    server_requests_while_loading: int
+
+
+async def cold_start(plan: Plan) -> ColdStart:
+    """50 concurrent calls against a model that loads for T seconds from the first request."""
+    with spawn_server(cold_start=plan.cold_start_s, size=IMAGE_SIDE, model_id=MODEL_ID) as url:
+        log: list[tuple[float, str]] = []
+
+        def on_event(event: GenerationEvent) -> None:
+            log.append((time.monotonic(), event.kind))
+
+        async with SDClient(f"{url}/models/{MODEL_ID}", on_event=on_event) as client:
+            start = time.monotonic()
+            first_done: list[float] = []
+
+            async def one() -> None:
+                await client.generate(PROMPT)
+                if not first_done:
+                    first_done.append(time.monotonic())
+
+            await asyncio.gather(*(one() for _ in range(plan.cold_start_calls)))
+            finished = time.monotonic()
+        async with httpx.AsyncClient() as http:
+            stats = (await http.get(f"{url}/stats")).json()
+
+    first_503 = min(t for t, kind in log if kind == "loading")
+    ready = first_done[0]
+    sends = [t for t, kind in log if kind == "sending"]
+    return ColdStart(
+        first_image_s=ready - start,
+        all_images_s=finished - start,
+        sends_before_first_503=sum(t <= first_503 for t in sends),
+        # Requests sent after the first 503 came back, except the one that got the first image.
+        further_requests=sum(first_503 < t < ready for t in sends) - 1,
+        server_requests_while_loading=int(stats["requests_while_loading"]),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests, 2 rounds, a 3 s cold start")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+
+    checks: list[tuple[bool, str]] = []
+    with spawn_server(size=IMAGE_SIDE, model_id=MODEL_ID) as url:
+        size = len(httpx.post(f"{url}/models/{MODEL_ID}", json={"inputs": PROMPT}).content)
+        print(f"server: python -m sdclient.testing (subprocess) at {url}")
+        print(f"answer: {IMAGE_SIDE}x{IMAGE_SIDE} JPEG, {size} bytes, at once")
+        print(f"throughput, best of {plan.rounds} rounds ({plan.requests} requests per round and level):")
+        results = asyncio.run(throughput(url, plan))
+
+    print()
+    print("req/s (best round)                                  | client CPU us per request (best round)")
+    print(
+        f"{'concurrency':>11} {'sdclient':>9} {'httpx':>9} {'hf_async':>9} {'sd/httpx':>9} {'sd/hf':>7} |"
+        f" {'sdclient':>9} {'httpx':>9} {'hf_async':>9}"
+    )
+    for level, rates in results.items():
+        sd, raw, hf = rates["sdclient"], rates["httpx"], rates["hf_async"]
+        vs_httpx = sd.req_per_s / raw.req_per_s
+        vs_hf = sd.req_per_s / hf.req_per_s
+        print(
+            f"{level:>11} {sd.req_per_s:>9.0f} {raw.req_per_s:>9.0f} {hf.req_per_s:>9.0f}"
+            f" {vs_httpx:>8.2f}x {vs_hf:>6.2f}x | {sd.cpu_us:>9.0f} {raw.cpu_us:>9.0f} {hf.cpu_us:>9.0f}"
+        )
+        checks.append(
+            (vs_httpx >= 0.9, f"SDClient >= 0.9x raw httpx at concurrency {level}: {vs_httpx:.2f}x")
+        )
+        checks.append(
+            (vs_hf >= 1.0, f"SDClient >= 1.0x AsyncInferenceClient at concurrency {level}: {vs_hf:.2f}x")
+        )
+
+    t = plan.cold_start_s
+    print()
+    print(f"cold start: T = {t:g} s, {plan.cold_start_calls} concurrent calls")
+    cold = asyncio.run(cold_start(plan))
+    calls = plan.cold_start_calls
+    print(f"  first image after {cold.first_image_s:.2f} s, all {calls} after {cold.all_images_s:.2f} s")
+    print(
+        f"  requests sent before the first 503 came back: {cold.sends_before_first_503}; further requests "
+        f"before ready: {cold.further_requests}; server counted {cold.server_requests_while_loading} "
+        "requests while loading"
+    )
+    checks.append(
+        (
+            cold.first_image_s <= t + 1.5,
+            f"first image <= T + 1.5 s = {t + 1.5:g} s: {cold.first_image_s:.2f} s",
+        )
+    )
+    checks.append(
+        (
+            cold.further_requests <= 10,
+            f"<= 10 further requests after the first 503 before ready: {cold.further_requests}",
+        )
+    )
+
+    print()
+    for ok, text in checks:
+        print(f"{'PASS' if ok else 'FAIL'}  {text}")
+    return 0 if all(ok for ok, _ in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
