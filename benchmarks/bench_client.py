@@ -2,9 +2,11 @@
 
 All three call one local server of the protocol (`python -m sdclient.testing`, in a subprocess so
 it does not share this process's GIL) that answers every request at once with a ~50 KB 512x512
-JPEG. Throughput is measured at concurrency 1, 16 and 64; clients take turns, every level is run
-several rounds and the best round of each client counts (the machine is shared: the best round is
-the one least disturbed by others). Then a cold start of T seconds with 50 concurrent calls.
+JPEG. Throughput is measured at concurrency 1, 16 and 64 in many short rounds; within a round the
+three clients run back to back (taking turns going first), and a ratio is the median over the
+rounds of the per-round ratios, so background load on a shared machine affects both sides of each
+comparison alike. The client's CPU time per request is printed too. Then a cold start of T seconds
+with 50 concurrent calls.
 
 Targets (PASS/FAIL printed for each; exit status 1 if any fails):
   - SDClient >= 0.9x raw httpx and >= 1.0x AsyncInferenceClient at every level;
@@ -21,10 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from huggingface_hub import AsyncInferenceClient
@@ -49,23 +52,35 @@ class Plan:
     cold_start_calls: int = 50
 
 
-FULL = Plan(requests={1: 150, 16: 400, 64: 600}, rounds=8, cold_start_s=10.0)
-QUICK = Plan(requests={1: 80, 16: 200, 64: 300}, rounds=4, cold_start_s=3.0)
+FULL = Plan(requests={1: 100, 16: 250, 64: 400}, rounds=16, cold_start_s=10.0)
+QUICK = Plan(requests={1: 60, 16: 150, 64: 200}, rounds=6, cold_start_s=3.0)
 
 
 @dataclass
-class Rate:
-    """Best figures over the rounds of one client at one level."""
+class Rounds:
+    """Figures of one client at one level, one entry per round."""
 
-    req_per_s: float = 0.0
+    req_per_s: list[float] = field(default_factory=list)
     """Requests per second of wall-clock time."""
-    cpu_us: float = float("inf")
-    """Microseconds of this process's CPU time per request (the client's own cost; the server
-    runs in another process). Less disturbed than wall-clock time on a busy machine."""
+    cpu_us: list[float] = field(default_factory=list)
+    """Microseconds of this process's CPU time per request: the client's own cost (the server
+    runs in another process), much less disturbed than wall-clock time on a busy machine."""
 
-    def add(self, req_per_s: float, cpu_us: float) -> None:
-        self.req_per_s = max(self.req_per_s, req_per_s)
-        self.cpu_us = min(self.cpu_us, cpu_us)
+    @property
+    def best(self) -> float:
+        return max(self.req_per_s)
+
+    @property
+    def cpu(self) -> float:
+        return statistics.median(self.cpu_us)
+
+    def ratio(self, other: Rounds) -> float:
+        """Median over the rounds of this client's req/s over the other's in the same round.
+
+        The clients run back to back within a round, so a ratio compares them under the same
+        background load; the median discards the rounds another job disturbed.
+        """
+        return statistics.median(a / b for a, b in zip(self.req_per_s, other.req_per_s, strict=True))
 
 
 async def measure(call: Call, concurrency: int, total: int) -> tuple[float, float]:
@@ -86,9 +101,9 @@ def seed() -> int:
     return random.randrange(2**32)
 
 
-async def throughput(url: str, plan: Plan) -> dict[int, dict[str, Rate]]:
-    """Best-of-rounds figures per level and client."""
-    results: dict[int, dict[str, Rate]] = {}
+async def throughput(url: str, plan: Plan) -> dict[int, dict[str, Rounds]]:
+    """Figures per level and client, round by round."""
+    results: dict[int, dict[str, Rounds]] = {}
     model_url = f"{url}/models/{MODEL_ID}"
     body_headers = {"Accept": "image/png"}
     for level in LEVELS:
@@ -112,18 +127,20 @@ async def throughput(url: str, plan: Plan) -> dict[int, dict[str, Rate]]:
                 return await hf.text_to_image(PROMPT, seed=seed())
 
             calls: dict[str, Call] = {"sdclient": sdclient_call, "httpx": httpx_call, "hf_async": hf_call}
-            best = {name: Rate() for name in calls}
+            rounds = {name: Rounds() for name in calls}
             for call in calls.values():  # warm up: connections, caches, imports
                 await measure(call, level, max(2 * level, 20))
             for round_ in range(plan.rounds):
                 names = list(calls)
                 names = names[round_ % len(names) :] + names[: round_ % len(names)]  # take turns going first
                 for name in names:
-                    best[name].add(*await measure(calls[name], level, plan.requests[level]))
-            results[level] = best
+                    rate, cpu = await measure(calls[name], level, plan.requests[level])
+                    rounds[name].req_per_s.append(rate)
+                    rounds[name].cpu_us.append(cpu)
+            results[level] = rounds
             print(
                 f"  concurrency {level:>2}: "
-                + "   ".join(f"{n} {r.req_per_s:5.0f} req/s {r.cpu_us:5.0f} us CPU" for n, r in best.items()),
+                + "   ".join(f"{n} {r.best:5.0f} req/s {r.cpu:5.0f} us CPU" for n, r in rounds.items()),
                 flush=True,
             )
     return results
@@ -184,22 +201,21 @@ def main(argv: list[str] | None = None) -> int:
         size = len(httpx.post(f"{url}/models/{MODEL_ID}", json={"inputs": PROMPT}).content)
         print(f"server: python -m sdclient.testing (subprocess) at {url}")
         print(f"answer: {IMAGE_SIDE}x{IMAGE_SIDE} JPEG, {size} bytes, at once")
-        print(f"throughput, best of {plan.rounds} rounds ({plan.requests} requests per round and level):")
+        print(f"throughput, {plan.rounds} rounds ({plan.requests} requests per round and level):")
         results = asyncio.run(throughput(url, plan))
 
     print()
-    print("req/s (best round)                                  | client CPU us per request (best round)")
+    print("req/s: best round; ratios: median of the per-round ratios; CPU: median us per request")
     print(
         f"{'concurrency':>11} {'sdclient':>9} {'httpx':>9} {'hf_async':>9} {'sd/httpx':>9} {'sd/hf':>7} |"
-        f" {'sdclient':>9} {'httpx':>9} {'hf_async':>9}"
+        f" {'CPU sd':>7} {'httpx':>7} {'hf':>7}"
     )
     for level, rates in results.items():
         sd, raw, hf = rates["sdclient"], rates["httpx"], rates["hf_async"]
-        vs_httpx = sd.req_per_s / raw.req_per_s
-        vs_hf = sd.req_per_s / hf.req_per_s
+        vs_httpx, vs_hf = sd.ratio(raw), sd.ratio(hf)
         print(
-            f"{level:>11} {sd.req_per_s:>9.0f} {raw.req_per_s:>9.0f} {hf.req_per_s:>9.0f}"
-            f" {vs_httpx:>8.2f}x {vs_hf:>6.2f}x | {sd.cpu_us:>9.0f} {raw.cpu_us:>9.0f} {hf.cpu_us:>9.0f}"
+            f"{level:>11} {sd.best:>9.0f} {raw.best:>9.0f} {hf.best:>9.0f}"
+            f" {vs_httpx:>8.2f}x {vs_hf:>6.2f}x | {sd.cpu:>7.0f} {raw.cpu:>7.0f} {hf.cpu:>7.0f}"
         )
         checks.append(
             (vs_httpx >= 0.9, f"SDClient >= 0.9x raw httpx at concurrency {level}: {vs_httpx:.2f}x")

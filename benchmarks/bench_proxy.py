@@ -194,7 +194,7 @@ def overhead(requests: int, concurrency: int) -> bool:
             "queue_size": 1000,
             "cache_max_bytes": 0,
         }
-        with sdproxy(upstream, **settings) as (proxy, _):
+        with sdproxy(upstream, **settings) as (proxy, process):
             # The proxy's client sends a fresh random seed with every request; the direct calls do
             # too, so that the upstream does the same work either way.
             rng = random.Random(0)
@@ -223,12 +223,17 @@ def overhead(requests: int, concurrency: int) -> bool:
             }
             # Alternate halves so that a change in the machine's load hits both sides alike.
             direct, proxied = Load(), Load()
+            proxy_cpu_s = 0.0
             for _ in range(2):
                 for target, url, path, body in (
                     (direct, upstream, f"/models/{MODEL_ID}", direct_body),
                     (proxied, proxy, "/generate", proxy_body),
                 ):
+                    before = process.cpu_times()
                     part = run(url, path, body, requests // 2)
+                    if target is proxied:
+                        after = process.cpu_times()
+                        proxy_cpu_s += after.user + after.system - before.user - before.system
                     target.latencies_ms += part.latencies_ms
                     target.elapsed_s += part.elapsed_s
                     target.bytes += part.bytes
@@ -244,6 +249,9 @@ def overhead(requests: int, concurrency: int) -> bool:
         f"one client at a time: p50 direct {alone['direct']:.2f} ms, proxy {alone['proxy']:.2f} ms, "
         f"added {alone['proxy'] - alone['direct']:.2f} ms"
     )
+    cpu_ms = proxy_cpu_s / len(proxied.latencies_ms) * 1000
+    ceiling = 1000 / cpu_ms
+    print(f"proxy process CPU: {cpu_ms:.2f} ms per request (one worker, one core: at most {ceiling:.0f}/s)")
     added = proxied.pct(50) - direct.pct(50)
     ratio = proxied.throughput / direct.throughput
     ok_latency, ok_throughput = added <= 3.0, ratio >= 0.5

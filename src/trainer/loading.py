@@ -69,6 +69,7 @@ def load_pipeline(
     import torch
     from diffusers import StableDiffusionPipeline
 
+    pipeline_cls: Any = StableDiffusionPipeline  # untyped loaders
     dev = torch.device(device) if device is not None else default_device()
     torch_dtype = dtype if dtype is not None else default_dtype(dev)
     path = Path(model)
@@ -84,14 +85,14 @@ def load_pipeline(
             if config is not None:
                 kwargs["config"] = str(config)
                 kwargs["local_files_only"] = local_files_only or Path(config).is_dir()
-            pipe = StableDiffusionPipeline.from_single_file(str(path), **kwargs)
+            pipe = pipeline_cls.from_single_file(str(path), **kwargs)
         elif path.is_dir():
             if not (path / "model_index.json").is_file():
                 raise ModelLoadError(
                     f"{path} has no model_index.json: point at a diffusers pipeline folder "
                     "(the 'model/' folder of a training run) or a single checkpoint file."
                 )
-            pipe = StableDiffusionPipeline.from_pretrained(
+            pipe = pipeline_cls.from_pretrained(
                 str(path), safety_checker=None, requires_safety_checker=False, **common
             )
         elif path.is_absolute() or str(model).startswith((".", "~")) or str(model).count("/") != 1:
@@ -100,7 +101,7 @@ def load_pipeline(
                 "or a Hub id (owner/name)."
             )
         else:
-            pipe = StableDiffusionPipeline.from_pretrained(
+            pipe = pipeline_cls.from_pretrained(
                 str(model),
                 safety_checker=None,
                 requires_safety_checker=False,
@@ -115,4 +116,5 @@ def load_pipeline(
             "`hf auth login` and accepted terms on its Hub page."
         ) from exc
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(dev)
+    loaded: StableDiffusionPipeline = pipe.to(dev)
+    return loaded

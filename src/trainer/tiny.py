@@ -95,6 +95,9 @@ def write_byte_level_tokenizer(folder: Path, *, pad_token: str = "<|endoftext|>"
 
 def _configs(variant: Variant, size: Size, vocab_size: int) -> tuple[dict[str, Any], ...]:
     sd2 = variant == "sd2"
+    text: dict[str, Any]
+    unet: dict[str, Any]
+    vae: dict[str, Any]
     if size == "tiny":
         text = {
             "hidden_size": 32,
@@ -184,14 +187,11 @@ def build_random_pipeline(
     Returns:
         The folder, loadable with ``StableDiffusionPipeline.from_pretrained(folder)``.
     """
+    import diffusers
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+
+    # diffusers' constructors and loaders are untyped.
+    lib: Any = diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out = Path(out_dir)
@@ -202,14 +202,14 @@ def build_random_pipeline(
     text_cfg, unet_cfg, vae_cfg, sched_cfg = _configs(variant, size, vocab_size)
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**unet_cfg)
-    vae = AutoencoderKL(**vae_cfg)
+    unet = lib.UNet2DConditionModel(**unet_cfg)
+    vae = lib.AutoencoderKL(**vae_cfg)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    scheduler_cls = DDIMScheduler if sched_cfg["_class_name"] == "DDIMScheduler" else PNDMScheduler
+    scheduler_cls = getattr(lib, sched_cfg["_class_name"])
     scheduler = scheduler_cls.from_config(sched_cfg)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
 
-    pipe = StableDiffusionPipeline(
+    pipe = lib.StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

@@ -3,7 +3,8 @@
 
 Playwright (pinned in pyproject.toml) drives `/usr/bin/chromium`; its own browser downloads
 (`playwright install`) are never used. The tests are skipped, with the reason, when Chromium or
-the built page (`examples/react-app/dist`) is missing; `scripts/test` provides both.
+the built page (`examples/react-app/dist`) is missing; `scripts/test` provides both. With
+`SDCLIENT_REQUIRE_BROWSER=1` (as `.ci/run` sets) a missing prerequisite fails the run instead.
 """
 
 from __future__ import annotations
@@ -14,7 +15,17 @@ from contextlib import ExitStack
 from typing import Any
 
 import pytest
-from browser_harness import CHROMIUM, CHROMIUM_ARGS, DIST, MODEL_ID, SENTINEL, RecordingApp, Stack, serve
+from browser_harness import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    DIST,
+    MODEL_ID,
+    SENTINEL,
+    RecordingApp,
+    Stack,
+    missing_prerequisite,
+    serve,
+)
 
 from sdclient.testing import InferenceTestServer, Reply
 
@@ -28,6 +39,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     fail with "cannot be called from a running event loop".
     """
     browser = [item for item in items if item.get_closest_marker("browser") is not None]
+    missing = missing_prerequisite()
+    if browser and missing is not None and os.environ.get("SDCLIENT_REQUIRE_BROWSER") == "1":
+        raise pytest.UsageError(f"SDCLIENT_REQUIRE_BROWSER=1 but the browser tests cannot run: {missing}")
     if browser:
         others = [item for item in items if item.get_closest_marker("browser") is None]
         items[:] = others + browser

@@ -47,7 +47,9 @@ def _flags(tmp_path: Path, **extra: object) -> dict[str, object]:
     }
 
 
-@pytest.mark.parametrize(("photos", "steps"), [(1, 200), (4, 500), (9, 1000), (10, 1000), (15, 1500), (25, 2500)])
+@pytest.mark.parametrize(
+    ("photos", "steps"), [(1, 200), (4, 500), (9, 1000), (10, 1000), (15, 1500), (25, 2500)]
+)
 def test_default_steps_rule(photos: int, steps: int) -> None:
     assert default_max_train_steps(photos) == steps
 
@@ -135,7 +137,9 @@ def test_concept_flags_refused_with_several_concepts(tmp_path: Path) -> None:
         '[[concepts]]\ninstance_prompt = "y"\ninstance_dir = "q"\nclass_prompt = "d"\n',
         encoding="utf-8",
     )
-    with pytest.raises(ConfigError, match="defines 2 concepts; --instance-prompt can only change a run with one"):
+    with pytest.raises(
+        ConfigError, match="defines 2 concepts; --instance-prompt can only change a run with one"
+    ):
         build_config(file, instance_prompt="z")
 
 
@@ -165,7 +169,9 @@ def test_invalid_values_name_the_field(tmp_path: Path, extra: dict[str, object],
 
 def test_unknown_and_missing_keys_in_a_file(tmp_path: Path) -> None:
     file = tmp_path / "run.toml"
-    file.write_text('base_model = "a/b"\nlearning_rat = 1e-6\n[[concepts]]\ninstance_dir = "p"\n', encoding="utf-8")
+    file.write_text(
+        'base_model = "a/b"\nlearning_rat = 1e-6\n[[concepts]]\ninstance_dir = "p"\n', encoding="utf-8"
+    )
     with pytest.raises(ConfigError) as info:
         build_config(file)
     message = str(info.value)

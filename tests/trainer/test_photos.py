@@ -99,7 +99,9 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
         ("P", 0, (0, 0, 0)),
     ],
 )
-def test_colour_modes_become_rgb(tmp_path: Path, mode: str, color: object, expected: tuple[int, int, int]) -> None:
+def test_colour_modes_become_rgb(
+    tmp_path: Path, mode: str, color: object, expected: tuple[int, int, int]
+) -> None:
     image = Image.new(mode, (70, 70), color)  # type: ignore[arg-type]
     suffix = ".jpg" if mode == "CMYK" else ".png"
     path = _save(image, tmp_path / f"photo{suffix}")
