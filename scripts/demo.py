@@ -151,15 +151,25 @@ def check_in_browser(page_url: str, screenshot: Path) -> None:
         page.get_by_test_id("prompt").fill(SAMPLE_PROMPT)
         page.get_by_test_id("generate").click()
         image = page.get_by_test_id("gallery-image").first
-        image.wait_for(state="visible", timeout=120_000)
-        page.wait_for_function(
-            "() => { const i = document.querySelector('[data-testid=gallery-image]');"
-            " return i && i.complete && i.naturalWidth > 0; }",
-            timeout=60_000,
-        )
-        width = image.evaluate("img => img.naturalWidth")
+        error = page.get_by_test_id("error-message")
         screenshot.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(screenshot), full_page=True)
+        try:
+            # Whichever comes first: the image, decoded, or an error message on the page.
+            page.wait_for_function(
+                "() => { const i = document.querySelector('[data-testid=gallery-image]');"
+                " return (i && i.complete && i.naturalWidth > 0)"
+                " || document.querySelector('[data-testid=error-message]'); }",
+                timeout=180_000,
+            )
+        finally:
+            page.screenshot(path=str(screenshot), full_page=True)
+        if error.count():
+            message = error.inner_text()
+            browser.close()
+            sys.exit(
+                f"the page showed an error: {message} (screenshot: {screenshot}; logs in {screenshot.parent})"
+            )
+        width = image.evaluate("img => img.naturalWidth")
         browser.close()
     log(f"the page showed a {width} px image from the fine-tuned model; screenshot: {screenshot}")
 

@@ -1,7 +1,7 @@
 """``sdtrain serve``: a local server that answers the text-to-image protocol for one pipeline.
 
 It speaks what ``SDClient``, ``huggingface_hub.InferenceClient`` and the proxy expect
-(``shared/spec/protocol.md``): ``POST /models/{model_id}`` (or ``POST /``) with
+(the Hugging Face Inference API's text-to-image task): ``POST /models/{model_id}`` (or ``POST /``) with
 ``{"inputs": prompt, "parameters": {...}}`` answers the image bytes. While the pipeline loads (in a
 background thread, so the server answers at once) requests get
 ``503 {"error": "Model <id> is currently loading", "estimated_time": <s>}``.
@@ -135,16 +135,33 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def folder_sha(folder: Path) -> str:
+    """SHA-256 over a diffusers folder's model_index.json and each weight file's name, size, first and
+    last MiB: two trainings of one base differ in their weights, which a hash of the index would miss,
+    and hashing gigabytes of weights would delay start-up."""
+    digest = hashlib.sha256((folder / "model_index.json").read_bytes())
+    suffixes = (".safetensors", ".bin")
+    weight_files = sorted(f for f in folder.rglob("*") if f.suffix in suffixes and f.is_file())
+    for weights in weight_files:
+        size = weights.stat().st_size
+        digest.update(f"{weights.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with weights.open("rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(size - (1 << 20), 0))
+            digest.update(f.read(1 << 20))
+    return digest.hexdigest()
+
+
 def _model_sha(model: Path | str, pipe: Any) -> str:
-    """``x-sha``: a Hub snapshot's commit, else the SHA-256 of the single file or of model_index.json."""
+    """``x-sha``: a Hub snapshot's commit, else the SHA-256 of the single file, else a digest of the
+    folder's index and weights (``folder_sha``)."""
     path = Path(model)
     if path.is_file():
         return _sha256_file(path)
     source = path if path.is_dir() else Path(str(getattr(pipe.config, "_name_or_path", "") or "."))
     if source.parent.name == "snapshots":
         return source.name
-    index = source / "model_index.json"
-    return _sha256_file(index) if index.is_file() else "unknown"
+    return folder_sha(source) if (source / "model_index.json").is_file() else "unknown"
 
 
 def _compute_type(device: torch.device) -> str:

@@ -149,6 +149,22 @@ def test_prompt_to_image_with_seed_timings_and_download(
     page.screenshot(path=str(tmp_path / "gallery.png"), full_page=True)
 
 
+def test_by_default_the_model_draws_at_its_own_size(stack: Stack, open_page: Callable[[Stack], Page]) -> None:
+    """The size menus start at "Model default": no width or height is sent, the card shows the
+    size of the image that came back (a tiny model's 64 px, SD 2.1's 768 px)."""
+    stack.upstream.default = Reply.image(format="png", width=96, height=64)
+    page = open_page(stack)
+    expect(page.get_by_label("Width")).to_have_value("")
+    page.get_by_test_id("prompt").fill("a cat")
+    page.get_by_test_id("generate").click()
+    wait_for_image(page)
+
+    (sent,) = [r for r in stack.upstream.requests if r.reply == "image"]
+    assert "width" not in sent.parameters and "height" not in sent.parameters
+    assert natural_width(page) == 96
+    expect(page.get_by_test_id("gallery-item")).to_contain_text("96×64, 30 steps")
+
+
 def test_cold_start_shows_warming_up_with_eta_then_the_image(
     stack: Stack, open_page: Callable[[Stack], Page], traffic: Traffic
 ) -> None:

@@ -1,4 +1,4 @@
-"""Every failure of the protocol (shared/spec/protocol.md) as a web page sees it through the proxy.
+"""Every failure of the text-to-image protocol as a web page sees it through the proxy.
 
 The proxy runs under uvicorn on a real socket in front of `sdclient.testing`'s server; the
 `start_proxy` fixture fails any test whose answers or log lines contain the token.

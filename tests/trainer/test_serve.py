@@ -24,7 +24,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from PIL import Image  # noqa: E402
 
 from trainer.loading import load_pipeline  # noqa: E402
-from trainer.serve import DEFAULT_MAX_QUEUE, create_app, default_model_id  # noqa: E402
+from trainer.serve import DEFAULT_MAX_QUEUE, create_app, default_model_id, folder_sha  # noqa: E402
 
 MODEL_ID = "test/tiny-sd1"
 FAST = {"num_inference_steps": 2}
@@ -158,11 +158,24 @@ def test_png_by_default_with_the_protocol_headers(
     assert response.headers["x-compute-type"] == "cpu"
     assert response.headers["x-request-id"]
     assert response.headers["x-seed"] == "1"
-    expected_sha = hashlib.sha256((tiny_sd1 / "model_index.json").read_bytes()).hexdigest()
+    expected_sha = folder_sha(tiny_sd1)
     assert response.headers["x-sha"] == expected_sha
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert f"prompt of {len(prompt)} characters" in logged
     assert "secret-ish" not in logged, "prompts are never logged, only their length"
+
+
+def test_folder_sha_changes_with_the_weights_not_only_the_index(tiny_sd1: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "retrained"
+    shutil.copytree(tiny_sd1, copy)
+    assert folder_sha(copy) == folder_sha(tiny_sd1)
+    weights = next((copy / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # the last byte of the last tensor: same index, same sizes, other weights
+    weights.write_bytes(bytes(data))
+    assert folder_sha(copy) != folder_sha(tiny_sd1)
 
 
 @pytest.mark.slow
@@ -290,7 +303,7 @@ async def test_sdclient_gets_an_image(served: str, tiny_sd1: Path) -> None:
     assert image.format == "png" and (image.width, image.height) == (32, 64)
     assert image.request.seed == 9
     assert image.compute_type == "cpu"
-    assert image.model_sha == hashlib.sha256((tiny_sd1 / "model_index.json").read_bytes()).hexdigest()
+    assert image.model_sha == folder_sha(tiny_sd1)
     assert image.request_id and image.timings.compute_s is not None and image.timings.compute_s > 0
     again = post(
         served, {"inputs": "a photo of sks toy", "parameters": {"width": 32, "height": 64, "seed": 9, **FAST}}

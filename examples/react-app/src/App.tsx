@@ -17,16 +17,29 @@ import { ErrorArea, ModelBadge, StatusArea, type Phase, type ShownError } from "
 function toParams(values: FormValues): GenerateParams {
   const params: GenerateParams = {
     prompt: values.prompt.trim(),
-    width: values.width,
-    height: values.height,
     num_inference_steps: values.steps,
     guidance_scale: values.guidance,
   };
+  // Without a size the model draws at its own resolution.
+  if (values.width !== null) params.width = values.width;
+  if (values.height !== null) params.height = values.height;
   const negative = values.negativePrompt.trim();
   if (negative) params.negative_prompt = negative;
   // With no seed the proxy draws one and returns it, so every image still records its seed.
   if (!values.randomSeed) params.seed = Number(values.seed);
   return params;
+}
+
+/** The pixel size of an image, or null when the browser cannot decode it. */
+async function imageSize(blob: Blob): Promise<{ width: number; height: number } | null> {
+  try {
+    const bitmap = await createImageBitmap(blob);
+    const size = { width: bitmap.width, height: bitmap.height };
+    bitmap.close();
+    return size;
+  } catch {
+    return null;
+  }
 }
 
 function nextPhase(previous: Phase, progress: Progress): Phase {
@@ -85,6 +98,7 @@ export function App() {
         onProgress: (progress) => setPhase((previous) => nextPhase(previous, progress)),
       });
       const blob = base64ToBlob(result.image, result.content_type);
+      const size = await imageSize(blob);
       const item: GalleryItem = {
         id: `${Date.now()}-${nextId.current++}`,
         url: URL.createObjectURL(blob),
@@ -92,8 +106,10 @@ export function App() {
         prompt: params.prompt,
         negativePrompt: params.negative_prompt ?? "",
         seed: result.seed,
-        width: params.width ?? values.width,
-        height: params.height ?? values.height,
+        width: size?.width ?? params.width ?? null,
+        height: size?.height ?? params.height ?? null,
+        requestedWidth: values.width,
+        requestedHeight: values.height,
         steps: values.steps,
         guidance: values.guidance,
         timings: result.timings,
@@ -126,8 +142,8 @@ export function App() {
       negativePrompt: item.negativePrompt,
       steps: item.steps,
       guidance: item.guidance,
-      width: item.width,
-      height: item.height,
+      width: item.requestedWidth,
+      height: item.requestedHeight,
       seed: String(item.seed),
       randomSeed: false,
     });

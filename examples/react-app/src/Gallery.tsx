@@ -8,8 +8,12 @@ export interface GalleryItem {
   prompt: string;
   negativePrompt: string;
   seed: number;
-  width: number;
-  height: number;
+  /** The image's own size (null if it could not be decoded). */
+  width: number | null;
+  height: number | null;
+  /** What the form asked for (null: the model's default), for "use again". */
+  requestedWidth: number | null;
+  requestedHeight: number | null;
   steps: number;
   guidance: number;
   timings: Timings;
@@ -49,8 +53,8 @@ export function Gallery({ items, onReuse, onRemove }: Props) {
           <img
             src={item.url}
             alt={item.prompt}
-            width={item.width}
-            height={item.height}
+            width={item.width ?? undefined}
+            height={item.height ?? undefined}
             data-testid="gallery-image"
           />
           <div className="card-body">
@@ -62,7 +66,8 @@ export function Gallery({ items, onReuse, onRemove }: Props) {
               <dd data-testid="gallery-seed">{item.seed}</dd>
               <dt>Size</dt>
               <dd>
-                {item.width}×{item.height}, {item.steps} steps, guidance {item.guidance}
+                {item.width !== null ? `${item.width}×${item.height}, ` : ""}
+                {item.steps} steps, guidance {item.guidance}
               </dd>
               <dt>Time</dt>
               <dd data-testid="gallery-timings">{describeTimings(item.timings)}</dd>

@@ -3,13 +3,18 @@ import { LIMITS } from "./api";
 
 export const SIZES = [256, 384, 512, 640, 768] as const;
 
+/** "Model default" in the size menus: no width or height is sent and the model uses its own
+ * resolution (512 px for SD 1.x, 768 px for SD 2.x, 64 px for the demo's tiny model). */
+const MODEL_DEFAULT = "";
+
 export interface FormValues {
   prompt: string;
   negativePrompt: string;
   steps: number;
   guidance: number;
-  width: number;
-  height: number;
+  /** Null: the model's own resolution. */
+  width: number | null;
+  height: number | null;
   /** The seed typed by the user, as text so that an empty box stays empty. */
   seed: string;
   randomSeed: boolean;
@@ -20,8 +25,8 @@ export const DEFAULT_VALUES: FormValues = {
   negativePrompt: "",
   steps: 30,
   guidance: 7.5,
-  width: 512,
-  height: 512,
+  width: null,
+  height: null,
   seed: "",
   randomSeed: true,
 };
@@ -135,9 +140,10 @@ export function GenerateForm({ values, onChange, onSubmit, onCancel, running, pr
           <select
             id="width"
             data-testid="width"
-            value={values.width}
-            onChange={(e) => set("width", Number(e.target.value))}
+            value={values.width ?? MODEL_DEFAULT}
+            onChange={(e) => set("width", e.target.value === MODEL_DEFAULT ? null : Number(e.target.value))}
           >
+            <option value={MODEL_DEFAULT}>Model default</option>
             {SIZES.map((size) => (
               <option key={size} value={size}>
                 {size} px
@@ -150,9 +156,10 @@ export function GenerateForm({ values, onChange, onSubmit, onCancel, running, pr
           <select
             id="height"
             data-testid="height"
-            value={values.height}
-            onChange={(e) => set("height", Number(e.target.value))}
+            value={values.height ?? MODEL_DEFAULT}
+            onChange={(e) => set("height", e.target.value === MODEL_DEFAULT ? null : Number(e.target.value))}
           >
+            <option value={MODEL_DEFAULT}>Model default</option>
             {SIZES.map((size) => (
               <option key={size} value={size}>
                 {size} px
