@@ -20,6 +20,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 from rich.text import Text
 
 __all__ = ["StepProgress", "console", "progress_bar"]
@@ -30,6 +31,9 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 class _RateColumn(ProgressColumn):
     """Iterations per second (or seconds per iteration when slower than 1 it/s)."""
+
+    def __init__(self) -> None:
+        super().__init__(table_column=Column(no_wrap=True))
 
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
@@ -44,8 +48,12 @@ def progress_bar(*extra: ProgressColumn, transient: bool = False) -> Progress:
     """A rich progress bar with count, rate, elapsed time and ETA (plus ``extra`` columns)."""
     return Progress(
         SpinnerColumn(),
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
+        # Long descriptions (a prompt) are cut, so the figures never wrap on a narrow console.
+        TextColumn(
+            "[progress.description]{task.description}",
+            table_column=Column(no_wrap=True, overflow="ellipsis", max_width=28),
+        ),
+        BarColumn(bar_width=30),
         MofNCompleteColumn(),
         *extra,
         _RateColumn(),
