@@ -3,6 +3,8 @@
 1. Overhead: an instant upstream (`python -m sdclient.testing`, a ~50 KB JPEG per request) called
    directly and through `sdproxy serve` (one uvicorn worker, its own process), 32 concurrent
    clients, in the same run. Targets: added p50 latency <= 3 ms, throughput >= 0.5x direct.
+   Beside them, the floor: `_floor_proxy.py`, a bare ASGI forwarder on the same stack (uvicorn +
+   one httpx client, nothing else), so that what sdproxy costs beyond any Python proxy shows.
 2. Overload: an upstream that takes 5 s per image and 1,000 concurrent clients. Targets: the
    proxy's memory (RSS, psutil) stays under 300 MB, and requests beyond its queue are refused
    (503 `busy`) in under 50 ms.
@@ -180,6 +182,32 @@ def sdproxy(upstream: str, **settings: object) -> Iterator[tuple[str, psutil.Pro
                 process.kill()
 
 
+@contextmanager
+def floor_proxy(upstream: str) -> Iterator[tuple[str, psutil.Process]]:
+    """`_floor_proxy.py` under uvicorn (one worker); yields its URL and its process."""
+    port = _free_port()
+    env = {**os.environ, "FLOOR_UPSTREAM": f"{upstream}/models/{MODEL_ID}"}
+    command = [sys.executable, "-m", "uvicorn", "_floor_proxy:app", "--app-dir", str(Path(__file__).parent)]
+    command += ["--port", str(port), "--no-access-log", "--log-level", "warning"]
+    process = subprocess.Popen(command, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the floor proxy did not start")
+            time.sleep(0.1)
+        yield url, psutil.Process(process.pid)
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 # -- the two scenarios --------------------------------------------------------------------------
 
 
@@ -194,7 +222,10 @@ def overhead(requests: int, concurrency: int) -> bool:
             "queue_size": 1000,
             "cache_max_bytes": 0,
         }
-        with sdproxy(upstream, **settings) as (proxy, process):
+        with (
+            sdproxy(upstream, **settings) as (proxy, process),
+            floor_proxy(upstream) as (floor, floor_process),
+        ):
             # The proxy's client sends a fresh random seed with every request; the direct calls do
             # too, so that the upstream does the same work either way.
             rng = random.Random(0)
@@ -212,6 +243,7 @@ def overhead(requests: int, concurrency: int) -> bool:
 
             run(upstream, f"/models/{MODEL_ID}", direct_body, concurrency * 2)  # warm up both
             run(proxy, "/generate", proxy_body, concurrency * 2)
+            run(floor, "/generate", proxy_body, concurrency * 2)
             # One client at a time: the latency the proxy adds when it is not saturated.
             one = min(200, requests // 4)
             alone = {
@@ -219,21 +251,25 @@ def overhead(requests: int, concurrency: int) -> bool:
                 for name, url, path, body in (
                     ("direct", upstream, f"/models/{MODEL_ID}", direct_body),
                     ("proxy", proxy, "/generate", proxy_body),
+                    ("floor", floor, "/generate", proxy_body),
                 )
             }
             # Alternate halves so that a change in the machine's load hits both sides alike.
-            direct, proxied = Load(), Load()
-            proxy_cpu_s = 0.0
+            direct, proxied, floored = Load(), Load(), Load()
+            cpu_s = {id(proxied): 0.0, id(floored): 0.0}
+            watched = {id(proxied): process, id(floored): floor_process}
             for _ in range(2):
                 for target, url, path, body in (
                     (direct, upstream, f"/models/{MODEL_ID}", direct_body),
                     (proxied, proxy, "/generate", proxy_body),
+                    (floored, floor, "/generate", proxy_body),
                 ):
-                    before = process.cpu_times()
+                    server = watched.get(id(target))
+                    before = server.cpu_times() if server else None
                     part = run(url, path, body, requests // 2)
-                    if target is proxied:
-                        after = process.cpu_times()
-                        proxy_cpu_s += after.user + after.system - before.user - before.system
+                    if server and before:
+                        after = server.cpu_times()
+                        cpu_s[id(target)] += after.user + after.system - before.user - before.system
                     target.latencies_ms += part.latencies_ms
                     target.elapsed_s += part.elapsed_s
                     target.bytes += part.bytes
@@ -241,21 +277,30 @@ def overhead(requests: int, concurrency: int) -> bool:
                         target.statuses[status] = target.statuses.get(status, 0) + count
 
     print(f"{'':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'KB/answer':>10}  statuses")
-    for name, load in (("direct", direct), ("proxy", proxied)):
+    for name, load in (("direct", direct), ("proxy", proxied), ("floor", floored)):
         kb = load.bytes / len(load.latencies_ms) / 1024
         row = f"{name:10} {load.throughput:9.0f} {load.pct(50):8.2f} {load.pct(99):8.2f} {kb:10.1f}"
         print(f"{row}  {load.statuses}")
     print(
         f"one client at a time: p50 direct {alone['direct']:.2f} ms, proxy {alone['proxy']:.2f} ms, "
-        f"added {alone['proxy'] - alone['direct']:.2f} ms"
+        f"added {alone['proxy'] - alone['direct']:.2f} ms; floor {alone['floor']:.2f} ms"
     )
-    cpu_ms = proxy_cpu_s / len(proxied.latencies_ms) * 1000
-    ceiling = 1000 / cpu_ms
-    print(f"proxy process CPU: {cpu_ms:.2f} ms per request (one worker, one core: at most {ceiling:.0f}/s)")
+    for name, load in (("proxy", proxied), ("floor", floored)):
+        cpu_ms = cpu_s[id(load)] / len(load.latencies_ms) * 1000
+        print(
+            f"{name} process CPU: {cpu_ms:.2f} ms per request "
+            f"(one worker, one core: at most {1000 / cpu_ms:.0f}/s)"
+        )
+    print(
+        "the floor (a bare forwarder on the same stack): "
+        f"{floored.throughput / direct.throughput:.2f}x direct, "
+        f"added p50 {floored.pct(50) - direct.pct(50):.2f} ms; sdproxy = "
+        f"{proxied.throughput / floored.throughput:.2f}x the floor's throughput"
+    )
     added = proxied.pct(50) - direct.pct(50)
     ratio = proxied.throughput / direct.throughput
     ok_latency, ok_throughput = added <= 3.0, ratio >= 0.5
-    ok_statuses = set(direct.statuses) == set(proxied.statuses) == {200}
+    ok_statuses = set(direct.statuses) == set(proxied.statuses) == set(floored.statuses) == {200}
     verdict = "PASS" if ok_latency else "FAIL"
     print(f"added p50 at {concurrency} clients: {added:.2f} ms (target <= 3 ms)  {verdict}")
     print(f"throughput: {ratio:.2f}x direct (target >= 0.5x)  {'PASS' if ok_throughput else 'FAIL'}")
