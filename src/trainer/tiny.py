@@ -189,10 +189,9 @@ def build_random_pipeline(
     """
     import diffusers
     import torch
-
-    # diffusers' constructors and loaders are untyped.
-    lib: Any = diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    lib: Any = diffusers  # diffusers' constructors and loaders are untyped
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
