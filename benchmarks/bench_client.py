@@ -5,8 +5,9 @@ it does not share this process's GIL) that answers every request at once with a 
 JPEG. Throughput is measured at concurrency 1, 16 and 64 in many short rounds; within a round the
 three clients run back to back (taking turns going first), and a ratio is the median over the
 rounds of the per-round ratios, so background load on a shared machine affects both sides of each
-comparison alike. The client's CPU time per request is printed too. Then a cold start of T seconds
-with 50 concurrent calls.
+comparison alike. The client's CPU time per request is printed too. Beside them, SDClient with
+`http_backend="aiohttp"` (informational: no target). Then a cold start of T seconds with 50
+concurrent calls.
 
 Targets (PASS/FAIL printed for each; exit status 1 if any fails):
   - SDClient >= 0.9x raw httpx and >= 1.0x AsyncInferenceClient at every level;
@@ -109,12 +110,16 @@ async def throughput(url: str, plan: Plan) -> dict[int, dict[str, Rounds]]:
     for level in LEVELS:
         async with (
             SDClient(model_url, max_retries=0) as sd,
+            SDClient(model_url, max_retries=0, http_backend="aiohttp") as sd_aiohttp,
             httpx.AsyncClient(limits=POOL, timeout=60.0) as raw,
             AsyncInferenceClient(model=model_url, timeout=60.0) as hf,
         ):
 
             async def sdclient_call() -> object:
                 return await sd.generate(PROMPT)
+
+            async def aiohttp_call() -> object:
+                return await sd_aiohttp.generate(PROMPT)
 
             async def httpx_call() -> object:
                 response = await raw.post(
@@ -126,7 +131,12 @@ async def throughput(url: str, plan: Plan) -> dict[int, dict[str, Rounds]]:
             async def hf_call() -> object:
                 return await hf.text_to_image(PROMPT, seed=seed())
 
-            calls: dict[str, Call] = {"sdclient": sdclient_call, "httpx": httpx_call, "hf_async": hf_call}
+            calls: dict[str, Call] = {
+                "sdclient": sdclient_call,
+                "httpx": httpx_call,
+                "hf_async": hf_call,
+                "sd_aiohttp": aiohttp_call,
+            }
             rounds = {name: Rounds() for name in calls}
             for call in calls.values():  # warm up: connections, caches, imports
                 await measure(call, level, max(2 * level, 20))
@@ -208,14 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     print("req/s: best round; ratios: median of the per-round ratios; CPU: median us per request")
     print(
         f"{'concurrency':>11} {'sdclient':>9} {'httpx':>9} {'hf_async':>9} {'sd/httpx':>9} {'sd/hf':>7} |"
-        f" {'CPU sd':>7} {'httpx':>7} {'hf':>7}"
+        f" {'CPU sd':>7} {'httpx':>7} {'hf':>7} | {'sd_aiohttp':>10} {'/httpx':>7} {'CPU':>5}"
     )
     for level, rates in results.items():
-        sd, raw, hf = rates["sdclient"], rates["httpx"], rates["hf_async"]
+        sd, raw, hf, aio = rates["sdclient"], rates["httpx"], rates["hf_async"], rates["sd_aiohttp"]
         vs_httpx, vs_hf = sd.ratio(raw), sd.ratio(hf)
         print(
             f"{level:>11} {sd.best:>9.0f} {raw.best:>9.0f} {hf.best:>9.0f}"
             f" {vs_httpx:>8.2f}x {vs_hf:>6.2f}x | {sd.cpu:>7.0f} {raw.cpu:>7.0f} {hf.cpu:>7.0f}"
+            f" | {aio.best:>10.0f} {aio.ratio(raw):>6.2f}x {aio.cpu:>5.0f}"
         )
         checks.append(
             (vs_httpx >= 0.9, f"SDClient >= 0.9x raw httpx at concurrency {level}: {vs_httpx:.2f}x")

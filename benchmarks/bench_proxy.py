@@ -3,8 +3,9 @@
 1. Overhead: an instant upstream (`python -m sdclient.testing`, a ~50 KB JPEG per request) called
    directly and through `sdproxy serve` (one uvicorn worker, its own process), 32 concurrent
    clients, in the same run. Targets: added p50 latency <= 3 ms, throughput >= 0.5x direct.
-   Beside them, the floor: `_floor_proxy.py`, a bare ASGI forwarder on the same stack (uvicorn +
-   one httpx client, nothing else), so that what sdproxy costs beyond any Python proxy shows.
+   Beside them: sdproxy with `SDPROXY_HTTP_BACKEND=httpx`, and the floor: `_floor_proxy.py`, a bare
+   ASGI forwarder on the same stack (uvicorn + one aiohttp or httpx client, nothing else), so that
+   what sdproxy costs beyond any Python proxy shows.
 2. Overload: an upstream that takes 5 s per image and 1,000 concurrent clients. Targets: the
    proxy's memory (RSS, psutil) stays under 300 MB, and requests beyond its queue are refused
    (503 `busy`) in under 50 ms.
@@ -183,10 +184,11 @@ def sdproxy(upstream: str, **settings: object) -> Iterator[tuple[str, psutil.Pro
 
 
 @contextmanager
-def floor_proxy(upstream: str) -> Iterator[tuple[str, psutil.Process]]:
-    """`_floor_proxy.py` under uvicorn (one worker); yields its URL and its process."""
+def floor_proxy(upstream: str, client: str) -> Iterator[tuple[str, psutil.Process]]:
+    """`_floor_proxy.py` under uvicorn (one worker) sending with `client` (`aiohttp` or `httpx`);
+    yields its URL and its process."""
     port = _free_port()
-    env = {**os.environ, "FLOOR_UPSTREAM": f"{upstream}/models/{MODEL_ID}"}
+    env = {**os.environ, "FLOOR_UPSTREAM": f"{upstream}/models/{MODEL_ID}", "FLOOR_CLIENT": client}
     command = [sys.executable, "-m", "uvicorn", "_floor_proxy:app", "--app-dir", str(Path(__file__).parent)]
     command += ["--port", str(port), "--no-access-log", "--log-level", "warning"]
     process = subprocess.Popen(command, env=env)
@@ -211,11 +213,25 @@ def floor_proxy(upstream: str) -> Iterator[tuple[str, psutil.Process]]:
 # -- the two scenarios --------------------------------------------------------------------------
 
 
+@dataclass
+class Target:
+    """One way of reaching the upstream, measured in turns with the others."""
+
+    name: str
+    url: str
+    path: str
+    bodies: list[dict[str, object]]
+    process: psutil.Process | None = None  # the proxy's, for its CPU time
+    load: Load = field(default_factory=Load)
+    cpu_s: float = 0.0
+    alone_p50: float = 0.0
+
+
 def overhead(requests: int, concurrency: int) -> bool:
     print(f"\n== Overhead: instant upstream, {SIZE}x{SIZE} JPEG, {concurrency} concurrent clients ==")
     with spawn_server(format="jpeg") as upstream:
         # Limits off, a queue that never refuses: only the proxy's own cost is measured.
-        settings = {
+        settings: dict[str, object] = {
             "rate_limit_per_minute": 0,
             "daily_quota": 0,
             "max_concurrency": concurrency,
@@ -224,7 +240,9 @@ def overhead(requests: int, concurrency: int) -> bool:
         }
         with (
             sdproxy(upstream, **settings) as (proxy, process),
-            floor_proxy(upstream) as (floor, floor_process),
+            sdproxy(upstream, **settings, http_backend="httpx") as (proxy_httpx, process_httpx),
+            floor_proxy(upstream, "aiohttp") as (floor, floor_process),
+            floor_proxy(upstream, "httpx") as (floor_httpx, floor_httpx_process),
         ):
             # The proxy's client sends a fresh random seed with every request; the direct calls do
             # too, so that the upstream does the same work either way.
@@ -237,70 +255,61 @@ def overhead(requests: int, concurrency: int) -> bool:
                 for _ in range(4096)  # distinct seeds, as the proxy's random ones
             ]
             proxy_body: list[dict[str, object]] = [{"prompt": PROMPT, "width": SIZE, "height": SIZE}]
+            targets = [
+                Target("direct", upstream, f"/models/{MODEL_ID}", direct_body),
+                Target("sdproxy", proxy, "/generate", proxy_body, process),
+                Target("sdproxy (httpx backend)", proxy_httpx, "/generate", proxy_body, process_httpx),
+                Target("floor (aiohttp)", floor, "/generate", proxy_body, floor_process),
+                Target("floor (httpx)", floor_httpx, "/generate", proxy_body, floor_httpx_process),
+            ]
 
-            def run(url: str, path: str, bodies: list[dict[str, object]], n: int) -> Load:
-                return asyncio.run(closed_loop(url, path, bodies, requests=n, concurrency=concurrency))
-
-            run(upstream, f"/models/{MODEL_ID}", direct_body, concurrency * 2)  # warm up both
-            run(proxy, "/generate", proxy_body, concurrency * 2)
-            run(floor, "/generate", proxy_body, concurrency * 2)
-            # One client at a time: the latency the proxy adds when it is not saturated.
-            one = min(200, requests // 4)
-            alone = {
-                name: asyncio.run(closed_loop(url, path, body, requests=one, concurrency=1)).pct(50)
-                for name, url, path, body in (
-                    ("direct", upstream, f"/models/{MODEL_ID}", direct_body),
-                    ("proxy", proxy, "/generate", proxy_body),
-                    ("floor", floor, "/generate", proxy_body),
+            def run(target: Target, n: int, clients: int = concurrency) -> Load:
+                return asyncio.run(
+                    closed_loop(target.url, target.path, target.bodies, requests=n, concurrency=clients)
                 )
-            }
-            # Alternate halves so that a change in the machine's load hits both sides alike.
-            direct, proxied, floored = Load(), Load(), Load()
-            cpu_s = {id(proxied): 0.0, id(floored): 0.0}
-            watched = {id(proxied): process, id(floored): floor_process}
-            for _ in range(2):
-                for target, url, path, body in (
-                    (direct, upstream, f"/models/{MODEL_ID}", direct_body),
-                    (proxied, proxy, "/generate", proxy_body),
-                    (floored, floor, "/generate", proxy_body),
-                ):
-                    server = watched.get(id(target))
-                    before = server.cpu_times() if server else None
-                    part = run(url, path, body, requests // 2)
-                    if server and before:
-                        after = server.cpu_times()
-                        cpu_s[id(target)] += after.user + after.system - before.user - before.system
-                    target.latencies_ms += part.latencies_ms
-                    target.elapsed_s += part.elapsed_s
-                    target.bytes += part.bytes
-                    for status, count in part.statuses.items():
-                        target.statuses[status] = target.statuses.get(status, 0) + count
 
-    print(f"{'':10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'KB/answer':>10}  statuses")
-    for name, load in (("direct", direct), ("proxy", proxied), ("floor", floored)):
-        kb = load.bytes / len(load.latencies_ms) / 1024
-        row = f"{name:10} {load.throughput:9.0f} {load.pct(50):8.2f} {load.pct(99):8.2f} {kb:10.1f}"
-        print(f"{row}  {load.statuses}")
+            for target in targets:  # warm up
+                run(target, concurrency * 2)
+            # One client at a time: the latency a proxy adds when it is not saturated.
+            for target in targets:
+                target.alone_p50 = run(target, min(200, requests // 4), clients=1).pct(50)
+            # Alternate halves so that a change in the machine's load hits every side alike.
+            for _ in range(2):
+                for target in targets:
+                    before = target.process.cpu_times() if target.process else None
+                    part = run(target, requests // 2)
+                    if target.process and before:
+                        after = target.process.cpu_times()
+                        target.cpu_s += after.user + after.system - before.user - before.system
+                    load = target.load
+                    load.latencies_ms += part.latencies_ms
+                    load.elapsed_s += part.elapsed_s
+                    load.bytes += part.bytes
+                    for status, count in part.statuses.items():
+                        load.statuses[status] = load.statuses.get(status, 0) + count
+
+    direct = targets[0]
     print(
-        f"one client at a time: p50 direct {alone['direct']:.2f} ms, proxy {alone['proxy']:.2f} ms, "
-        f"added {alone['proxy'] - alone['direct']:.2f} ms; floor {alone['floor']:.2f} ms"
+        f"{'':24} {'req/s':>7} {'x direct':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/req':>10}"
+        f" {'p50 alone':>9}  statuses"
     )
-    for name, load in (("proxy", proxied), ("floor", floored)):
-        cpu_ms = cpu_s[id(load)] / len(load.latencies_ms) * 1000
+    for target in targets:
+        load = target.load
+        cpu = f"{target.cpu_s / len(load.latencies_ms) * 1000:10.2f}" if target.process else f"{'':10}"
         print(
-            f"{name} process CPU: {cpu_ms:.2f} ms per request "
-            f"(one worker, one core: at most {1000 / cpu_ms:.0f}/s)"
+            f"{target.name:24} {load.throughput:7.0f} {load.throughput / direct.load.throughput:7.2f}x"
+            f" {load.pct(50):8.2f} {load.pct(99):8.2f} {cpu} {target.alone_p50:9.2f}  {load.statuses}"
         )
+    sd, sd_httpx, floor_aiohttp = targets[1], targets[2], targets[3]
+    print(f"one client at a time: sdproxy adds {sd.alone_p50 - direct.alone_p50:.2f} ms to the direct p50")
     print(
-        "the floor (a bare forwarder on the same stack): "
-        f"{floored.throughput / direct.throughput:.2f}x direct, "
-        f"added p50 {floored.pct(50) - direct.pct(50):.2f} ms; sdproxy = "
-        f"{proxied.throughput / floored.throughput:.2f}x the floor's throughput"
+        f"sdproxy: {sd.load.throughput / sd_httpx.load.throughput:.2f}x its throughput with the httpx "
+        f"backend; {sd.load.throughput / floor_aiohttp.load.throughput:.2f}x the aiohttp floor's"
     )
-    added = proxied.pct(50) - direct.pct(50)
-    ratio = proxied.throughput / direct.throughput
+    added = sd.load.pct(50) - direct.load.pct(50)
+    ratio = sd.load.throughput / direct.load.throughput
     ok_latency, ok_throughput = added <= 3.0, ratio >= 0.5
-    ok_statuses = set(direct.statuses) == set(proxied.statuses) == set(floored.statuses) == {200}
+    ok_statuses = all(set(target.load.statuses) == {200} for target in targets)
     verdict = "PASS" if ok_latency else "FAIL"
     print(f"added p50 at {concurrency} clients: {added:.2f} ms (target <= 3 ms)  {verdict}")
     print(f"throughput: {ratio:.2f}x direct (target >= 0.5x)  {'PASS' if ok_throughput else 'FAIL'}")

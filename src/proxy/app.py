@@ -91,6 +91,7 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
             timeout=httpx.Timeout(settings.upstream_timeout, connect=CONNECT_TIMEOUT_S),
             max_wait_for_model=settings.max_wait_for_model,
             max_retries=settings.max_retries,
+            http_backend=settings.http_backend,
             usage=sdclient.UsageTracker(settings.usage_db) if settings.usage_db else None,
         )
         cache: ImageCache[GenerationResult] = ImageCache(settings.cache_max_bytes)

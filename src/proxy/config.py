@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     max_retries: int = Field(
         default=2, ge=0, le=10, description="Upstream re-sends after transient failures."
     )
+    http_backend: Literal["aiohttp", "httpx"] = Field(
+        default="aiohttp",
+        description="What sends upstream: aiohttp's connection pool (faster) or httpx's own.",
+    )
     max_body_bytes: int = Field(default=16_384, ge=1024, description="Largest accepted request body.")
     cache_max_bytes: int = Field(
         default=64 * 1024 * 1024, ge=0, description="Bytes of images kept for seeded repeats (0: off)."

@@ -137,11 +137,16 @@ class SDClient:
         usage: Where to count usage (e.g. a shared, file-backed tracker); a fresh in-memory one
             by default.
         http_client: An ``httpx.AsyncClient`` to send with (not closed by :meth:`aclose`).
+        http_backend: What sends the requests when no ``http_client`` is given: ``"httpx"``
+            (httpx's own transport) or ``"aiohttp"`` (httpx on aiohttp's connection pool; about
+            twice the throughput with many requests in flight; ``pip install 'sdclient[aiohttp]'``).
+            Errors, retries and timeouts are the same with either.
         headers: Extra headers for every request (e.g. ``{"X-HF-Bill-To": "my-org"}``).
         on_event: Called with every :class:`GenerationEvent` of every call.
 
     Raises:
         ValueError: A malformed model id or URL, or contradictory arguments.
+        ImportError: ``http_backend="aiohttp"`` without the ``aiohttp`` extra installed.
 
     Example:
         ```python
@@ -163,6 +168,7 @@ class SDClient:
         max_concurrency: int | None = None,
         usage: UsageTracker | None = None,
         http_client: httpx.AsyncClient | None = None,
+        http_backend: Literal["httpx", "aiohttp"] = "httpx",
         headers: Mapping[str, str] | None = None,
         on_event: EventHook | None = None,
         _policy: RetryPolicy | None = None,
@@ -200,13 +206,23 @@ class SDClient:
         self._no_cache_headers["x-use-cache"] = "false"
 
         timeout_obj = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+        if http_backend not in ("httpx", "aiohttp"):
+            raise ValueError(f"http_backend must be 'httpx' or 'aiohttp', got {http_backend!r}")
         if http_client is None:
             pool = max_concurrency or 100
+            transport: httpx.AsyncBaseTransport | None
+            if http_backend == "aiohttp":
+                from ._aiohttp import AiohttpTransport
+
+                transport = AiohttpTransport(max_connections=pool)
+            elif _environment_proxies():
+                transport = None  # httpx's own transport: it applies the environment's proxies
+            else:
+                transport = ShardedTransport(max_connections=pool)
             self._http = httpx.AsyncClient(
                 timeout=timeout_obj,
                 limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
-                # httpx's own transport when proxies come from the environment (it applies them).
-                transport=None if _environment_proxies() else ShardedTransport(max_connections=pool),
+                transport=transport,
             )
             self._owns_http = True
             self._request_timeout: httpx.Timeout | None = None

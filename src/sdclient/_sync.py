@@ -38,6 +38,7 @@ class ClientOptions(TypedDict, total=False):
     max_concurrency: int | None
     usage: UsageTracker | None
     http_client: httpx.AsyncClient | None
+    http_backend: Literal["httpx", "aiohttp"]
     headers: Mapping[str, str] | None
     on_event: EventHook | None
     _policy: RetryPolicy | None

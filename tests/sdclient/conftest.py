@@ -28,12 +28,20 @@ def server(inference_server: InferenceTestServer) -> InferenceTestServer:
     return inference_server
 
 
+@pytest.fixture(params=["httpx", "aiohttp"])
+def http_backend(request: pytest.FixtureRequest) -> str:
+    """Every test against the server runs with both backends: their behaviour must not differ."""
+    return str(request.param)
+
+
 @pytest.fixture
-async def make_client(server: InferenceTestServer) -> AsyncIterator[MakeClient]:
+async def make_client(server: InferenceTestServer, http_backend: str) -> AsyncIterator[MakeClient]:
     """Build `SDClient`s for the test server with fast timing (closed after the test)."""
     clients: list[SDClient] = []
 
     def make(model: str | None = None, **kwargs: Any) -> SDClient:
+        if "http_client" not in kwargs:
+            kwargs.setdefault("http_backend", http_backend)
         kwargs.setdefault("_policy", FAST)
         kwargs.setdefault("max_retries", 2)
         kwargs.setdefault("timeout", 5.0)
