@@ -13,9 +13,14 @@ from sdclient import SyncSDClient, generate_sync
 from sdclient.testing import InferenceTestServer, Reply
 
 
-def test_sync_client_generates(server: InferenceTestServer):
+def test_sync_client_generates(server: InferenceTestServer, http_backend: str):
     events: list[sdclient.GenerationEvent] = []
-    with SyncSDClient(server.model_url(MODEL_ID), on_event=events.append, _policy=FAST) as client:
+    with SyncSDClient(
+        server.model_url(MODEL_ID),
+        on_event=events.append,
+        _policy=FAST,
+        http_backend="aiohttp" if http_backend == "aiohttp" else "httpx",
+    ) as client:
         server.enqueue(Reply.html(502), Reply.image())
         image = client.generate("a fox", seed=3, width=72)
         images = client.generate_many(["a", "b", "c"], concurrency=2)
