@@ -32,7 +32,8 @@ _FAILURES = (aiohttp.ClientError, OSError, httpx.TransportError)
 
 
 def _as_httpx(exc: BaseException) -> BaseException:
-    """The httpx exception for an aiohttp failure (possibly already half-mapped by httpx-aiohttp)."""
+    """The httpx exception for an aiohttp failure (possibly already half-mapped by httpx-aiohttp);
+    `exc` itself when it is right as it is."""
     original = exc.__cause__ if isinstance(exc, httpx.TransportError) and exc.__cause__ else exc
     message = str(original) or type(original).__name__
     if isinstance(original, aiohttp.ServerTimeoutError):
@@ -69,7 +70,10 @@ class _Body(httpx.AsyncByteStream):
             async for chunk in self._stream:
                 yield chunk
         except _FAILURES as exc:
-            raise _as_httpx(exc) from exc
+            mapped = _as_httpx(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
 
     async def aclose(self) -> None:
         await self._stream.aclose()
@@ -101,7 +105,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         try:
             response = await self._transport.handle_async_request(request)
         except _FAILURES as exc:
-            raise _as_httpx(exc) from exc
+            mapped = _as_httpx(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
         assert isinstance(response.stream, httpx.AsyncByteStream)
         response.stream = _Body(response.stream)
         return response
