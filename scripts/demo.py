@@ -163,14 +163,11 @@ def check_in_browser(page_url: str, screenshot: Path) -> None:
             )
         finally:
             page.screenshot(path=str(screenshot), full_page=True)
-        if error.count():
-            message = error.inner_text()
-            browser.close()
-            sys.exit(
-                f"the page showed an error: {message} (screenshot: {screenshot}; logs in {screenshot.parent})"
-            )
-        width = image.evaluate("img => img.naturalWidth")
+        message = error.inner_text() if error.count() else None
+        width = None if message else image.evaluate("img => img.naturalWidth")
         browser.close()
+    if message:
+        sys.exit(f"the page showed an error: {message} (screenshot: {screenshot}; logs: {screenshot.parent})")
     log(f"the page showed a {width} px image from the fine-tuned model; screenshot: {screenshot}")
 
 
