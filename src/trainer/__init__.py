@@ -23,8 +23,8 @@ Example:
     ...     class_prompt="photo of a man",
     ...     output_dir=Path("runs/me"),
     ... )
-    >>> config.learning_rate
-    5e-06
+    >>> config.method, config.learning_rate
+    ('lora', 0.0001)
 
     Then ``trainer.run.run(config)`` does the whole flow.
 """

@@ -9,18 +9,31 @@ Multi-GPU: ``accelerate launch -m trainer.cli train --config run.toml``.
 
 from __future__ import annotations
 
+import inspect
 import os
+import types
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 from rich.markup import escape
 from rich.table import Table
 
 from trainer._console import console
-from trainer.config import DEFAULT_LEARNING_RATE, RunConfig, RunRecord, build_config, load_config_file
+from trainer.config import (
+    CKPT,
+    INPUT,
+    Concept,
+    RunConfig,
+    RunRecord,
+    build_config,
+    load_config_file,
+)
 from trainer.errors import ConfigError, TrainerError, TrainingInterrupted
 
 __all__ = ["app", "main"]
@@ -41,15 +54,6 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
-
-# Help panels group the many options of `run` and `train`.
-_INPUT = "Input and output"
-_TRAIN = "Training"
-_PRIOR = "Prior preservation (class images)"
-_SPEED = "Memory and speed"
-_CKPT = "Checkpoints and resuming"
-_SAMPLE = "Samples"
-_EXPORT = "Export and publish"
 
 
 def _default(name: str) -> str:
@@ -130,379 +134,63 @@ _TRAIN_EPILOG = """Examples:
 Runs check and class-images first (cached class images are reused); writes OUT/model and OUT/run.json but no samples or export."""  # noqa: E501
 
 
-def _training_command(until: Literal["train", "publish"]) -> Callable[..., None]:
-    """Build the `run` (whole flow) or `train` (up to the saved model) command; same options."""
+def _cli_type(annotation: Any) -> Any:
+    """The type typer parses a field as: ``X | None`` -> ``X``; choices and lists arrive as text
+    (pydantic validates them, naming the field)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) in (typing.Literal, list):
+        return str
+    return annotation
 
-    def command(
-        config: Annotated[
-            Path | None,
-            typer.Option(
-                "--config",
-                "-c",
-                help="TOML or YAML file with these options (snake_case keys).",
-                rich_help_panel=_INPUT,
-                show_default=False,
-            ),
-        ] = None,
-        base_model: Annotated[
-            str | None,
-            typer.Option(
-                help="Hub id (stable-diffusion-v1-5/stable-diffusion-v1-5) or diffusers folder.",
-                rich_help_panel=_INPUT,
-                show_default=False,
-            ),
-        ] = None,
-        instance_dir: Annotated[
-            Path | None,
-            typer.Option(
-                help="Folder with 5-20 photos of the subject (JPEG, PNG, WebP).",
-                rich_help_panel=_INPUT,
-                show_default=False,
-            ),
-        ] = None,
-        instance_prompt: Annotated[
-            str | None,
-            typer.Option(
-                help="Prompt naming the subject with a rare token: 'photo of sks man'.",
-                rich_help_panel=_INPUT,
-                show_default=False,
-            ),
-        ] = None,
-        class_prompt: Annotated[
-            str | None,
-            typer.Option(
-                help="The subject's class: 'photo of a man' (prior preservation).",
-                rich_help_panel=_INPUT,
-                show_default=False,
-            ),
-        ] = None,
-        class_dir: Annotated[
-            Path | None,
-            typer.Option(
-                help="Class image cache.",
-                rich_help_panel=_INPUT,
-                show_default="OUT/class_images/<class prompt>",
-            ),
-        ] = None,
-        output: Annotated[
-            Path | None,
-            typer.Option(
-                "--output",
-                "-o",
-                help="Run folder (model/, checkpoints/, samples/, export/).",
-                rich_help_panel=_INPUT,
-                show_default=False,
-            ),
-        ] = None,
-        resolution: Annotated[
-            int | None,
-            typer.Option(
-                help="Training size in px.",
-                rich_help_panel=_TRAIN,
-                show_default="from the model: 512 SD 1.5, 768 SD 2.1",
-            ),
-        ] = None,
-        max_train_steps: Annotated[
-            int | None,
-            typer.Option(
-                help="Optimizer steps.",
-                rich_help_panel=_TRAIN,
-                show_default="100 per photo, +100 under 10 photos",
-            ),
-        ] = None,
-        learning_rate: Annotated[
-            float | None,
-            typer.Option(
-                help="AdamW learning rate.", rich_help_panel=_TRAIN, show_default=str(DEFAULT_LEARNING_RATE)
-            ),
-        ] = None,
-        lr_scheduler: Annotated[
-            str | None,
-            typer.Option(
-                help="constant, constant_with_warmup, linear or cosine.",
-                rich_help_panel=_TRAIN,
-                show_default=_default("lr_scheduler"),
-            ),
-        ] = None,
-        lr_warmup_steps: Annotated[
-            int | None,
-            typer.Option(
-                help="Warm-up steps (with constant_with_warmup).",
-                rich_help_panel=_TRAIN,
-                show_default=_default("lr_warmup_steps"),
-            ),
-        ] = None,
-        train_batch_size: Annotated[
-            int | None,
-            typer.Option(
-                help="Photos per step and GPU.",
-                rich_help_panel=_TRAIN,
-                show_default=_default("train_batch_size"),
-            ),
-        ] = None,
-        gradient_accumulation_steps: Annotated[
-            int | None,
-            typer.Option(
-                help="Micro-batches per optimizer step.",
-                rich_help_panel=_TRAIN,
-                show_default=_default("gradient_accumulation_steps"),
-            ),
-        ] = None,
-        train_text_encoder: Annotated[
-            bool | None,
-            typer.Option(
-                "--train-text-encoder/--no-train-text-encoder",
-                help="Fine-tune the text encoder too.",
-                rich_help_panel=_TRAIN,
-                show_default=_default("train_text_encoder"),
-            ),
-        ] = None,
-        noise_offset: Annotated[
-            float | None,
-            typer.Option(
-                help="Noise offset (0.05-0.1 helps very dark/bright images).",
-                rich_help_panel=_TRAIN,
-                show_default=_default("noise_offset"),
-            ),
-        ] = None,
-        seed: Annotated[
-            int | None,
-            typer.Option(
-                help="Seed for everything random.", rich_help_panel=_TRAIN, show_default=_default("seed")
-            ),
-        ] = None,
-        prior_preservation: Annotated[
-            bool | None,
-            typer.Option(
-                "--prior-preservation/--no-prior-preservation",
-                help="Train on class images too, so the class is not forgotten.",
-                rich_help_panel=_PRIOR,
-                show_default="on",
-            ),
-        ] = None,
-        prior_loss_weight: Annotated[
-            float | None,
-            typer.Option(
-                help="Weight of the class images' loss.",
-                rich_help_panel=_PRIOR,
-                show_default=_default("prior_loss_weight"),
-            ),
-        ] = None,
-        num_class_images: Annotated[
-            int | None,
-            typer.Option(
-                help="Class images per concept.",
-                rich_help_panel=_PRIOR,
-                show_default=_default("num_class_images"),
-            ),
-        ] = None,
-        class_batch_size: Annotated[
-            int | None,
-            typer.Option(
-                help="Class images generated per batch.",
-                rich_help_panel=_PRIOR,
-                show_default=_default("class_batch_size"),
-            ),
-        ] = None,
-        class_image_steps: Annotated[
-            int | None,
-            typer.Option(
-                help="Inference steps per class image.",
-                rich_help_panel=_PRIOR,
-                show_default=_default("class_image_steps"),
-            ),
-        ] = None,
-        mixed_precision: Annotated[
-            str | None,
-            typer.Option(
-                help="auto (bf16/fp16 on CUDA, none on CPU), no, fp16 or bf16.",
-                rich_help_panel=_SPEED,
-                show_default=_default("mixed_precision"),
-            ),
-        ] = None,
-        gradient_checkpointing: Annotated[
-            bool | None,
-            typer.Option(
-                "--gradient-checkpointing/--no-gradient-checkpointing",
-                help="Less memory, ~30% slower.",
-                rich_help_panel=_SPEED,
-                show_default="off",
-            ),
-        ] = None,
-        use_8bit_adam: Annotated[
-            bool | None,
-            typer.Option(
-                "--use-8bit-adam/--no-8bit-adam",
-                help="8-bit AdamW (needs bitsandbytes, CUDA).",
-                rich_help_panel=_SPEED,
-                show_default="off",
-            ),
-        ] = None,
-        attention: Annotated[
-            str | None,
-            typer.Option(
-                help="sdpa (PyTorch) or xformers (needs xformers and CUDA).",
-                rich_help_panel=_SPEED,
-                show_default=_default("attention"),
-            ),
-        ] = None,
-        cache_latents: Annotated[
-            bool | None,
-            typer.Option(
-                "--cache-latents/--no-cache-latents",
-                help="Encode photos once instead of every step.",
-                rich_help_panel=_SPEED,
-                show_default="on",
-            ),
-        ] = None,
-        checkpointing_steps: Annotated[
-            int | None,
-            typer.Option(
-                help="Save a resumable checkpoint every N steps.",
-                rich_help_panel=_CKPT,
-                show_default=_default("checkpointing_steps"),
-            ),
-        ] = None,
-        checkpoints_total_limit: Annotated[
-            int | None,
-            typer.Option(
-                help="Checkpoints kept (the newest).",
-                rich_help_panel=_CKPT,
-                show_default=_default("checkpoints_total_limit"),
-            ),
-        ] = None,
-        resume: Annotated[
-            str,
-            typer.Option(
-                help="auto: continue from the newest checkpoint if any; latest: must continue; "
-                "never: start over (deletes old checkpoints); or a checkpoint folder.",
-                rich_help_panel=_CKPT,
-            ),
-        ] = "auto",
-        sample_prompt: Annotated[
-            str | None,
-            typer.Option(
-                help="Prompt of the samples made after training.",
-                rich_help_panel=_SAMPLE,
-                show_default="the instance prompt",
-            ),
-        ] = None,
-        sample_negative_prompt: Annotated[
-            str | None, typer.Option(help="Negative prompt of the samples.", rich_help_panel=_SAMPLE)
-        ] = None,
-        num_samples: Annotated[
-            int | None,
-            typer.Option(
-                help="Sample images (0: none).", rich_help_panel=_SAMPLE, show_default=_default("num_samples")
-            ),
-        ] = None,
-        sample_steps: Annotated[
-            int | None,
-            typer.Option(
-                help="Inference steps per sample.",
-                rich_help_panel=_SAMPLE,
-                show_default=_default("sample_steps"),
-            ),
-        ] = None,
-        sample_guidance_scale: Annotated[
-            float | None,
-            typer.Option(
-                help="Guidance scale of the samples.",
-                rich_help_panel=_SAMPLE,
-                show_default=_default("sample_guidance_scale"),
-            ),
-        ] = None,
-        sample_seed: Annotated[
-            int | None,
-            typer.Option(
-                help="Seed of the first sample (+1 for each next).",
-                rich_help_panel=_SAMPLE,
-                show_default="--seed",
-            ),
-        ] = None,
-        export_format: Annotated[
-            str | None,
-            typer.Option(
-                help="safetensors or ckpt (pickle: only for old tools).",
-                rich_help_panel=_EXPORT,
-                show_default=_default("export_format"),
-            ),
-        ] = None,
-        export_half: Annotated[
-            bool | None,
-            typer.Option(
-                "--export-half/--export-full",
-                help="fp16 (half the size) or fp32 single file.",
-                rich_help_panel=_EXPORT,
-                show_default="half",
-            ),
-        ] = None,
-        hub_repo: Annotated[
-            str | None,
-            typer.Option(
-                help="Publish to this Hub repo (owner/name); token from HF_TOKEN or `hf auth login`.",
-                rich_help_panel=_EXPORT,
-                show_default=False,
-            ),
-        ] = None,
-        hub_private: Annotated[
-            bool | None,
-            typer.Option(
-                "--private/--public",
-                help="Visibility of a new Hub repo.",
-                rich_help_panel=_EXPORT,
-                show_default="private",
-            ),
-        ] = None,
-    ) -> None:
+
+def _show_default(field: FieldInfo, shown: str | bool | None) -> str | bool:
+    if shown is not None:
+        return shown
+    if field.annotation is bool or field.default is True or field.default is False:
+        return "on" if field.default else "off"
+    return False if field.default in (None, PydanticUndefined) else str(field.default)
+
+
+def _field_options() -> list[tuple[str, Any]]:
+    """``(parameter name, Annotated[type | None, typer.Option])`` for every option of ``run``/``train``,
+    derived from the fields of :class:`Concept` and :class:`RunConfig` (their description is the help)."""
+    fields: list[tuple[str, FieldInfo]] = []
+    for name, field in RunConfig.model_fields.items():
+        fields += list(Concept.model_fields.items()) if name == "concepts" else [(name, field)]
+    options = []
+    for name, field in fields:
+        extra = field.json_schema_extra
+        cli: dict[str, Any] = extra["cli"] if isinstance(extra, dict) else {}  # type: ignore[assignment]
+        option = typer.Option(
+            *cli.get("flags", []),
+            help=field.description,
+            rich_help_panel=cli.get("panel"),
+            show_default=_show_default(field, cli.get("show_default")),
+        )
+        options.append((name, Annotated[_cli_type(field.annotation) | None, option]))
+    return options
+
+
+def _training_command(until: Literal["train", "publish"]) -> Callable[..., None]:
+    """Build the `run` (whole flow) or `train` (up to the trained model) command; same options.
+
+    Its options are RunConfig's fields (see :func:`_field_options`) plus ``--config`` and ``--resume``.
+    """
+
+    def command(config: Path | None = None, resume: str = "auto", **options: Any) -> None:
         _quiet_libraries()
         with _errors():
-            run_config = build_config(
-                config,
-                base_model=base_model,
-                instance_dir=instance_dir,
-                instance_prompt=instance_prompt,
-                class_prompt=class_prompt,
-                class_dir=class_dir,
-                output_dir=output,
-                resolution=resolution,
-                max_train_steps=max_train_steps,
-                learning_rate=learning_rate,
-                lr_scheduler=lr_scheduler,
-                lr_warmup_steps=lr_warmup_steps,
-                train_batch_size=train_batch_size,
-                gradient_accumulation_steps=gradient_accumulation_steps,
-                train_text_encoder=train_text_encoder,
-                noise_offset=noise_offset,
-                seed=seed,
-                with_prior_preservation=prior_preservation,
-                prior_loss_weight=prior_loss_weight,
-                num_class_images=num_class_images,
-                class_batch_size=class_batch_size,
-                class_image_steps=class_image_steps,
-                mixed_precision=mixed_precision,
-                gradient_checkpointing=gradient_checkpointing,
-                use_8bit_adam=use_8bit_adam,
-                attention=attention,
-                cache_latents=cache_latents,
-                checkpointing_steps=checkpointing_steps,
-                checkpoints_total_limit=checkpoints_total_limit,
-                sample_prompt=sample_prompt,
-                sample_negative_prompt=sample_negative_prompt,
-                num_samples=num_samples,
-                sample_steps=sample_steps,
-                sample_guidance_scale=sample_guidance_scale,
-                sample_seed=sample_seed,
-                export_format=export_format,
-                export_half=export_half,
-                hub_repo=hub_repo,
-                hub_private=hub_private,
-            )
+            run_config = build_config(config, **options)
             from trainer.run import run
 
             result = run(run_config, resume=resume, until=until)
         out = result.record.output_dir
-        console.print(f"[green]Done.[/] Model: {out / 'model'}")
+        if result.record.method == "lora":
+            console.print(f"[green]Done.[/] LoRA adapter: {out / 'lora'}")
+        else:
+            console.print(f"[green]Done.[/] Model: {out / 'model'}")
         if result.samples:
             console.print(f"Samples: {result.samples.grid.parent}")
         if result.export_path:
@@ -510,6 +198,26 @@ def _training_command(until: Literal["train", "publish"]) -> Callable[..., None]
         if result.hub_url:
             console.print(f"Hub: {result.hub_url}")
 
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    config_option = typer.Option(
+        "--config",
+        "-c",
+        help="TOML or YAML file with these options (snake_case keys).",
+        rich_help_panel=INPUT,
+        show_default=False,
+    )
+    resume_option = typer.Option(
+        help="auto: continue from the newest checkpoint if any; latest: must continue; "
+        "never: start over (deletes old checkpoints); or a checkpoint folder.",
+        rich_help_panel=CKPT,
+    )
+    parameters = [
+        inspect.Parameter("config", keyword, default=None, annotation=Annotated[Path | None, config_option]),
+        *(inspect.Parameter(n, keyword, default=None, annotation=a) for n, a in _field_options()),
+        inspect.Parameter("resume", keyword, default="auto", annotation=Annotated[str, resume_option]),
+    ]
+    command.__signature__ = inspect.Signature(parameters, return_annotation=None)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": None}
     return command
 
 
@@ -668,11 +376,11 @@ def class_images(
 
 
 def _model_dir(model: str) -> str:
-    """A run folder stands for its ``model/``; anything else is passed through."""
-    path = Path(model)
-    if (path / "run.json").is_file() and (path / "model" / "model_index.json").is_file():
-        return str(path / "model")
-    return model
+    """A full fine-tune's run folder stands for its ``model/``; anything else is passed through."""
+    from trainer.loading import resolve_run_model
+
+    resolved, lora = resolve_run_model(model)
+    return model if lora is not None else resolved
 
 
 @app.command(
@@ -707,10 +415,12 @@ def sample(
         text = prompt or (record.sample_prompt if record else None)
         if not text:
             raise ConfigError("Give --prompt (only a run folder has a default prompt).")
+        from trainer.loading import load_pipeline, resolve_run_model
         from trainer.sample import generate_samples
 
+        base, lora = resolve_run_model(model)
         result = generate_samples(
-            _model_dir(model),
+            load_pipeline(base, lora=lora) if lora is not None else base,
             output or (run_dir / "samples" if record else Path("samples")),
             prompt=text,
             negative_prompt=negative_prompt
@@ -809,12 +519,18 @@ def serve(
         typer.Option(help="Diffusers folder describing a single file's architecture.", show_default=False),
     ] = None,
 ) -> None:
-    """Serve a model over the text-to-image protocol (what SDClient and the proxy speak)."""
+    """Serve a model over the text-to-image protocol (what SDClient and the proxy speak).
+
+    A LoRA run is served as its base model with the adapter; requests may set ``lora_scale``."""
     _quiet_libraries()
     with _errors():
+        from trainer.loading import resolve_run_model
+        from trainer.serve import default_model_id
         from trainer.serve import serve as serve_model
 
-        serve_model(_model_dir(model), host=host, port=port, model_id=model_id, config=config)
+        base, lora = resolve_run_model(model)
+        served_id = model_id or default_model_id(model)
+        serve_model(base, host=host, port=port, model_id=served_id, config=config, lora=lora)
 
 
 # -- tiny-model -----------------------------------------------------------------------------------

@@ -22,6 +22,9 @@ from trainer.errors import ConfigError
 
 __all__ = [
     "DEFAULT_LEARNING_RATE",
+    "DEFAULT_LORA_LEARNING_RATE",
+    "LORA_TARGET_PRESETS",
+    "TEXT_ENCODER_LORA_TARGETS",
     "STEPS_WARNING_THRESHOLD",
     "Concept",
     "ResolvedConcept",
@@ -29,6 +32,7 @@ __all__ = [
     "RunRecord",
     "build_config",
     "default_max_train_steps",
+    "expand_lora_targets",
     "format_validation_error",
     "load_config_file",
     "slugify",
@@ -41,6 +45,17 @@ PredictionType = Literal["epsilon", "v_prediction"]
 # this project follows used 1e-6 to 2e-6 at 512 px for ~1000+ steps. 5e-6 learns a face in the
 # default 100 steps per photo; lower it (2e-6) for long runs or when samples look over-baked.
 DEFAULT_LEARNING_RATE = 5e-6
+# diffusers' LoRA DreamBooth scripts and guides train adapters at 1e-4.
+DEFAULT_LORA_LEARNING_RATE = 1e-4
+Method = Literal["lora", "full"]
+Architecture = Literal["sd1", "sd2", "sdxl"]
+# The UNet modules that get a LoRA adapter, by preset name (diffusers' scripts default to "attention").
+LORA_TARGET_PRESETS: dict[str, list[str]] = {
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "attention-ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+}
+# The CLIP text-encoder modules of a text-encoder adapter (as diffusers' LoRA scripts choose them).
+TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 STEPS_PER_PHOTO = 100
 SMALL_SET_PHOTOS = 10  # fewer photos than this get STEPS_PER_PHOTO extra steps
 STEPS_WARNING_THRESHOLD = 2000  # above this DreamBooth tends to over-fit (every image looks the same)
@@ -68,21 +83,52 @@ def slugify(text: str, max_length: int = 60) -> str:
     return slug[:max_length].rstrip("-") or "class"
 
 
+# Help panels of ``sdtrain run`` / ``train``: each field names the one it is listed in.
+INPUT = "Input and output"
+TRAIN = "Training"
+LORA = "LoRA (--method lora)"
+PRIOR = "Prior preservation (class images)"
+SPEED = "Memory and speed"
+CKPT = "Checkpoints and resuming"
+SAMPLE = "Samples"
+EXPORT = "Export and publish"
+
+
+def _cli(panel: str, *flags: str, show: str | bool | None = None) -> dict[str, Any]:
+    """How a field appears on the command line (read by :mod:`trainer.cli`).
+
+    Args:
+        panel: The ``--help`` panel.
+        *flags: The flag spellings when they differ from ``--field-name`` (``--x/--no-x`` for a switch).
+        show: What ``--help`` shows as the default; default: the field's own default.
+    """
+    return {"cli": {"panel": panel, "flags": list(flags), "show_default": show}}
+
+
 class Concept(BaseModel):
     """One subject to learn: its photos and prompts (an entry of the notebook's ``concepts_list``)."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
-    instance_prompt: str = Field(
-        min_length=1, description="Prompt naming the subject, e.g. 'photo of sks man'."
+    instance_dir: Path = Field(
+        description="Folder with 5-20 photos of the subject (JPEG, PNG, WebP).",
+        json_schema_extra=_cli(INPUT, show=False),
     )
-    instance_dir: Path = Field(description="Folder with the subject's photos (JPEG, PNG or WebP).")
+    instance_prompt: str = Field(
+        min_length=1,
+        description="Prompt naming the subject with a rare token: 'photo of sks man'.",
+        json_schema_extra=_cli(INPUT, show=False),
+    )
     class_prompt: str | None = Field(
-        default=None, min_length=1, description="Prompt for the subject's class, e.g. 'photo of a man'."
+        default=None,
+        min_length=1,
+        description="The subject's class: 'photo of a man' (prior preservation).",
+        json_schema_extra=_cli(INPUT, show=False),
     )
     class_dir: Path | None = Field(
         default=None,
-        description="Where class images are cached; default OUT/class_images/<class prompt>.",
+        description="Class image cache.",
+        json_schema_extra=_cli(INPUT, show="OUT/class_images/<class prompt>"),
     )
 
 
@@ -93,77 +139,272 @@ class ResolvedConcept(Concept):
     class_dir: Path | None = None
 
 
+def expand_lora_targets(value: str | list[str]) -> list[str]:
+    """Module names from ``--lora-target-modules``: a preset name or comma-separated names.
+
+    >>> expand_lora_targets("attention")
+    ['to_q', 'to_k', 'to_v', 'to_out.0']
+    >>> expand_lora_targets("to_q, to_v")
+    ['to_q', 'to_v']
+    """
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names: list[str] = []
+    for item in (i.strip() for i in items):
+        for name in LORA_TARGET_PRESETS.get(item, [item] if item else []):
+            if name not in names:
+                names.append(name)
+    if not names:
+        raise ValueError(f"give module names or a preset ({', '.join(LORA_TARGET_PRESETS)})")
+    return names
+
+
 class RunConfig(BaseModel):
-    """Every option of ``sdtrain run``; ``None`` means "derive it" (see each field)."""
+    """Every option of ``sdtrain run``; ``None`` means "derive it" (see each field).
+
+    Each field's ``description`` is its ``--help`` text and its ``json_schema_extra["cli"]`` its
+    panel and flag spellings: the ``run`` and ``train`` commands are built from these fields.
+    """
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True, validate_assignment=True)
 
     # -- input and output ---------------------------------------------------------------------
     base_model: str = Field(
         min_length=1,
-        description="Hub id (stable-diffusion-v1-5/stable-diffusion-v1-5) or a local diffusers folder.",
+        description="Hub id (stable-diffusion-v1-5/stable-diffusion-v1-5, "
+        "stabilityai/stable-diffusion-xl-base-1.0) or diffusers folder.",
+        json_schema_extra=_cli(INPUT, show=False),
     )
     concepts: list[Concept] = Field(min_length=1, description="The subjects to learn (at least one).")
-    output_dir: Path = Field(description="Run folder: model/, checkpoints/, samples/, export/, run.json.")
+    output_dir: Path = Field(
+        description="Run folder (lora/ or model/, checkpoints/, samples/, export/).",
+        json_schema_extra=_cli(INPUT, "--output", "-o", show=False),
+    )
 
     # -- training -------------------------------------------------------------------------------
+    method: Method = Field(
+        default="lora",
+        description="lora: train a small adapter (5-200 MB, less GPU memory, servable by Inference "
+        "Providers); full: fine-tune every UNet weight (a 2-7 GB model).",
+        json_schema_extra=_cli(TRAIN),
+    )
     resolution: int | None = Field(
-        default=None, ge=64, le=2048, description="Training size in pixels; default from the model."
+        default=None,
+        ge=64,
+        le=2048,
+        description="Training size in px.",
+        json_schema_extra=_cli(TRAIN, show="from the model: 512 SD 1.5, 768 SD 2.1, 1024 SDXL"),
     )
     max_train_steps: int | None = Field(
-        default=None, ge=1, description="Optimizer steps; default 100 per photo (+100 under 10 photos)."
+        default=None,
+        ge=1,
+        description="Optimizer steps.",
+        json_schema_extra=_cli(TRAIN, show="100 per photo, +100 under 10 photos"),
     )
-    train_batch_size: int = Field(default=1, ge=1, description="Photos per step (per GPU).")
-    gradient_accumulation_steps: int = Field(default=1, ge=1)
-    learning_rate: float = Field(default=DEFAULT_LEARNING_RATE, gt=0, lt=1)
-    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
-    lr_warmup_steps: int = Field(default=0, ge=0)
-    adam_beta1: float = Field(default=0.9, ge=0, lt=1)
-    adam_beta2: float = Field(default=0.999, ge=0, lt=1)
-    adam_weight_decay: float = Field(default=1e-2, ge=0)
-    adam_epsilon: float = Field(default=1e-8, gt=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    train_text_encoder: bool = False
+    learning_rate: float = Field(
+        default=DEFAULT_LORA_LEARNING_RATE,
+        gt=0,
+        lt=1,
+        description="AdamW learning rate.",
+        json_schema_extra=_cli(
+            TRAIN, show=f"{DEFAULT_LORA_LEARNING_RATE} with lora, {DEFAULT_LEARNING_RATE} with full"
+        ),
+    )
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        default="constant",
+        description="constant, constant_with_warmup, linear or cosine.",
+        json_schema_extra=_cli(TRAIN),
+    )
+    lr_warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        description="Warm-up steps (with constant_with_warmup).",
+        json_schema_extra=_cli(TRAIN),
+    )
+    train_batch_size: int = Field(
+        default=1, ge=1, description="Photos per step and GPU.", json_schema_extra=_cli(TRAIN)
+    )
+    gradient_accumulation_steps: int = Field(
+        default=1, ge=1, description="Micro-batches per optimizer step.", json_schema_extra=_cli(TRAIN)
+    )
+    train_text_encoder: bool = Field(
+        default=False,
+        description="Train the text encoder too (with lora: a text-encoder adapter).",
+        json_schema_extra=_cli(TRAIN),
+    )
     noise_offset: float = Field(
-        default=0.0, ge=0, le=1, description="e.g. 0.05-0.1 for darker/brighter images."
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Noise offset (0.05-0.1 helps very dark/bright images).",
+        json_schema_extra=_cli(TRAIN),
     )
-    seed: int = Field(default=1337, ge=0, lt=2**32)
+    seed: int = Field(
+        default=1337, ge=0, lt=2**32, description="Seed for everything random.", json_schema_extra=_cli(TRAIN)
+    )
+    adam_beta1: float = Field(
+        default=0.9, ge=0, lt=1, description="AdamW beta1.", json_schema_extra=_cli(TRAIN)
+    )
+    adam_beta2: float = Field(
+        default=0.999, ge=0, lt=1, description="AdamW beta2.", json_schema_extra=_cli(TRAIN)
+    )
+    adam_weight_decay: float = Field(
+        default=1e-2, ge=0, description="AdamW weight decay.", json_schema_extra=_cli(TRAIN)
+    )
+    adam_epsilon: float = Field(
+        default=1e-8, gt=0, description="AdamW epsilon.", json_schema_extra=_cli(TRAIN)
+    )
+    max_grad_norm: float = Field(
+        default=1.0, gt=0, description="Gradient clipping norm.", json_schema_extra=_cli(TRAIN)
+    )
+
+    # -- LoRA -------------------------------------------------------------------------------------
+    lora_rank: int = Field(
+        default=16, ge=1, le=1024, description="Rank of the LoRA matrices.", json_schema_extra=_cli(LORA)
+    )
+    lora_alpha: int = Field(
+        default=16,
+        ge=1,
+        description="LoRA alpha: the update is scaled by alpha / rank.",
+        json_schema_extra=_cli(LORA, show="--lora-rank"),
+    )
+    lora_dropout: float = Field(
+        default=0.0, ge=0, lt=1, description="Dropout of the LoRA layers.", json_schema_extra=_cli(LORA)
+    )
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: list(LORA_TARGET_PRESETS["attention"]),
+        min_length=1,
+        description="UNet modules that get an adapter: 'attention' (to_q,to_k,to_v,to_out.0), "
+        "'attention-ff' (+ proj_in, proj_out, feed-forward) or comma-separated module names.",
+        json_schema_extra=_cli(LORA, show="attention"),
+    )
 
     # -- prior preservation ---------------------------------------------------------------------
-    with_prior_preservation: bool = True
-    prior_loss_weight: float = Field(default=1.0, ge=0)
-    num_class_images: int = Field(default=200, ge=1, description="Class images per concept.")
-    class_batch_size: int = Field(default=4, ge=1, description="Class images generated per batch.")
-    class_image_steps: int = Field(default=50, ge=1, description="Inference steps per class image.")
+    with_prior_preservation: bool = Field(
+        default=True,
+        description="Train on class images too, so the class is not forgotten.",
+        json_schema_extra=_cli(PRIOR, "--prior-preservation/--no-prior-preservation", show="on"),
+    )
+    prior_loss_weight: float = Field(
+        default=1.0, ge=0, description="Weight of the class images' loss.", json_schema_extra=_cli(PRIOR)
+    )
+    num_class_images: int = Field(
+        default=200, ge=1, description="Class images per concept.", json_schema_extra=_cli(PRIOR)
+    )
+    class_batch_size: int = Field(
+        default=4, ge=1, description="Class images generated per batch.", json_schema_extra=_cli(PRIOR)
+    )
+    class_image_steps: int = Field(
+        default=50, ge=1, description="Inference steps per class image.", json_schema_extra=_cli(PRIOR)
+    )
 
     # -- memory and speed -----------------------------------------------------------------------
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
-        default="auto", description="auto: fp16 on CUDA, none on the CPU."
+        default="auto",
+        description="auto (bf16/fp16 on CUDA, none on CPU), no, fp16 or bf16.",
+        json_schema_extra=_cli(SPEED),
     )
-    gradient_checkpointing: bool = False
-    use_8bit_adam: bool = False
-    attention: Literal["sdpa", "xformers"] = "sdpa"
-    cache_latents: bool = True
+    gradient_checkpointing: bool = Field(
+        default=False, description="Less memory, ~30% slower.", json_schema_extra=_cli(SPEED, show="off")
+    )
+    use_8bit_adam: bool = Field(
+        default=False,
+        description="8-bit AdamW (needs bitsandbytes, CUDA).",
+        json_schema_extra=_cli(SPEED, "--use-8bit-adam/--no-8bit-adam", show="off"),
+    )
+    attention: Literal["sdpa", "xformers"] = Field(
+        default="sdpa",
+        description="sdpa (PyTorch) or xformers (needs xformers and CUDA).",
+        json_schema_extra=_cli(SPEED),
+    )
+    cache_latents: bool = Field(
+        default=True,
+        description="Encode photos once instead of every step.",
+        json_schema_extra=_cli(SPEED, show="on"),
+    )
+    vae: str | None = Field(
+        default=None,
+        description="Another VAE (folder or Hub id), e.g. an fp16-safe SDXL VAE; the base model's "
+        "VAE runs in fp32 otherwise.",
+        json_schema_extra=_cli(SPEED, show="the base model's"),
+    )
 
     # -- checkpoints ----------------------------------------------------------------------------
-    checkpointing_steps: int = Field(default=500, ge=1)
-    checkpoints_total_limit: int = Field(default=2, ge=1, description="Checkpoints kept (newest).")
+    checkpointing_steps: int = Field(
+        default=500,
+        ge=1,
+        description="Save a resumable checkpoint every N steps.",
+        json_schema_extra=_cli(CKPT),
+    )
+    checkpoints_total_limit: int = Field(
+        default=2, ge=1, description="Checkpoints kept (the newest).", json_schema_extra=_cli(CKPT)
+    )
 
     # -- samples ------------------------------------------------------------------------------
-    sample_prompt: str | None = Field(default=None, description="Default: the first instance prompt.")
-    sample_negative_prompt: str | None = None
-    num_samples: int = Field(default=4, ge=0, le=64)
-    sample_steps: int = Field(default=50, ge=1)
-    sample_guidance_scale: float = Field(default=7.5, ge=0)
-    sample_seed: int | None = Field(default=None, ge=0, lt=2**32, description="Default: seed.")
+    sample_prompt: str | None = Field(
+        default=None,
+        description="Prompt of the samples made after training.",
+        json_schema_extra=_cli(SAMPLE, show="the instance prompt"),
+    )
+    sample_negative_prompt: str | None = Field(
+        default=None, description="Negative prompt of the samples.", json_schema_extra=_cli(SAMPLE)
+    )
+    num_samples: int = Field(
+        default=4, ge=0, le=64, description="Sample images (0: none).", json_schema_extra=_cli(SAMPLE)
+    )
+    sample_steps: int = Field(
+        default=50, ge=1, description="Inference steps per sample.", json_schema_extra=_cli(SAMPLE)
+    )
+    sample_guidance_scale: float = Field(
+        default=7.5, ge=0, description="Guidance scale of the samples.", json_schema_extra=_cli(SAMPLE)
+    )
+    sample_seed: int | None = Field(
+        default=None,
+        ge=0,
+        lt=2**32,
+        description="Seed of the first sample (+1 for each next).",
+        json_schema_extra=_cli(SAMPLE, show="--seed"),
+    )
 
     # -- export and publish ---------------------------------------------------------------------
-    export_format: Literal["safetensors", "ckpt"] = "safetensors"
-    export_half: bool = Field(
-        default=True, description="fp16 single file (2 GB for SD 1.5), like the notebook."
+    export_format: Literal["safetensors", "ckpt"] = Field(
+        default="safetensors",
+        description="safetensors or ckpt (pickle: only for old tools).",
+        json_schema_extra=_cli(EXPORT),
     )
-    hub_repo: str | None = Field(default=None, description="Publish to this Hub repo (owner/name).")
-    hub_private: bool = True
+    export_half: bool = Field(
+        default=True,
+        description="fp16 (half the size) or fp32 single file.",
+        json_schema_extra=_cli(EXPORT, "--export-half/--export-full", show="half"),
+    )
+    hub_repo: str | None = Field(
+        default=None,
+        description="Publish to this Hub repo (owner/name); token from HF_TOKEN or `hf auth login`.",
+        json_schema_extra=_cli(EXPORT, show=False),
+    )
+    hub_private: bool = Field(
+        default=True,
+        description="Visibility of a new Hub repo.",
+        json_schema_extra=_cli(EXPORT, "--private/--public", show="private"),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derived_defaults(cls, data: Any) -> Any:
+        """Defaults that depend on other options: the learning rate on the method, alpha on the rank."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("learning_rate") is None:
+            full = data.get("method") == "full"
+            data["learning_rate"] = DEFAULT_LEARNING_RATE if full else DEFAULT_LORA_LEARNING_RATE
+        if data.get("lora_alpha") is None:
+            data["lora_alpha"] = data.get("lora_rank", 16)
+        return data
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _lora_targets(cls, value: Any) -> Any:
+        return expand_lora_targets(value) if isinstance(value, str | list) else value
 
     @field_validator("resolution")
     @classmethod
@@ -220,7 +461,9 @@ class RunRecord(RunConfig):
 
     The publisher reads ``base_model``, ``base_model_license``, ``concepts``, ``resolution``,
     ``max_train_steps``, ``train_text_encoder``, ``learning_rate``, ``seed``, ``prediction_type``,
-    ``sample_prompt``, ``mixed_precision``, ``with_prior_preservation`` and ``num_class_images``.
+    ``sample_prompt``, ``mixed_precision``, ``with_prior_preservation`` and ``num_class_images``;
+    for a LoRA run also ``method``, ``lora_rank``, ``lora_alpha``, ``lora_dropout``,
+    ``lora_target_modules`` and ``architecture`` (``sd1``, ``sd2`` or ``sdxl``).
     """
 
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
@@ -233,6 +476,7 @@ class RunRecord(RunConfig):
     sample_seed: int
     base_model_license: str | None = None
     prediction_type: PredictionType = "epsilon"
+    architecture: Architecture = "sd1"
     num_instance_images: int = Field(default=0, ge=0)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     sdtrain_version: str = ""
@@ -251,6 +495,12 @@ class RunRecord(RunConfig):
             "lr_scheduler",
             "lr_warmup_steps",
             "train_text_encoder",
+            "method",
+            "lora_rank",
+            "lora_alpha",
+            "lora_dropout",
+            "lora_target_modules",
+            "vae",
             "noise_offset",
             "seed",
             "with_prior_preservation",

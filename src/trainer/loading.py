@@ -13,7 +13,14 @@ if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionPipeline
 
-__all__ = ["ModelLoadError", "default_device", "default_dtype", "load_pipeline"]
+__all__ = [
+    "ModelLoadError",
+    "default_device",
+    "default_dtype",
+    "load_pipeline",
+    "load_run_pipeline",
+    "resolve_run_model",
+]
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -47,6 +54,7 @@ def load_pipeline(
     dtype: torch.dtype | None = None,
     config: str | Path | None = None,
     local_files_only: bool = False,
+    lora: str | Path | None = None,
 ) -> StableDiffusionPipeline:
     """Load a text-to-image pipeline and move it to ``device``.
 
@@ -59,17 +67,20 @@ def load_pipeline(
         config: For a single file: a diffusers folder (or Hub id) whose configs describe the
             architecture. Without it diffusers asks the Hub.
         local_files_only: Never reach the network (a Hub id must then be in the local cache).
+        lora: A LoRA adapter to load into the pipeline: a folder holding
+            ``pytorch_lora_weights.safetensors`` (a run's ``lora/``) or a ``.safetensors`` file in the
+            diffusers or kohya format.
 
     Returns:
         The pipeline, with the safety checker off and SDPA attention (diffusers' default).
 
     Raises:
-        ModelLoadError: the model is missing, incomplete or could not be read.
+        ModelLoadError: the model (or the adapter) is missing, incomplete or could not be read.
     """
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipeline_cls: Any = StableDiffusionPipeline  # untyped loaders
+    pipeline_cls: Any = _pipeline_class(model) or StableDiffusionPipeline  # untyped loaders
     dev = torch.device(device) if device is not None else default_device()
     torch_dtype = dtype if dtype is not None else default_dtype(dev)
     path = Path(model)
@@ -115,6 +126,66 @@ def load_pipeline(
             f"Could not load {model}: {exc}. Check the path or Hub id; a gated model needs "
             "`hf auth login` and accepted terms on its Hub page."
         ) from exc
+    if lora is not None:
+        _load_lora(pipe, Path(lora))
     pipe.set_progress_bar_config(disable=True)
     loaded: StableDiffusionPipeline = pipe.to(dev)
     return loaded
+
+
+def _pipeline_class(model: str | Path) -> Any:
+    """The pipeline class a diffusers folder (or Hub repo) names in ``model_index.json``, if SDXL."""
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(model)
+    index = path / "model_index.json"
+    if path.is_dir() and index.is_file():
+        import json
+
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+        return StableDiffusionXLPipeline if name == "StableDiffusionXLPipeline" else None
+    return None
+
+
+def _load_lora(pipe: Any, lora: Path) -> None:
+    from trainer.lora_files import LORA_WEIGHTS
+
+    if lora.is_dir() and not (lora / LORA_WEIGHTS).is_file():
+        raise ModelLoadError(f"{lora} holds no {LORA_WEIGHTS}: is it the lora/ folder of a LoRA run?")
+    if not lora.exists():
+        raise ModelLoadError(f"The LoRA adapter {lora} does not exist.")
+    try:
+        if lora.is_dir():
+            pipe.load_lora_weights(str(lora), weight_name=LORA_WEIGHTS)
+        else:
+            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"Could not load the LoRA adapter {lora} into {pipe.name_or_path}: {exc}"
+        ) from exc
+
+
+def resolve_run_model(model: str | Path) -> tuple[str, Path | None]:
+    """What to load for ``model``: ``(pipeline, adapter or None)``.
+
+    A run folder stands for its result: ``(base model, RUN/lora)`` for a LoRA run, ``(RUN/model,
+    None)`` for a full fine-tune. Anything else is passed through as ``(model, None)``.
+    """
+    from trainer.lora_files import LORA_DIR, LORA_WEIGHTS
+
+    path = Path(model)
+    if not (path / "run.json").is_file():
+        return str(model), None
+    if (path / LORA_DIR / LORA_WEIGHTS).is_file():
+        from trainer.config import RunRecord
+
+        return RunRecord.read(path / "run.json").base_model, path / LORA_DIR
+    if (path / "model" / "model_index.json").is_file():
+        return str(path / "model"), None
+    return str(model), None
+
+
+def load_run_pipeline(run_dir: str | Path, **kwargs: Any) -> StableDiffusionPipeline:
+    """Load what a run made (see :func:`resolve_run_model`); ``kwargs`` go to :func:`load_pipeline`."""
+    model, lora = resolve_run_model(run_dir)
+    return load_pipeline(model, lora=lora, **kwargs)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from trainer._console import console
 from trainer.config import (
     STEPS_WARNING_THRESHOLD,
+    Architecture,
     RunConfig,
     RunRecord,
     default_max_train_steps,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BaseModelInfo",
+    "detect_architecture",
     "PreparedRun",
     "RunResult",
     "base_model_license",
@@ -60,11 +62,32 @@ class BaseModelInfo:
             768 for SD 2.1, 64 for the tiny test model).
         prediction_type: ``epsilon`` or ``v_prediction`` (from the scheduler config).
         license: The model card's ``license`` (e.g. ``creativeml-openrail-m``), if known.
+        architecture: ``sd1``, ``sd2`` or ``sdxl`` (see :func:`detect_architecture`).
     """
 
     resolution: int
     prediction_type: str
     license: str | None
+    architecture: Architecture = "sd1"
+
+    def describe(self) -> str:
+        """``"SD 2.x (v_prediction, 768 px)"``: what the console says was found."""
+        name = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[self.architecture]
+        return f"{name} ({self.prediction_type}, {self.resolution} px)"
+
+
+def detect_architecture(unet_config: dict[str, Any]) -> Architecture:
+    """SD 1.x, SD 2.x or SDXL, from the UNet's config.
+
+    SDXL's UNet takes the pooled text embedding and the size/crop ids (``addition_embed_type
+    "text_time"``); SD 2.x's uses linear projections in its transformer blocks (and OpenCLIP's
+    1024-wide embeddings); SD 1.x's does neither.
+    """
+    if unet_config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if unet_config.get("use_linear_projection") or unet_config.get("cross_attention_dim") == 1024:
+        return "sd2"
+    return "sd1"
 
 
 @dataclass
@@ -148,6 +171,7 @@ def inspect_base_model(base_model: str) -> BaseModelInfo:
         resolution=sample_size * vae_scale_factor,
         prediction_type=str(scheduler.get("prediction_type", "epsilon")),
         license=base_model_license(base_model),
+        architecture=detect_architecture(unet),
     )
 
 
@@ -223,6 +247,7 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
             f"{config.base_model} predicts {info.prediction_type!r}; only epsilon and v_prediction "
             "models (SD 1.x, SD 2.x) can be fine-tuned."
         )
+    console.print(f"Base model: {info.describe()}; training a {config.method} fine-tune")
     resolution = config.resolution or info.resolution
     concepts = config.resolved_concepts()
     checks = check_photos([c.instance_dir for c in concepts], resolution=resolution)
@@ -247,6 +272,7 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
         sample_seed=config.sample_seed if config.sample_seed is not None else config.seed,
         base_model_license=info.license,
         prediction_type=info.prediction_type,
+        architecture=info.architecture,
         num_instance_images=num_photos,
         sdtrain_version=_version(),
     )
@@ -361,14 +387,14 @@ def run(
     _free_memory()
     if not main:
         return result
-    model_dir = out / "model"
 
-    # 4. samples from the fine-tuned model.
+    # 4. samples from the fine-tuned model (the base model with the adapter, for LoRA).
     if "sample" in wanted and record.num_samples:
+        from trainer.loading import load_run_pipeline
         from trainer.sample import generate_samples
 
         result.samples = generate_samples(
-            model_dir,
+            load_run_pipeline(out),
             out / "samples",
             prompt=record.sample_prompt,
             negative_prompt=record.sample_negative_prompt,
@@ -380,12 +406,17 @@ def run(
         )
         _free_memory()
 
-    # 5. export to one original-layout checkpoint file.
-    if "export" in wanted:
+    # 5. export: the adapter in kohya's format (LoRA), or one original-layout checkpoint file (full).
+    if "export" in wanted and record.method == "lora":
+        from trainer.lora_files import LORA_DIR, write_kohya_file
+
+        result.export_path = write_kohya_file(out / LORA_DIR, architecture=record.architecture)
+        console.print(f"Wrote the kohya/A1111/ComfyUI file {result.export_path}")
+    elif "export" in wanted:
         from trainer.export import export_single_file
 
         target = out / "export" / f"model.{record.export_format}"
-        result.export_path = export_single_file(model_dir, target, half=record.export_half, verify=True)
+        result.export_path = export_single_file(out / "model", target, half=record.export_half, verify=True)
         console.print(f"Exported {result.export_path}")
 
     # 6. publish.

@@ -86,6 +86,8 @@ class GenerationParameters(BaseModel):
     guidance_scale: float | None = Field(default=None, ge=0, le=100)
     seed: int | None = Field(default=None, ge=0, le=2**64 - 1)
     scheduler: str | None = Field(default=None, min_length=1)
+    lora_scale: float | None = Field(default=None, ge=0, le=4)
+    """Strength of a LoRA adapter (0: the base model, 1: as trained); only for a LoRA model."""
 
 
 class TextToImageRequest(BaseModel):
@@ -218,12 +220,14 @@ class ModelServer:
         config: For a single file: the diffusers folder describing its architecture.
         device: Where to run; default CUDA, MPS or the CPU.
         max_queue: Requests allowed to wait for the worker; more get 503 overloaded.
-        loader: Builds the pipeline (default: ``load_pipeline(model, device=, config=)``).
+        loader: Builds the pipeline (default: ``load_pipeline(model, device=, config=, lora=)``).
+        lora: A LoRA adapter loaded into ``model`` (a run's ``lora/`` folder or an adapter file).
     """
 
     model: Path | str
     model_id: str
     config: Path | None = None
+    lora: Path | None = None
     device: str | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     loader: Callable[[], Any] | None = None
@@ -278,6 +282,7 @@ class ModelServer:
                     device=self.device,
                     config=self.config,
                     local_files_only=self.config is not None,
+                    lora=self.lora,
                 )
             self.sha = _model_sha(self.model, pipe)
             self.compute_type = _compute_type(pipe.device)
@@ -368,9 +373,11 @@ class ModelServer:
         seed = params.seed if params.seed is not None else random.randrange(2**63)
         kwargs: dict[str, Any] = {
             k: v
-            for k, v in params.model_dump(exclude={"seed", "scheduler"}).items()
+            for k, v in params.model_dump(exclude={"seed", "scheduler", "lora_scale"}).items()
             if v is not None  # unset: the pipeline's own defaults
         }
+        if params.lora_scale is not None:
+            kwargs["cross_attention_kwargs"] = {"scale": params.lora_scale}
         original = self._scheduler
         if scheduler_cls is not None and scheduler_cls is not type(original):
             pipe.scheduler = scheduler_cls.from_config(original.config)
@@ -402,6 +409,7 @@ def create_app(
     device: str | None = None,
     max_queue: int = DEFAULT_MAX_QUEUE,
     loader: Callable[[], Any] | None = None,
+    lora: Path | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``model``; it starts loading when the app starts (lifespan).
 
@@ -413,6 +421,7 @@ def create_app(
         max_queue: Requests that may wait for the pipeline; more get 503 with ``Retry-After``.
         loader: Replaces the default loader (``trainer.loading.load_pipeline``); it must return a
             text-to-image pipeline.
+        lora: A LoRA adapter to load into ``model`` (requests may then set ``lora_scale``).
 
     Returns:
         A FastAPI app: ``POST /``, ``POST /models/{model_id}``, ``GET /health``.
@@ -427,6 +436,7 @@ def create_app(
         device=device,
         max_queue=max_queue,
         loader=loader,
+        lora=lora,
     )
 
     @contextlib.asynccontextmanager
@@ -454,6 +464,8 @@ def create_app(
             payload = TextToImageRequest.model_validate(body)
         except ValidationError as exc:
             return _error(400, _validation_messages(exc))
+        if payload.parameters.lora_scale is not None and server.lora is None:
+            return _error(400, f"parameters.lora_scale: {server.model_id} is not a LoRA model; leave it out.")
 
         if server.state == "loading":
             wait = request.headers.get("x-wait-for-model", "").lower() in ("1", "true")
@@ -548,6 +560,7 @@ def serve(
     port: int = 7860,
     model_id: str | None = None,
     config: Path | None = None,
+    lora: Path | None = None,
 ) -> None:
     """Serve ``model`` over the text-to-image protocol until interrupted (runs uvicorn).
 
@@ -560,6 +573,7 @@ def serve(
         port: TCP port.
         model_id: Id answered at ``/models/{model_id}``; default :func:`default_model_id`.
         config: For a single file: the diffusers folder describing its architecture.
+        lora: A LoRA adapter to load into ``model`` (a run's ``lora/`` folder or an adapter file).
 
     Raises:
         ValueError: an invalid ``model_id``.
@@ -569,7 +583,7 @@ def serve(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    app = create_app(model, model_id=model_id, config=config)
+    app = create_app(model, model_id=model_id, config=config, lora=lora)
     served_id = app.state.server.model_id
     if not _is_loopback(host):
         logger.warning("Listening on %s: anyone who can reach this port can generate images (no auth).", host)

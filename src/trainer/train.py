@@ -24,47 +24,50 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import itertools
-import json
 import math
-import re
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from trainer._console import StepProgress, console
-from trainer._fs import TMP_PREFIX, publish_dir, remove_stale_temp, temp_sibling
-from trainer.config import RunRecord
+from trainer._fs import publish_dir, remove_stale_temp, temp_sibling
+from trainer.checkpoints import (
+    CHECKPOINT_PREFIX,
+    StopSignal,
+    TrainingRNG,
+    check_fingerprint,
+    delete_checkpoints,
+    resolve_resume,
+    save_adapters_only,
+    save_checkpoint,
+    stop_requested,
+    unwrap,
+)
+from trainer.config import TEXT_ENCODER_LORA_TARGETS, RunRecord
 from trainer.errors import MissingDependency, TrainingError, TrainingInterrupted
+from trainer.lora_files import LORA_DIR, save_lora_weights
 from trainer.photos import load_photo
 
 if TYPE_CHECKING:
     import torch
-    from accelerate import Accelerator
 
 __all__ = [
-    "CHECKPOINT_PREFIX",
     "TrainResult",
     "TrainingData",
+    "add_lora_adapters",
     "batch_positions",
     "dreambooth_loss",
-    "find_checkpoints",
     "preflight",
     "train",
     "training_target",
 ]
 
-CHECKPOINT_PREFIX = "checkpoint-"
-_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
-_STATE_FILE = "trainer_state.json"
 _LATENT_BATCH = 8  # photos encoded per VAE call when caching latents
 
 
@@ -87,11 +90,12 @@ class TrainResult:
 
     Attributes:
         global_step: Optimizer steps done in total (including those before a resume).
-        model_dir: ``OUT/model`` when the pipeline was saved.
+        model_dir: What was saved: ``OUT/lora`` (the adapter) or ``OUT/model`` (the whole pipeline).
         resumed_from: The checkpoint training continued from, if any.
         last_loss: The loss of the last step run (``None`` if no step ran).
         step_times: Seconds per optimizer step run by this call (for benchmarks).
         peak_gpu_memory: ``torch.cuda.max_memory_allocated()`` in bytes, on CUDA.
+        trainable_parameters: Parameters the optimizer updated (the adapters only, with LoRA).
     """
 
     global_step: int
@@ -100,6 +104,7 @@ class TrainResult:
     last_loss: float | None
     step_times: list[float] = field(default_factory=list)
     peak_gpu_memory: int | None = None
+    trainable_parameters: int = 0
 
 
 def training_target(
@@ -175,18 +180,6 @@ def batch_positions(
     return [(epoch, pos, int(order[pos])) for pos in positions]
 
 
-def find_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in ``checkpoints_dir``, oldest first, as ``(step, folder)``."""
-    if not checkpoints_dir.is_dir():
-        return []
-    found = []
-    for entry in checkpoints_dir.iterdir():
-        match = _CHECKPOINT_RE.match(entry.name)
-        if match and (entry / _STATE_FILE).is_file():
-            found.append((int(match.group(1)), entry))
-    return sorted(found)
-
-
 def _load_part(cls: Any, base_model: str, subfolder: str) -> Any:
     """One component of the base model (diffusers and transformers loaders are untyped)."""
     return cls.from_pretrained(base_model, subfolder=subfolder)
@@ -227,52 +220,6 @@ def preflight(record: RunRecord) -> None:
                 "xformers only runs on CUDA GPUs and this machine has none: "
                 "use --attention sdpa (the default)."
             )
-
-
-class _StopSignal:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step (a second Ctrl-C quits)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
-        self.signum = signum
-        console.print(
-            f"[yellow]{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-            "(Ctrl-C again quits without saving)[/]"
-        )
-
-
-class _TrainingRNG:
-    """The one random generator of the loop (noise, timesteps, latent sampling); checkpointed."""
-
-    def __init__(self, seed: int, device: torch.device) -> None:
-        import torch
-
-        self.generator = torch.Generator(device).manual_seed(seed)
-
-    def save(self, path: Path) -> None:
-        import torch
-
-        torch.save(self.generator.get_state(), path)
-
-    def load(self, path: Path) -> None:
-        import torch
-
-        self.generator.set_state(torch.load(path, map_location="cpu", weights_only=True))
 
 
 def _pixels(paths: Sequence[Path], resolution: int) -> torch.Tensor:
@@ -318,85 +265,6 @@ def _enable_xformers(unet: Any) -> None:
             f"xformers is installed but cannot run here ({exc}). Use --attention sdpa (the default), or "
             "install the xformers build that matches your torch and CUDA versions."
         ) from exc
-
-
-def _resolve_resume(resume: str, checkpoints_dir: Path) -> Path | None:
-    checkpoints = find_checkpoints(checkpoints_dir)
-    if resume == "never":
-        return None
-    if resume in ("auto", "latest"):
-        if checkpoints:
-            return checkpoints[-1][1]
-        if resume == "latest":
-            raise TrainingError(
-                f"--resume latest: there is no checkpoint in {checkpoints_dir}. Drop --resume to start "
-                "from the beginning."
-            )
-        return None
-    path = Path(resume)
-    if not (path / _STATE_FILE).is_file():
-        raise TrainingError(
-            f"--resume {resume}: not a checkpoint folder (no {_STATE_FILE}); give `auto`, `latest`, "
-            f"`never` or a folder such as {checkpoints_dir / (CHECKPOINT_PREFIX + '500')}."
-        )
-    return path
-
-
-def _delete_checkpoints(checkpoints_dir: Path) -> None:
-    checkpoints = find_checkpoints(checkpoints_dir)
-    if checkpoints:
-        console.print(f"[yellow]--resume never: deleting {len(checkpoints)} earlier checkpoint(s)[/]")
-    for _, path in checkpoints:
-        shutil.rmtree(path)
-
-
-def _check_fingerprint(checkpoint: Path, record: RunRecord) -> dict[str, Any]:
-    state: dict[str, Any] = json.loads((checkpoint / _STATE_FILE).read_text(encoding="utf-8"))
-    saved, now = state.get("fingerprint", {}), record.training_fingerprint()
-    changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
-    if changed:
-        raise TrainingError(
-            f"{checkpoint} was saved by a run with other settings ({'; '.join(changed)}). Run with the "
-            "same settings to continue it, pass --resume never to start over, or choose another --output."
-        )
-    return state
-
-
-def _save_checkpoint(
-    accelerator: Accelerator,
-    checkpoints_dir: Path,
-    step: int,
-    record: RunRecord,
-    rng: _TrainingRNG,
-) -> Path:
-    """Save the complete training state as ``checkpoint-<step>``, atomically, and prune old ones.
-
-    Every process writes into one temporary folder (its RNG state included); the main process
-    then flushes it to disk and renames it into place, so a crash leaves either no new checkpoint
-    or a complete one.
-    """
-    final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = checkpoints_dir / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"  # same name on every process
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    rng.save(tmp / f"training_rng_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {
-            "global_step": step,
-            "max_train_steps": record.max_train_steps,
-            "num_processes": accelerator.num_processes,
-            "fingerprint": record.training_fingerprint(),
-        }
-        (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-        publish_dir(tmp, final)
-        for _, old in find_checkpoints(checkpoints_dir)[: -record.checkpoints_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def _save_pipeline(record: RunRecord, unet: Any, text_encoder: Any | None, out: Path) -> Path:
@@ -510,15 +378,21 @@ def train(
 
     # Frozen parts run in the mixed-precision dtype to save memory; trained weights stay in fp32
     # (accelerate autocasts the forward pass and keeps an fp32 master copy of what is trained).
+    # With LoRA every base weight is frozen and only the adapters train (in fp32).
+    lora = record.method == "lora"
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(record.mixed_precision, torch.float32)
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(record.train_text_encoder)
+    text_encoder.requires_grad_(record.train_text_encoder and not lora)
     vae.to(device)
     text_encoder.to(device)
     if weight_dtype != torch.float32:
         vae.to(dtype=weight_dtype)
-        if not record.train_text_encoder:
+        if lora or not record.train_text_encoder:
             text_encoder.to(dtype=weight_dtype)
+    if lora:
+        unet.requires_grad_(False)
+        unet.to(device, dtype=weight_dtype)
+        add_lora_adapters(record, unet, [text_encoder] if record.train_text_encoder else [])
 
     if record.attention == "xformers":
         _enable_xformers(unet)
@@ -531,11 +405,8 @@ def train(
             (enable or text_encoder.gradient_checkpointing_enable)()
 
     # -- 2. Optimizer and learning-rate schedule ----------------------------------------------------
-    params_to_optimize = (
-        itertools.chain(unet.parameters(), text_encoder.parameters())
-        if record.train_text_encoder
-        else unet.parameters()
-    )
+    trained = [unet, text_encoder] if record.train_text_encoder else [unet]
+    params_to_optimize = [p for model in trained for p in model.parameters() if p.requires_grad]
     optimizer = _select_optimizer(record)(
         params_to_optimize,
         lr=record.learning_rate,
@@ -558,18 +429,20 @@ def train(
     else:
         unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
         trained_models = (unet,)
-    rng = _TrainingRNG(record.seed + accelerator.process_index, device)
+    if lora:
+        save_adapters_only(accelerator)  # checkpoints of megabytes, not of the whole UNet
+    rng = TrainingRNG(record.seed + accelerator.process_index, device)
 
     # -- 3. Resume: weights, optimizer, LR schedule and every RNG state ----------------------------
     if accelerator.is_main_process:
         remove_stale_temp(checkpoints_dir)  # half-written checkpoints of a killed run
         if resume == "never":
-            _delete_checkpoints(checkpoints_dir)
+            delete_checkpoints(checkpoints_dir)
     accelerator.wait_for_everyone()
-    resume_from = _resolve_resume(resume, checkpoints_dir)
+    resume_from = resolve_resume(resume, checkpoints_dir)
     global_step = 0
     if resume_from is not None:
-        state = _check_fingerprint(resume_from, record)
+        state = check_fingerprint(resume_from, record)
         accelerator.load_state(str(resume_from))
         rng.load(resume_from / f"training_rng_{accelerator.process_index}.pt")
         global_step = int(state["global_step"])
@@ -658,14 +531,14 @@ def train(
     # -- 5. The loop ---------------------------------------------------------------------------
     for model in trained_models:
         model.train()
-    params_to_clip = [p for m in trained_models for p in m.parameters()]
+    params_to_clip = [p for m in trained_models for p in m.parameters() if p.requires_grad]
     step_times: list[float] = []
     last_loss: float | None = None
     micro_step = global_step * record.gradient_accumulation_steps
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     with (
-        _StopSignal() as stop,  # from here on SIGINT/SIGTERM mean "checkpoint, then stop"
+        StopSignal() as stop,  # from here on SIGINT/SIGTERM mean "checkpoint, then stop"
         StepProgress("Training", record.max_train_steps, completed=global_step) as bar,
     ):
         console.print(
@@ -735,12 +608,12 @@ def train(
 
             saved_now = False
             if global_step % record.checkpointing_steps == 0 and global_step < record.max_train_steps:
-                _save_checkpoint(accelerator, checkpoints_dir, global_step, record, rng)
+                save_checkpoint(accelerator, checkpoints_dir, global_step, record, rng)
                 saved_now = True
-            if global_step < record.max_train_steps and _stop_requested(accelerator, stop):
+            if global_step < record.max_train_steps and stop_requested(accelerator, stop):
                 checkpoint = checkpoints_dir / f"{CHECKPOINT_PREFIX}{global_step}"
                 if not saved_now:
-                    checkpoint = _save_checkpoint(accelerator, checkpoints_dir, global_step, record, rng)
+                    checkpoint = save_checkpoint(accelerator, checkpoints_dir, global_step, record, rng)
                 raise TrainingInterrupted(global_step, checkpoint, stop.signum or signal.SIGTERM)
             step_started = time.perf_counter()
 
@@ -748,29 +621,56 @@ def train(
     peak = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
     accelerator.wait_for_everyone()
     model_dir = None
-    if save_model and accelerator.is_main_process:
-        model_dir = _save_pipeline(
-            record,
-            _unwrap(accelerator, unet),
-            _unwrap(accelerator, text_encoder) if record.train_text_encoder else None,
-            output_dir / "model",
+    trained_te = unwrap(accelerator, text_encoder) if record.train_text_encoder else None
+    if save_model and accelerator.is_main_process and lora:
+        model_dir = save_lora_weights(
+            output_dir / LORA_DIR,
+            architecture=record.architecture,
+            unet=unwrap(accelerator, unet),
+            text_encoders=[trained_te] if trained_te is not None else [],
         )
+        console.print(f"Saved the LoRA adapter in {model_dir}")
+    elif save_model and accelerator.is_main_process:
+        model_dir = _save_pipeline(record, unwrap(accelerator, unet), trained_te, output_dir / "model")
         console.print(f"Saved the fine-tuned model in {model_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(global_step, model_dir, resume_from, last_loss, step_times, peak)
+    trainable = sum(p.numel() for p in params_to_clip)
+    return TrainResult(global_step, model_dir, resume_from, last_loss, step_times, peak, trainable)
 
 
-def _stop_requested(accelerator: Accelerator, stop: _StopSignal) -> bool:
-    """Whether any process got SIGINT/SIGTERM (all processes must agree before saving together)."""
-    if accelerator.num_processes == 1:
-        return stop.signum is not None
+def add_lora_adapters(record: RunRecord, unet: Any, text_encoders: list[Any]) -> None:
+    """Add the run's LoRA adapters (PEFT ``LoraConfig``) to the UNet and the given text encoders.
+
+    Only the adapters are trainable afterwards, and they are fp32 even when the frozen base weights
+    are fp16/bf16 (mixed-precision training needs fp32 master weights).
+
+    Raises:
+        TrainingError: no UNet module matches ``lora_target_modules``.
+    """
     import torch
+    from peft import LoraConfig, inject_adapter_in_model
 
-    flag = torch.tensor([1.0 if stop.signum is not None else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="max").item() > 0)
+    def config(targets: list[str]) -> Any:
+        return LoraConfig(
+            r=record.lora_rank,
+            lora_alpha=record.lora_alpha,
+            lora_dropout=record.lora_dropout,
+            init_lora_weights="gaussian",
+            target_modules=targets,
+        )
 
-
-def _unwrap(accelerator: Accelerator, model: Any) -> Any:
-    model = accelerator.unwrap_model(model)
-    return getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    try:
+        unet.add_adapter(config(record.lora_target_modules))
+    except ValueError as exc:
+        raise TrainingError(
+            f"--lora-target-modules {','.join(record.lora_target_modules)}: {exc} Use the preset "
+            "'attention' or names of the UNet's linear/conv layers such as to_q, proj_in, ff.net.2."
+        ) from exc
+    for text_encoder in text_encoders:
+        # PEFT's own injection (transformers 5's `add_adapter` asks for peft >= 0.22).
+        inject_adapter_in_model(config(TEXT_ENCODER_LORA_TARGETS), text_encoder)
+    for model in (unet, *text_encoders):
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(torch.float32)

@@ -59,6 +59,7 @@ def make_photos(
 def run_args(base: Path, photos: Path, out: Path, **overrides: Any) -> list[str]:
     """``sdtrain run``/``train`` arguments for the shared tiny run, with ``--flag value`` overrides."""
     options: dict[str, Any] = {
+        "method": "full",  # the shared run is a full fine-tune; LoRA runs pass method="lora"
         "base-model": base,
         "instance-dir": photos,
         "instance-prompt": INSTANCE_PROMPT,
@@ -190,6 +191,40 @@ def trained_run_result(
         message = f"sdtrain run failed ({result.exit_code}):\n{result.output}"
         raise AssertionError(message) from result.exception
     return TrainedRun(out, result.output, hub)
+
+
+# The shared LoRA run: rank 4 with alpha 8 (a scale of 2, so alpha handling is tested), with a
+# text-encoder adapter, at 1e-3 (adapters start at zero and must visibly move in 10 steps), on the
+# same photos and settings as the full run otherwise.
+LORA_OPTIONS: dict[str, Any] = {
+    "method": "lora",
+    "lora_rank": 4,
+    "lora_alpha": 8,
+    "train_text_encoder": True,
+    "learning_rate": 1e-3,
+}
+
+
+@pytest.fixture(name="lora_options", scope="session")
+def lora_options_fixture() -> dict[str, Any]:
+    """The options of the shared LoRA run (beside :func:`run_args`'s)."""
+    return dict(LORA_OPTIONS)
+
+
+@pytest.fixture(scope="session")
+def lora_run(tiny_sd1: Path, session_photos: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One complete ``sdtrain run --method lora`` on the tiny SD 1 model through the command line:
+    4 class images, 10 steps, 4 samples and the kohya file. Do not modify the folder."""
+    from typer.testing import CliRunner
+
+    from trainer.cli import app
+
+    out = tmp_path_factory.mktemp("lora-run") / "run"
+    result = CliRunner().invoke(app, ["run", *run_args(tiny_sd1, session_photos, out, **LORA_OPTIONS)])
+    if result.exit_code != 0:
+        message = f"sdtrain run --method lora failed ({result.exit_code}):\n{result.output}"
+        raise AssertionError(message) from result.exception
+    return out
 
 
 @pytest.fixture(scope="session")

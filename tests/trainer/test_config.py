@@ -9,6 +9,7 @@ import pytest
 
 from trainer.config import (
     DEFAULT_LEARNING_RATE,
+    DEFAULT_LORA_LEARNING_RATE,
     RunConfig,
     RunRecord,
     build_config,
@@ -56,7 +57,14 @@ def test_default_steps_rule(photos: int, steps: int) -> None:
 
 def test_defaults(tmp_path: Path) -> None:
     config = build_config(**_flags(tmp_path))
-    assert config.learning_rate == DEFAULT_LEARNING_RATE == 5e-6
+    assert config.method == "lora" and config.learning_rate == DEFAULT_LORA_LEARNING_RATE == 1e-4
+    assert config.lora_rank == config.lora_alpha == 16 and config.lora_target_modules == [
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out.0",
+    ]
+    assert build_config(**_flags(tmp_path, method="full")).learning_rate == DEFAULT_LEARNING_RATE == 5e-6
     assert config.resolution is None and config.max_train_steps is None  # derived later
     assert config.with_prior_preservation and config.num_class_images == 200
     assert config.mixed_precision == "auto" and config.attention == "sdpa"
@@ -238,7 +246,8 @@ def test_run_record_round_trips_and_holds_what_the_publisher_reads(tmp_path: Pat
     assert RunRecord.read(path) == record
     assert not list(tmp_path.glob(".tmp-*"))  # written atomically, nothing left behind
     fingerprint = record.training_fingerprint()
-    assert "max_train_steps" not in fingerprint and fingerprint["learning_rate"] == 5e-6
+    assert "max_train_steps" not in fingerprint and fingerprint["learning_rate"] == 1e-4
+    assert fingerprint["method"] == "lora" and fingerprint["lora_rank"] == 16
 
 
 def test_run_record_read_errors(tmp_path: Path) -> None:

@@ -20,9 +20,9 @@ import pytest
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from trainer.checkpoints import find_checkpoints
 from trainer.cli import app
 from trainer.config import RunRecord
-from trainer.train import find_checkpoints
 
 RunArgs = Callable[..., list[str]]
 UNET = Path("model/unet/diffusion_pytorch_model.safetensors")

@@ -12,6 +12,7 @@ import torch
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 
+from trainer.checkpoints import find_checkpoints
 from trainer.class_images import ensure_class_images, existing_class_images
 from trainer.config import RunRecord, build_config
 from trainer.errors import MissingDependency, TrainingError
@@ -20,7 +21,6 @@ from trainer.sample import read_png_text
 from trainer.train import (
     batch_positions,
     dreambooth_loss,
-    find_checkpoints,
     preflight,
     train,
     training_target,
