@@ -182,6 +182,7 @@ def test_v_prediction_with_text_encoder_accumulation_and_checkpointing(
         tiny_sd2,
         photos,
         out,
+        method="full",
         max_train_steps=2,
         with_prior_preservation=False,
         train_text_encoder=True,
