@@ -181,6 +181,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--check", action="store_true", help="generate one image in headless Chromium and exit"
     )
+    parser.add_argument(
+        "--method",
+        choices=["lora", "full"],
+        default="lora",
+        help="train a LoRA adapter (the default) or fine-tune the whole UNet",
+    )
     parser.add_argument("--fresh", action="store_true", help="start over instead of reusing an earlier run")
     args = parser.parse_args(argv)
 
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    base, photos, run_dir = work / "base", work / "photos", work / "run"
+    base, photos, run_dir = work / "base", work / "photos", work / f"run-{args.method}"
     sdtrain, sdproxy = str(BIN / "sdtrain"), str(BIN / "sdproxy")
 
     if not (base / "model_index.json").exists():
@@ -196,10 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     if not photos.exists():
         log(f"drawing instance photos in {photos}")
         draw_cat_photos(photos)
-    if not (run_dir / "model" / "model_index.json").exists():
+    trained = run_dir / ("lora/pytorch_lora_weights.safetensors" if args.method == "lora" else "model")
+    if not trained.exists():
         run(
             [
                 sdtrain, "run",
+                "--method", args.method,
                 "--base-model", str(base),
                 "--instance-dir", str(photos),
                 "--instance-prompt", INSTANCE_PROMPT,
@@ -230,7 +238,8 @@ def main(argv: list[str] | None = None) -> None:
         }
     )
     serve_log, proxy_log = work / "serve.log", work / "proxy.log"
-    serve_cmd = [sdtrain, "serve", str(run_dir / "model"), "--port", str(serve_port), "--model-id", MODEL_ID]
+    # A run folder serves what the run made: the base model with the adapter, or the whole model.
+    serve_cmd = [sdtrain, "serve", str(run_dir), "--port", str(serve_port), "--model-id", MODEL_ID]
     proxy_cmd = [sdproxy, "serve", "--host", "127.0.0.1", "--port", str(page_port)]
     log(f"serving the fine-tuned model on 127.0.0.1:{serve_port} (log: {serve_log})")
     with background(serve_cmd, serve_log) as serve:
