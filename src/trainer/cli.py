@@ -538,21 +538,26 @@ def serve(
 
 @app.command(
     "tiny-model",
-    epilog="Examples:\n\n  sdtrain tiny-model base/\n\n  sdtrain tiny-model base-v/ --variant sd2",
+    epilog=(
+        "Examples:\n\n  sdtrain tiny-model base/\n\n  sdtrain tiny-model base-v/ --variant sd2\n\n"
+        "  sdtrain tiny-model base-xl/ --variant sdxl"
+    ),
 )
 def tiny_model(
     out: Annotated[Path, typer.Argument(help="Folder to write.")],
-    variant: Annotated[str, typer.Option(help="sd1 (epsilon) or sd2 (v-prediction).")] = "sd1",
+    variant: Annotated[
+        str, typer.Option(help="sd1 (epsilon), sd2 (v-prediction) or sdxl (two text encoders).")
+    ] = "sd1",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
-    """Build an 8 MB random Stable Diffusion (64 px) to try the flow offline."""
+    """Build a few-MB random Stable Diffusion (64 px) to try the flow offline."""
     _quiet_libraries()
     with _errors():
-        if variant not in ("sd1", "sd2"):
-            raise ConfigError(f"--variant must be sd1 or sd2, not {variant!r}.")
-        from trainer.tiny import build_tiny_pipeline
+        from trainer.tiny import VARIANTS, build_tiny_pipeline
 
-        path = build_tiny_pipeline(out, variant=variant, seed=seed)  # type: ignore[arg-type]
+        if variant not in VARIANTS:
+            raise ConfigError(f"--variant must be one of {', '.join(VARIANTS)}, not {variant!r}.")
+        path = build_tiny_pipeline(out, variant=variant, seed=seed)
         console.print(f"Built a tiny {variant} pipeline in {path}")
 
 

@@ -1,7 +1,7 @@
 """Shared fixtures of the trainer tests: tiny pipelines, synthetic photos and one trained run.
 
-Everything is built offline, once per session where possible: two tiny pipelines (``tiny_sd1``
-epsilon, ``tiny_sd2`` v-prediction), a folder of photos, and one complete ``sdtrain run``
+Everything is built offline, once per session where possible: three tiny pipelines (``tiny_sd1``
+epsilon, ``tiny_sd2`` v-prediction, ``tiny_sdxl``), a folder of photos, and one complete ``sdtrain run``
 (``trained_run``) that several test modules inspect instead of training again.
 """
 
@@ -114,6 +114,12 @@ def tiny_sd1(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD 2.x-style pipeline (v-prediction, 64 px), built once per session."""
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd2"), variant="sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL-architecture pipeline (two text encoders, ``text_time`` UNet, 64 px), built once."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), variant="sdxl")
 
 
 @pytest.fixture

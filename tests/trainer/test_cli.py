@@ -168,7 +168,7 @@ def test_tiny_model_command(tmp_path: Path) -> None:
     assert (tmp_path / "v" / "model_index.json").is_file()
     assert '"v_prediction"' in (tmp_path / "v" / "scheduler" / "scheduler_config.json").read_text()
     bad = invoke("tiny-model", tmp_path / "w", "--variant", "sd3")
-    assert bad.exit_code == 2 and "--variant must be sd1 or sd2" in bad.output
+    assert bad.exit_code == 2 and "--variant must be one of sd1, sd2, sdxl" in bad.output
 
 
 @pytest.mark.slow

@@ -253,11 +253,11 @@ def test_full_size_key_layout_on_the_meta_device(variant: str) -> None:
 
     from trainer.tiny import _configs
 
-    text_cfg, unet_cfg, vae_cfg, _ = _configs(variant, "full", 49408)  # type: ignore[arg-type]
+    configs = _configs(variant, "full", 49408)  # type: ignore[arg-type]
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**unet_cfg)
-        vae = AutoencoderKL(**vae_cfg)
-        text = CLIPTextModel(CLIPTextConfig(**text_cfg))
+        unet = UNet2DConditionModel(**configs.unet)
+        vae = AutoencoderKL(**configs.vae)
+        text = CLIPTextModel(CLIPTextConfig(**configs.text_encoder))
     parts = ModelParts(
         unet=unet.state_dict(),
         unet_config=dict(unet.config),

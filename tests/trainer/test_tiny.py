@@ -1,0 +1,94 @@
+"""The tiny pipelines: Hub layout, keys as the real repos store them, and loading with the real loaders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TEXT_ENCODERS = {"sd1": ["text_encoder"], "sd2": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"]}
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])
+def test_text_encoders_are_saved_with_the_text_model_prefix(
+    request: pytest.FixtureRequest, variant: str
+) -> None:
+    """transformers 4.x loads an unprefixed CLIPTextModel file with random weights: every real repo
+    stores ``text_model.*`` (and a projection, when there is one, at the top level)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(request.getfixturevalue(f"tiny_{variant}"))
+    for name in TEXT_ENCODERS[variant]:
+        saved = load_file(folder / name / "model.safetensors")
+        assert saved, name
+        unprefixed = [k for k in saved if not k.startswith("text_model.")]
+        assert unprefixed == (["text_projection.weight"] if name == "text_encoder_2" else []), name
+        assert "text_model.encoder.layers.0.self_attn.q_proj.weight" in saved
+        assert "text_model.embeddings.token_embedding.weight" in saved
+
+        # And the installed transformers loads every saved tensor (none left at random).
+        cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+        model = cls.from_pretrained(folder / name)
+        loaded = {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
+        for key, tensor in saved.items():
+            assert torch.equal(loaded[key.removeprefix("text_model.")], tensor), key
+
+
+def test_tiny_sdxl_is_laid_out_like_sdxl_base(tiny_sdxl: Path) -> None:
+    index = json.loads((tiny_sdxl / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    assert index["scheduler"] == ["diffusers", "EulerDiscreteScheduler"]
+    assert index["force_zeros_for_empty_prompt"] is True
+    for folder in ("tokenizer", "tokenizer_2"):
+        assert (tiny_sdxl / folder / "vocab.json").is_file() and (tiny_sdxl / folder / "merges.txt").is_file()
+    assert json.loads((tiny_sdxl / "tokenizer_2" / "tokenizer_config.json").read_text())["pad_token"] == "!"
+
+    unet = json.loads((tiny_sdxl / "unet" / "config.json").read_text())
+    te1 = json.loads((tiny_sdxl / "text_encoder" / "config.json").read_text())
+    te2 = json.loads((tiny_sdxl / "text_encoder_2" / "config.json").read_text())
+    assert unet["addition_embed_type"] == "text_time"
+    assert unet["cross_attention_dim"] == te1["hidden_size"] + te2["hidden_size"]
+    time_ids = 6 * unet["addition_time_embed_dim"]
+    assert unet["projection_class_embeddings_input_dim"] == time_ids + te2["projection_dim"]
+    assert (te1["hidden_act"], te2["hidden_act"]) == ("quick_gelu", "gelu")
+    assert json.loads((tiny_sdxl / "vae" / "config.json").read_text())["scaling_factor"] == 0.13025
+
+
+@pytest.mark.slow
+def test_tiny_sdxl_loads_and_generates(tiny_sdxl: Path) -> None:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+
+    def image(seed: int) -> torch.Tensor:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        out = pipe("a photo of sks toy", num_inference_steps=2, generator=generator, output_type="pt")
+        return out.images[0]
+
+    first = image(0)
+    assert tuple(first.shape) == (3, 64, 64)
+    assert torch.isfinite(first).all()
+    assert torch.equal(first, image(0))
+    assert not torch.equal(first, image(1))
+
+
+def test_full_size_sdxl_has_the_released_shapes() -> None:
+    """SDXL base 1.0 built on the meta device: parameter counts of the released UNet and encoders."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from trainer.tiny import _configs
+
+    configs = _configs("sdxl", "full", 49408)
+    assert configs.text_encoder_2 is not None
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**configs.unet)
+        bigg = CLIPTextModelWithProjection(CLIPTextConfig(**configs.text_encoder_2))
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    assert sum(p.numel() for p in bigg.parameters()) == 694_659_840
