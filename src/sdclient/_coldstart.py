@@ -18,14 +18,14 @@ When a model is not loaded, the server answers ``503 {"error": "... is currently
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
 
 import httpx
 
-from ._exceptions import ModelLoadingTimeout, error_message_from_body
+from ._exceptions import ModelLoadingTimeout
 from ._retry import RetryPolicy
+from .protocol import Header, parse_loading
 
 __all__ = ["ColdStartGate", "LoadingAnswer", "loading_answer"]
 
@@ -42,34 +42,18 @@ class LoadingAnswer:
 
 
 def loading_answer(response: httpx.Response) -> LoadingAnswer | None:
-    """Recognise the cold-start answer of the protocol.
+    """Recognise the cold-start answer of the protocol (:func:`sdclient.protocol.parse_loading`).
 
     Args:
         response: A response whose body was read.
 
     Returns:
-        The estimate and message for ``503`` with a JSON body that has ``estimated_time`` or an
-        error mentioning "loading"; ``None`` for anything else.
+        The estimate, message and request id, or ``None`` for any other answer.
     """
-    if response.status_code != 503:
+    info = parse_loading(response.status_code, response.content, response.headers.get("content-type"))
+    if info is None:
         return None
-    body = response.content
-    if not body.lstrip().startswith(b"{"):
-        return None
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
-        return None
-    estimate = data.get("estimated_time")
-    error = data.get("error")
-    is_loading = isinstance(estimate, int | float) or (isinstance(error, str) and "loading" in error.lower())
-    if not is_loading:
-        return None
-    message = error_message_from_body(body, response.headers.get("content-type"))
-    seconds = float(estimate) if isinstance(estimate, int | float) and estimate >= 0 else None
-    return LoadingAnswer(seconds, message, response.headers.get("x-request-id"))
+    return LoadingAnswer(info.estimated_time, info.message, response.headers.get(Header.REQUEST_ID))
 
 
 LoadingHook = Callable[[float | None, str], None]
@@ -82,13 +66,24 @@ class ColdStartGate:
     Args:
         policy: Probe intervals.
         on_episode: Called once per loading episode with its length in seconds, when it ends.
+        clock: Monotonic clock (seconds); tests pass a fake one together with ``sleep``.
+        sleep: Sleeps that many seconds of ``clock``.
     """
 
     # An ETA that moves by less than this is not announced again.
     _ETA_EPSILON_S = 0.5
 
-    def __init__(self, policy: RetryPolicy, on_episode: Callable[[float], None] | None = None) -> None:
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        on_episode: Callable[[float], None] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._policy = policy
+        self._clock = clock
+        self._sleep = sleep
         self._on_episode = on_episode
         self._loading = False
         self._since = 0.0
@@ -153,7 +148,7 @@ class ColdStartGate:
 
         Args:
             send: Sends the request once and returns the read response (or raises).
-            deadline: ``time.monotonic()`` after which waiting gives up.
+            deadline: ``clock()`` after which waiting gives up.
             model: For error messages.
             on_loading: This call's hook for "loading" progress.
 
@@ -175,10 +170,10 @@ class ColdStartGate:
                 if not is_prober and self._loading:
                     # Wait while someone else probes; take over when the prober leaves.
                     if not announced:
-                        on_loading(self._eta(time.monotonic()), self._message)
+                        on_loading(self._eta(self._clock()), self._message)
                         announced = True
                     while self._loading and self._prober:
-                        now = time.monotonic()
+                        now = self._clock()
                         if now >= deadline:
                             raise self._timeout(model, waited, self._eta(now), self._message, last)
                         if self._changed is None:
@@ -189,17 +184,17 @@ class ColdStartGate:
                         except TimeoutError:
                             pass
                         finally:
-                            waited += time.monotonic() - now
+                            waited += self._clock() - now
                     if self._loading:  # the prober left without an answer: probe now
                         is_prober = self._prober = True
                 try:
                     response = await send()
                 except BaseException:
                     if is_prober:  # not a loading answer: let the waiters try for themselves
-                        self._open(time.monotonic())
+                        self._open(self._clock())
                     raise
                 answer = loading_answer(response)
-                now = time.monotonic()
+                now = self._clock()
                 if answer is None:
                     self._open(now)
                     return response, waited
@@ -214,8 +209,8 @@ class ColdStartGate:
                     raise self._timeout(model, waited, answer.estimated_time, answer.message, answer)
                 delay = min(self._probe_delay(answer.estimated_time, first=probes == 0), deadline - now)
                 probes += 1
-                await asyncio.sleep(delay)
-                waited += time.monotonic() - now
+                await self._sleep(delay)
+                waited += self._clock() - now
         finally:
             self._participants -= 1
             self._watchers.discard(on_loading)
@@ -224,7 +219,7 @@ class ColdStartGate:
                 self._notify()
             if self._loading and self._participants == 0:
                 # Everybody gave up: end the episode; the next call probes at once.
-                self._open(time.monotonic())
+                self._open(self._clock())
 
     def _probe_delay(self, estimate: float | None, *, first: bool) -> float:
         policy = self._policy

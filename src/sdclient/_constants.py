@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import httpx
 
+from .protocol import DEFAULT_BASE_URL, HF_HOST_SUFFIXES, HUB_ENDPOINT, ROUTER_URL
+
 __all__ = [
+    "CANCEL_TIMEOUT",
     "COLD_START_PROBE_INTERVAL",
     "DEFAULT_BASE_URL",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_MAX_WAIT_FOR_MODEL",
+    "DEFAULT_POLL_INTERVAL",
+    "DEFAULT_SCALE_UP_TIMEOUT",
     "DEFAULT_TIMEOUT",
+    "ENDPOINT_HOST_SUFFIX",
     "HF_HOST_SUFFIXES",
+    "HUB_ENDPOINT",
+    "ROUTER_URL",
     "INITIAL_RETRY_DELAY",
     "MAX_RETRY_AFTER",
     "MAX_RETRY_DELAY",
     "MIN_PROBE_INTERVAL",
 ]
 
-DEFAULT_BASE_URL = "https://router.huggingface.co/hf-inference"
-"""Where a Hub model id is sent: ``{DEFAULT_BASE_URL}/models/{model_id}``."""
 
 DEFAULT_TIMEOUT = httpx.Timeout(timeout=120.0, connect=10.0)
 """Generating one image on a busy GPU can take a minute: read generously, connect quickly."""
@@ -42,5 +48,14 @@ COLD_START_PROBE_INTERVAL = 1.0
 MIN_PROBE_INTERVAL = 0.25
 """Never probe a loading model more often than this, whatever its estimate says."""
 
-HF_HOST_SUFFIXES = ("huggingface.co", "huggingface.cloud")
-"""A token that was discovered (not passed explicitly) is only sent to these hosts and their subdomains."""
+DEFAULT_POLL_INTERVAL = 0.5
+"""Seconds between status requests of a job queued at a provider (huggingface_hub polls at 0.5 s too)."""
+
+ENDPOINT_HOST_SUFFIX = ".endpoints.huggingface.cloud"
+"""Dedicated Inference Endpoints: sent ``X-Scale-Up-Timeout`` unless told otherwise."""
+
+DEFAULT_SCALE_UP_TIMEOUT = 300.0
+"""Seconds a scaled-to-zero Endpoint is asked to hold a request (capped by ``max_wait_for_model``)."""
+
+CANCEL_TIMEOUT = 5.0
+"""Seconds allowed for cancelling a provider job the caller gave up on."""

@@ -3,9 +3,12 @@
 ```
 SDClientError
  ├─ UsageLimitExceeded             a budget would be exceeded; nothing was sent
- ├─ InvalidImage                   a 200 whose body is not a decodable image
+ ├─ InvalidImage                   a 200 whose body is not a decodable image (or an odd provider answer)
+ ├─ ProviderNotAvailable           no provider (or not the one named) serves the model (.providers)
+ ├─ JobFailed                      the provider ran the job and it failed (.provider)
  ├─ APIConnectionError             connect errors, resets, truncated bodies (after retries)
  │   └─ APITimeoutError            (also a TimeoutError)
+ │       └─ JobTimeout             a provider's job not done by max_wait_for_model (cancelled)
  └─ APIStatusError                 .status_code .request_id .message (server's text) .model
      ├─ InvalidRequest             400, 422
      ├─ AuthenticationError        401, 403
@@ -34,10 +37,9 @@ replaced by ``***``) and from the client's own hints.
 
 from __future__ import annotations
 
-import html
-import json
-import re
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from .protocol import error_message_from_body
 
 __all__ = [
     "APIConnectionError",
@@ -48,9 +50,12 @@ __all__ = [
     "InsufficientCredits",
     "InvalidImage",
     "InvalidRequest",
+    "JobFailed",
+    "JobTimeout",
     "ModelLoadingTimeout",
     "ModelNotFound",
     "PermissionDenied",
+    "ProviderNotAvailable",
     "RateLimited",
     "SDClientError",
     "ServerError",
@@ -58,8 +63,6 @@ __all__ = [
     "error_message_from_body",
     "make_status_error",
 ]
-
-_MAX_MESSAGE_CHARS = 300
 
 
 class SDClientError(Exception):
@@ -114,14 +117,61 @@ class APIConnectionError(SDClientError):
         message: What went wrong, without the token.
     """
 
-    def __init__(self, message: str, *, model: str) -> None:
+    def __init__(self, message: str, *, model: str, refused: bool = False) -> None:
         self.model = model
         self.message = message
+        self.refused = refused
+        """Nothing listened at the address (retried until the deadline: a server may be starting)."""
         super().__init__(message)
 
 
 class APITimeoutError(APIConnectionError, TimeoutError):
     """The server did not answer within the configured ``timeout`` (after retries)."""
+
+
+class ProviderNotAvailable(SDClientError):
+    """No Inference Provider this client supports serves the model (or not the one named).
+
+    Attributes:
+        model: The Hub model id.
+        providers: The supported providers that do serve it (empty: none).
+    """
+
+    def __init__(self, message: str, *, model: str, providers: list[str]) -> None:
+        self.model = model
+        self.providers = providers
+        super().__init__(message)
+
+
+class JobFailed(SDClientError):
+    """The provider accepted the job, ran it, and reports that it failed (or was cancelled). Not retried.
+
+    Attributes:
+        model: The Hub model id.
+        provider: The provider.
+        message: The provider's message.
+    """
+
+    def __init__(self, message: str, *, model: str, provider: str) -> None:
+        self.model = model
+        self.provider = provider
+        self.message = message
+        super().__init__(f"the {provider} job for {model} failed: {message}")
+
+
+class JobTimeout(APITimeoutError):
+    """A provider's job was still queued or running at ``max_wait_for_model``; it was cancelled
+    where the provider allows it.
+
+    Attributes:
+        provider: The provider.
+        waited_s: Seconds spent polling.
+    """
+
+    def __init__(self, message: str, *, model: str, provider: str, waited_s: float) -> None:
+        self.provider = provider
+        self.waited_s = waited_s
+        super().__init__(message, model=model)
 
 
 class APIStatusError(SDClientError):
@@ -308,65 +358,3 @@ def make_status_error(
     if cls is None:
         cls = ServerError if status_code >= 500 else APIStatusError
     return cls(message, status_code=status_code, model=model, request_id=request_id, retry_after=retry_after)
-
-
-_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
-_HIDDEN = re.compile(r"<(script|style|head)\b.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
-_TAG = re.compile(r"<[^>]+>")
-_SPACE = re.compile(r"\s+")
-
-
-def _shorten(text: str) -> str:
-    text = _SPACE.sub(" ", text).strip()
-    if len(text) > _MAX_MESSAGE_CHARS:
-        text = text[: _MAX_MESSAGE_CHARS - 1].rstrip() + "…"
-    return text
-
-
-def _from_json(data: Any) -> str | None:
-    if not isinstance(data, dict):
-        return None
-    error = data.get("error", data.get("message", data.get("detail")))
-    if isinstance(error, str):
-        return error
-    if isinstance(error, list):
-        return "; ".join(
-            str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in error
-        )
-    if isinstance(error, dict):  # {"error": {"code": ..., "message": ...}} (the proxy's shape)
-        inner = error.get("message")
-        return inner if isinstance(inner, str) else json.dumps(error)
-    return None
-
-
-def error_message_from_body(body: bytes, content_type: str | None, *, reason: str = "") -> str:
-    """Extract a short, human message from an error response body.
-
-    Handles ``{"error": "..."}``, ``{"error": ["...", ...]}``, HTML pages (reduced to their title or
-    first text) and plain text; falls back to the HTTP reason phrase for an empty body.
-
-    Args:
-        body: The raw response body.
-        content_type: The response's ``Content-Type`` header.
-        reason: The HTTP reason phrase, used when the body says nothing.
-
-    Returns:
-        At most about 300 characters of text.
-    """
-    text = body.decode("utf-8", errors="replace").strip()
-    if not text:
-        return reason or "(empty body)"
-    kind = (content_type or "").lower()
-    if "json" in kind or text[:1] in "{[":
-        try:
-            message = _from_json(json.loads(text))
-        except ValueError:
-            message = None
-        if message is not None:
-            return _shorten(message)
-    if "html" in kind or text[:1] == "<":
-        title = _TITLE.search(text)
-        if title and title.group(1).strip():
-            return _shorten(html.unescape(title.group(1)))
-        return _shorten(html.unescape(_TAG.sub(" ", _HIDDEN.sub(" ", text)))) or reason or "(HTML page)"
-    return _shorten(text)

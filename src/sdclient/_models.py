@@ -7,14 +7,17 @@ import json
 import re
 import unicodedata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ._imageinfo import ImageFormat
+from .protocol import GenerateRequest, PngText
 
 if TYPE_CHECKING:
     from PIL import Image
+
+ImageFormat = Literal["png", "jpeg", "webp"]
+"""Formats the client accepts."""
 
 __all__ = [
     "GenerateRequest",
@@ -25,59 +28,6 @@ __all__ = [
     "Timings",
     "image_filename",
 ]
-
-
-class GenerateRequest(BaseModel):
-    """One text-to-image request: the prompt and the generation parameters.
-
-    Fields left ``None`` are not sent, so the server's defaults apply.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    prompt: str = Field(min_length=1)
-    """What to draw."""
-    negative_prompt: str | None = None
-    """What to steer away from."""
-    width: int | None = Field(default=None, gt=0, le=4096)
-    """Image width in pixels (Stable Diffusion wants a multiple of 8)."""
-    height: int | None = Field(default=None, gt=0, le=4096)
-    """Image height in pixels (Stable Diffusion wants a multiple of 8)."""
-    num_inference_steps: int | None = Field(default=None, gt=0, le=1000)
-    """Denoising steps: more is slower and usually finer."""
-    guidance_scale: float | None = Field(default=None, ge=0)
-    """How strongly the image follows the prompt (classifier-free guidance)."""
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    """Random seed; the same seed and parameters give the same image."""
-    scheduler: str | None = None
-    """A diffusers scheduler class name, e.g. ``"EulerDiscreteScheduler"``."""
-    extra_parameters: dict[str, Any] | None = None
-    """Further entries for the ``parameters`` object, sent as given."""
-
-    def parameters(self) -> dict[str, Any]:
-        """The ``parameters`` object of the request body, unset fields omitted."""
-        params: dict[str, Any] = dict(self.extra_parameters or {})
-        for name in ("negative_prompt", "width", "height", "num_inference_steps", "guidance_scale"):
-            value = getattr(self, name)
-            if value is not None:
-                params[name] = value
-        if self.seed is not None:
-            params["seed"] = self.seed
-        if self.scheduler is not None:
-            params["scheduler"] = self.scheduler
-        return params
-
-    def to_payload(self) -> dict[str, Any]:
-        """The JSON body of the protocol: ``{"inputs": prompt, "parameters": {...}}``.
-
-        Returns:
-            A dict ready for ``json.dumps``; ``parameters`` is left out when empty.
-        """
-        payload: dict[str, Any] = {"inputs": self.prompt}
-        params = self.parameters()
-        if params:
-            payload["parameters"] = params
-        return payload
 
 
 class Timings(BaseModel):
@@ -91,6 +41,9 @@ class Timings(BaseModel):
     """What the server reported in ``x-compute-time``, if it did."""
     cold_start_wait_s: float = 0.0
     """Seconds spent waiting for the model to load."""
+    request_s: float = 0.0
+    """The answered request alone (the image's download for a provider that sends a URL): what
+    usage counts as compute time when the server does not report ``compute_s``."""
 
 
 _SLUG = re.compile(r"[^a-z0-9]+")
@@ -131,6 +84,8 @@ class GeneratedImage(BaseModel):
     """What was sent, with the seed that was used filled in."""
     model: str
     """The model id or endpoint URL that answered."""
+    provider: str = "endpoint"
+    """Who served it: an Inference Provider (``hf-inference``, ``fal-ai``, ...) or ``endpoint`` for a URL."""
     timings: Timings
     """Total, compute and cold-start seconds."""
     attempts: int = 1
@@ -162,11 +117,11 @@ class GeneratedImage(BaseModel):
     def png_text(self) -> dict[str, str]:
         """The text metadata written into saved PNGs."""
         return {
-            "prompt": self.request.prompt,
-            "negative_prompt": self.request.negative_prompt or "",
-            "seed": "" if self.request.seed is None else str(self.request.seed),
-            "parameters": json.dumps(self.request.parameters(), sort_keys=True),
-            "model": self.model,
+            PngText.PROMPT: self.request.prompt,
+            PngText.NEGATIVE_PROMPT: self.request.negative_prompt or "",
+            PngText.SEED: "" if self.request.seed is None else str(self.request.seed),
+            PngText.PARAMETERS: json.dumps(self.request.parameters(), sort_keys=True),
+            PngText.MODEL: self.model,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -201,15 +156,16 @@ class GeneratedImage(BaseModel):
 class GenerationEvent(BaseModel):
     """Progress of one ``generate`` call, passed to ``on_event`` hooks.
 
-    ``kind`` is one of: ``queued`` (accepted, waiting for a concurrency slot), ``sending`` (an HTTP
-    request goes out; ``attempt`` counts them), ``loading`` (a cold-start wait started or its ETA
-    changed; ``eta_s``), ``retrying`` (a transient failure; ``delay_s`` until the next try),
-    ``done`` and ``failed`` (``message`` says why).
+    ``kind`` is one of: ``queued`` (accepted, waiting for a concurrency slot; later, waiting in a
+    provider's queue, with ``position`` where it says), ``sending`` (the request goes out;
+    ``attempt`` counts them), ``loading`` (a cold-start wait started or its ETA changed;
+    ``eta_s``), ``generating`` (the provider started on the job), ``retrying`` (a transient
+    failure; ``delay_s`` until the next try), ``done`` and ``failed`` (``message`` says why).
     """
 
     model_config = ConfigDict(frozen=True)
 
-    kind: Literal["queued", "sending", "loading", "retrying", "done", "failed"]
+    kind: Literal["queued", "sending", "loading", "generating", "retrying", "done", "failed"]
     """What happened."""
     model: str
     """The model id or endpoint URL."""
@@ -219,6 +175,8 @@ class GenerationEvent(BaseModel):
     """``loading``: seconds until the server expects the model to be ready."""
     delay_s: float | None = None
     """``retrying``: seconds until the next attempt."""
+    position: int | None = None
+    """``queued`` at a provider: the job's place in its queue, where the provider says."""
     message: str | None = None
     """``retrying``/``failed``: what went wrong; ``loading``: the server's message."""
 

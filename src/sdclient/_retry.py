@@ -5,12 +5,15 @@ creates nothing and changes nothing; the worst a duplicate does is compute (and 
 So a request that may already have run (read timeout, reset, truncated body) is repeated like any
 other transient failure. Errors the caller has to fix (4xx other than 408/429) are never retried.
 
-Cold-start waits (503 with ``estimated_time``) are not retries: they are handled by
+A refused connection (nothing listens yet: a self-hosted server still starting) is retried until
+the call's deadline, not just ``max_retries`` times. Cold-start waits (503 with
+``estimated_time``) are not retries: they are handled by
 :mod:`sdclient._coldstart` inside one attempt and bounded by ``max_wait_for_model`` only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import random
 import time
@@ -23,6 +26,8 @@ from tenacity.asyncio import AsyncRetrying
 
 from ._constants import (
     COLD_START_PROBE_INTERVAL,
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_POLL_INTERVAL,
     INITIAL_RETRY_DELAY,
     MAX_RETRY_AFTER,
     MAX_RETRY_DELAY,
@@ -33,9 +38,7 @@ from ._exceptions import APIConnectionError, APIStatusError, ModelLoadingTimeout
 __all__ = [
     "RETRYABLE_STATUS_CODES",
     "RetryPolicy",
-    "StopAtDeadline",
     "backoff_delay",
-    "build_retrying",
     "call_with_retries",
     "is_retryable",
     "parse_retry_after",
@@ -49,8 +52,19 @@ RETRYABLE_STATUS_CODES = frozenset({408, 429, 500, 502, 503, 504})
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Timing knobs of retries and cold-start probing (tests shrink them)."""
+    """When and how often :class:`SDClient` tries again: ``SDClient(retry=RetryPolicy(...))``.
 
+    Example:
+        ```python
+        patient = RetryPolicy(max_retries=6, max_delay=30.0)
+        client = SDClient("user/sd-model", retry=patient)
+        ```
+    """
+
+    max_retries: int = DEFAULT_MAX_RETRIES
+    """Re-sends after a transient failure (5xx, 429, timeouts, resets). A refused connection (a
+    server still starting) is retried until ``max_wait_for_model`` instead; cold-start waits do
+    not count."""
     initial_delay: float = INITIAL_RETRY_DELAY
     """First back-off delay; doubles per retry."""
     max_delay: float = MAX_RETRY_DELAY
@@ -61,6 +75,17 @@ class RetryPolicy:
     """Longest gap between cold-start probes once the first estimate has passed."""
     min_probe_interval: float = MIN_PROBE_INTERVAL
     """Shortest gap between cold-start probes."""
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    """Gap between status requests of a job queued at a provider."""
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        for name in ("initial_delay", "max_delay", "max_retry_after", "probe_interval", "min_probe_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
+        if not self.poll_interval > 0:
+            raise ValueError(f"poll_interval must be > 0 seconds, got {self.poll_interval}")
 
 
 def parse_retry_after(
@@ -138,50 +163,44 @@ class _Wait(tenacity.wait.wait_base):
         return backoff_delay(retry_state.attempt_number, self.policy)
 
 
-class StopAtDeadline(tenacity.stop.stop_base):
-    """Tenacity stop: give up when the next sleep would end past ``deadline`` (``time.monotonic()``)."""
+class _Stop(tenacity.stop.stop_base):
+    """Tenacity stop: at the deadline (when the next sleep would end past it), or after
+    ``max_retries`` re-sends; refused connections do not count towards these."""
 
-    def __init__(self, deadline: float) -> None:
+    def __init__(self, max_retries: int, deadline: float, clock: Callable[[], float]) -> None:
+        self.max_retries = max_retries
         self.deadline = deadline
+        self.clock = clock
+        self.counted = 0
 
     def __call__(self, retry_state: tenacity.RetryCallState) -> bool:
-        return time.monotonic() + retry_state.upcoming_sleep >= self.deadline
-
-
-def build_retrying(policy: RetryPolicy) -> AsyncRetrying:
-    """The tenacity controller of one client (a template: :func:`call_with_retries` copies it).
-
-    Args:
-        policy: Back-off timing.
-
-    Returns:
-        An ``AsyncRetrying`` that retries what :func:`is_retryable` accepts, waits as the server
-        asks or backs off, and re-raises the last error when it gives up.
-    """
-    return AsyncRetrying(retry=tenacity.retry_if_exception(is_retryable), wait=_Wait(policy), reraise=True)
+        if self.clock() + retry_state.upcoming_sleep >= self.deadline:
+            return True
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, APIConnectionError) and exc.refused:
+            return False  # a server that is still starting: wait for it until the deadline
+        self.counted += 1
+        return self.counted > self.max_retries
 
 
 async def call_with_retries(
     attempt: Callable[[], Awaitable[T]],
     *,
-    retrying: AsyncRetrying,
-    max_retries: int,
+    policy: RetryPolicy,
     deadline: float,
     before_sleep: Callable[[tenacity.RetryCallState], None],
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
 ) -> T:
-    """Run ``attempt``, retrying transient failures as ``retrying`` says, never past ``deadline``.
-
-    Most calls succeed at once, and a tenacity controller costs 50-100 µs per use (a few percent
-    of a local request), so the first attempt runs bare. After a retryable failure tenacity takes
-    over: its first "attempt" re-raises that failure, so attempt counts, waits and stops are
-    exactly tenacity's.
+    """Run ``attempt``, retrying transient failures (see :func:`is_retryable`), never past ``deadline``.
 
     Args:
         attempt: One try (sends and parses), raising on failure.
-        retrying: The client's template from :func:`build_retrying`.
-        max_retries: Re-sends allowed after the first attempt.
-        deadline: ``time.monotonic()`` after which no sleep may end.
+        policy: How many re-sends and how long to wait between them.
+        deadline: ``clock()`` after which no sleep may end.
         before_sleep: Called before each sleep (events, usage, logging).
+        clock: The monotonic clock the deadline is on.
+        sleep: Sleeps seconds of ``clock`` (``asyncio.sleep`` by default).
 
     Returns:
         What ``attempt`` returned.
@@ -189,17 +208,12 @@ async def call_with_retries(
     Raises:
         Exception: The last failure, once retries, the deadline or retryability run out.
     """
-    try:
-        return await attempt()
-    except Exception as exc:
-        if not is_retryable(exc):
-            raise
-        replay: list[Exception] = [exc]
-    stop = tenacity.stop_any(tenacity.stop_after_attempt(max_retries + 1), StopAtDeadline(deadline))
-    controller = retrying.copy(stop=stop, before_sleep=before_sleep)
-    async for trial in controller:
-        with trial:
-            if replay:
-                raise replay.pop()  # the first attempt, already made above
-            return await attempt()
-    raise AssertionError("tenacity ended without a result or an error")  # pragma: no cover
+    retrying = AsyncRetrying(
+        sleep=sleep or asyncio.sleep,
+        retry=tenacity.retry_if_exception(is_retryable),
+        wait=_Wait(policy),
+        stop=_Stop(policy.max_retries, deadline, clock),
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    return await retrying(attempt)

@@ -19,6 +19,7 @@ from ._client import EventHook, SDClient
 from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_MAX_WAIT_FOR_MODEL, DEFAULT_TIMEOUT
 from ._exceptions import SDClientError
 from ._models import GeneratedImage, GenerateRequest, ModelStatus
+from ._providers import ProviderName, Route
 from ._retry import RetryPolicy
 from ._usage import UsageSnapshot, UsageTracker
 
@@ -30,18 +31,22 @@ T = TypeVar("T")
 class ClientOptions(TypedDict, total=False):
     """Keyword arguments of :class:`SDClient` (see there)."""
 
+    provider: ProviderName
     token: str | None
     base_url: str | None
+    router_url: str
+    hub_url: str
     timeout: float | httpx.Timeout
     max_wait_for_model: float
-    max_retries: int
+    max_retries: int | None
+    retry: RetryPolicy | None
+    scale_up_timeout: float | None
     max_concurrency: int | None
     usage: UsageTracker | None
     http_client: httpx.AsyncClient | None
     http_backend: Literal["httpx", "aiohttp"]
     headers: Mapping[str, str] | None
     on_event: EventHook | None
-    _policy: RetryPolicy | None
 
 
 class GenerateOptions(TypedDict, total=False):
@@ -113,9 +118,18 @@ class SyncSDClient:
         return self._client.model
 
     @property
-    def url(self) -> str:
-        """Where requests are sent."""
+    def url(self) -> str | None:
+        """Where requests are POSTed (``None`` until the route is known)."""
         return self._client.url
+
+    @property
+    def route(self) -> Route | None:
+        """See :attr:`SDClient.route`."""
+        return self._client.route
+
+    def resolve_route(self) -> Route:
+        """See :meth:`SDClient.resolve_route`."""
+        return self._run(self._client.resolve_route())
 
     @property
     def usage(self) -> UsageSnapshot:

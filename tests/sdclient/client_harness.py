@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
-from sdclient import SDClient
-from sdclient._retry import RetryPolicy
+from sdclient import RetryPolicy, SDClient
 
 MODEL_ID = "user/sd-model"
 
@@ -20,3 +20,22 @@ FAST = RetryPolicy(
 
 MakeClient = Callable[..., SDClient]
 """The `make_client` fixture: `make_client(model_url=None, **SDClient kwargs)`."""
+
+
+class FakeClock:
+    """A monotonic clock that only moves when something sleeps on it: timing tests without waiting.
+
+    Pass it as ``SDClient(clock=fake, sleep=fake.sleep)``.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += max(0.0, seconds)
+        await asyncio.sleep(0)

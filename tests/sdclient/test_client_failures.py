@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from client_harness import FAST, MakeClient
+from client_harness import FakeClock, FAST, MakeClient
 
 import sdclient
 from sdclient import GenerationEvent
@@ -141,7 +141,7 @@ async def test_429_retry_after_http_date_is_honoured(server: InferenceTestServer
 async def test_429_retry_after_is_capped(server: InferenceTestServer, make_client: MakeClient):
     server.enqueue(Reply.rate_limited(retry_after=3600), Reply.image())
     events: list[GenerationEvent] = []
-    client = make_client(on_event=events.append, _policy=dataclasses.replace(FAST, max_retry_after=0.2))
+    client = make_client(on_event=events.append, retry=dataclasses.replace(FAST, max_retry_after=0.2))
 
     image = await client.generate("a fox")
 
@@ -359,17 +359,46 @@ def _refused_url() -> str:
     return f"http://127.0.0.1:{port}/models/{'user/sd-model'}"
 
 
-async def test_connection_refused_is_retried_then_raised(make_client: MakeClient):
+async def test_connection_refused_is_retried_until_the_deadline_then_raised(make_client: MakeClient):
+    clock = FakeClock()
     events: list[GenerationEvent] = []
-    client = make_client(_refused_url(), max_retries=2, on_event=events.append)
+    client = make_client(
+        _refused_url(),
+        max_retries=2,
+        max_wait_for_model=5.0,
+        clock=clock,
+        sleep=clock.sleep,
+        on_event=events.append,
+    )
 
     with pytest.raises(sdclient.APIConnectionError) as info:
         await client.generate("a fox")
 
     assert not isinstance(info.value, sdclient.APITimeoutError)
     assert "ConnectError" in str(info.value)
-    assert [e.kind for e in events].count("sending") == 3
+    # A server that is still starting refuses connections: waited for until max_wait_for_model,
+    # not just max_retries times.
+    assert [e.kind for e in events].count("sending") > 3
+    assert clock.now <= 5.0
     assert client.usage.total.failures == {"APIConnectionError": 1}
+
+
+async def test_a_server_that_starts_late_is_waited_for(make_client: MakeClient):
+    url = _refused_url()
+    port = int(url.split(":")[2].split("/")[0])
+    late = InferenceTestServer(port=port)
+
+    def start_on_the_fifth_send(event: GenerationEvent) -> None:
+        if event.kind == "sending" and event.attempt == 5:
+            late.start()
+
+    client = make_client(url, max_retries=1, on_event=start_on_the_fifth_send)
+    try:
+        image = await client.generate("a fox")
+    finally:
+        late.stop()
+    assert image.attempts == 5
+    assert len(late.requests) == 1
 
 
 async def test_read_timeout_on_a_hanging_server(server: InferenceTestServer, make_client: MakeClient):

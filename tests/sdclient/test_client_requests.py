@@ -121,10 +121,19 @@ async def test_hub_id_with_base_url(server: InferenceTestServer, make_client: Ma
     assert server.requests[0].path == f"/models/{MODEL_ID}"
 
 
-def test_hub_id_goes_to_the_router_by_default():
-    client = SDClient("user/sd-raza")
+def test_hub_id_on_hf_inference_goes_to_the_router():
+    client = SDClient("user/sd-raza", provider="hf-inference")
     assert client.url == "https://router.huggingface.co/hf-inference/models/user/sd-raza"
+    assert client.route == sdclient.Route(
+        provider="hf-inference", model="user/sd-raza", provider_model="user/sd-raza", url=client.url
+    )
     assert sdclient.DEFAULT_BASE_URL == "https://router.huggingface.co/hf-inference"
+
+
+def test_hub_id_with_auto_asks_the_hub_before_the_first_call():
+    client = SDClient("user/sd-raza")
+    assert client.provider == "auto"
+    assert client.route is None and client.url is None
 
 
 @pytest.mark.parametrize(
@@ -207,7 +216,7 @@ async def test_login_token_is_used_when_no_env(monkeypatch: pytest.MonkeyPatch, 
     route = respx.post("https://router.huggingface.co/hf-inference/models/u/m").mock(
         return_value=httpx.Response(200, content=tiny_png)
     )
-    async with SDClient("u/m") as client:
+    async with SDClient("u/m", provider="hf-inference") as client:
         await client.generate("a fox")
     assert route.calls.last.request.headers["authorization"] == "Bearer hf_from_login_file"
 
@@ -219,9 +228,9 @@ async def test_argument_beats_env_beats_login(monkeypatch: pytest.MonkeyPatch, t
     route = respx.post("https://router.huggingface.co/hf-inference/models/u/m").mock(
         return_value=httpx.Response(200, content=tiny_png)
     )
-    async with SDClient("u/m", token="hf_arg") as client:
+    async with SDClient("u/m", provider="hf-inference", token="hf_arg") as client:
         await client.generate("a fox")
-    async with SDClient("u/m") as client:
+    async with SDClient("u/m", provider="hf-inference") as client:
         await client.generate("a fox")
     assert [c.request.headers["authorization"] for c in route.calls] == ["Bearer hf_arg", "Bearer hf_env"]
 
@@ -238,7 +247,7 @@ def test_token_with_a_line_break_is_refused_without_echoing_it():
 
 async def test_injected_http_client_is_used_and_not_closed(server: InferenceTestServer):
     async with httpx.AsyncClient(headers={"X-Injected": "yes"}) as http:
-        async with SDClient(server.model_url(MODEL_ID), http_client=http, _policy=FAST) as client:
+        async with SDClient(server.model_url(MODEL_ID), http_client=http, retry=FAST) as client:
             await client.generate("a fox")
         assert not http.is_closed
     assert server.requests[0].headers["x-injected"] == "yes"

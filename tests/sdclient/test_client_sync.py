@@ -18,7 +18,7 @@ def test_sync_client_generates(server: InferenceTestServer, http_backend: str):
     with SyncSDClient(
         server.model_url(MODEL_ID),
         on_event=events.append,
-        _policy=FAST,
+        retry=FAST,
         http_backend="aiohttp" if http_backend == "aiohttp" else "httpx",
     ) as client:
         server.enqueue(Reply.html(502), Reply.image())
@@ -35,7 +35,7 @@ def test_sync_client_generates(server: InferenceTestServer, http_backend: str):
 
 def test_sync_client_raises_typed_errors(server: InferenceTestServer):
     server.default = Reply.error(404, "Model user/sd-model does not exist")
-    with SyncSDClient(server.model_url(MODEL_ID), _policy=FAST) as client:
+    with SyncSDClient(server.model_url(MODEL_ID), retry=FAST) as client:
         with pytest.raises(sdclient.ModelNotFound):
             client.generate("a fox")
         results = client.generate_many(["a", "b"], return_exceptions=True)

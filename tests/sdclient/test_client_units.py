@@ -13,12 +13,12 @@ from client_harness import MakeClient
 from PIL import Image
 
 import sdclient
-from sdclient import GeneratedImage, GenerateRequest
+from sdclient import GeneratedImage, GenerateRequest, RetryPolicy
 from sdclient._coldstart import loading_answer
-from sdclient._exceptions import error_message_from_body, make_status_error
-from sdclient._imageinfo import _header_size, image_size, is_complete, sniff
+from sdclient._exceptions import make_status_error
 from sdclient._models import image_filename
-from sdclient._retry import RetryPolicy, backoff_delay, is_retryable, parse_retry_after
+from sdclient._retry import backoff_delay, is_retryable, parse_retry_after
+from sdclient.protocol import error_message_from_body
 from sdclient.testing import InferenceTestServer, Reply
 
 NOW = 1_700_000_000.0
@@ -287,61 +287,3 @@ def test_generated_image_repr_has_no_bytes():
     )
     assert "data=" not in repr(image)
     assert image.seed == 1
-
-
-# -- image headers -------------------------------------------------------------------------
-
-
-def _encode(image: Image.Image, format: str, **options: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format, **options)
-    return buffer.getvalue()
-
-
-@pytest.mark.parametrize("size", [(1, 1), (64, 64), (512, 512), (513, 77), (77, 1024), (4096, 8)])
-@pytest.mark.parametrize(
-    ("mode", "format", "options"),
-    [
-        ("RGB", "PNG", {}),
-        ("RGBA", "PNG", {}),
-        ("P", "PNG", {}),
-        ("L", "JPEG", {}),
-        ("RGB", "JPEG", {"quality": 85}),
-        ("RGB", "JPEG", {"progressive": True}),
-        ("RGB", "JPEG", {"exif": b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x00"}),
-        ("RGB", "WEBP", {"quality": 80}),
-        ("RGB", "WEBP", {"lossless": True}),
-        ("RGBA", "WEBP", {"quality": 80}),
-    ],
-)
-def test_image_size_from_headers_matches_pillow(
-    size: tuple[int, int], mode: str, format: str, options: dict[str, object]
-):
-    data = _encode(Image.new(mode, size), format, **options)
-    fmt = sniff(data)
-    assert fmt == format.lower()
-    assert _header_size(fmt, data) == size  # read directly, not through the Pillow fallback
-    assert image_size(fmt, data) == size
-    assert is_complete(fmt, data)
-    assert not is_complete(fmt, data[: len(data) // 2])
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"\x89PNG\r\n\x1a\n" + b"\0" * 40,
-        b"\xff\xd8\xff\xe0" + b"\0" * 40,
-        b"\xff\xd8\xff\xda\x00\x08" + b"\0" * 40,  # scan before frame header
-        b"RIFF\x20\x00\x00\x00WEBPVP8Z" + b"\0" * 40,
-    ],
-)
-def test_unparsable_headers_raise(data: bytes):
-    fmt = sniff(data)
-    assert fmt is not None
-    with pytest.raises(ValueError):
-        image_size(fmt, data)
-
-
-@pytest.mark.parametrize("data", [b"", b"GIF89a...", b'{"error": "x"}', b"\xff\xd8", b"RIFF1234WAVE"])
-def test_sniff_rejects_other_bytes(data: bytes):
-    assert sniff(data) is None
