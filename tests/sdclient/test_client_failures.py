@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from client_harness import FakeClock, FAST, MakeClient
+from client_harness import FAST, FakeClock, MakeClient
 
 import sdclient
 from sdclient import GenerationEvent

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import json
 import math
 import threading
@@ -189,10 +190,11 @@ class FakeRouter:
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
-            for host in ("router", "images"):
+            hosts: tuple[Literal["router", "images"], ...] = ("router", "images")
+            for host in hosts:
                 server = loop.run_until_complete(
                     asyncio.start_server(
-                        lambda r, w, h=host: self._serve(r, w, h), "127.0.0.1", 0, backlog=512
+                        functools.partial(self._serve, host=host), "127.0.0.1", 0, backlog=512
                     )
                 )
                 self._servers.append(server)
@@ -332,7 +334,9 @@ class FakeRouter:
 
     # -- serving -----------------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: Literal["router", "images"]
+    ) -> None:
         try:
             while True:
                 try:
@@ -347,7 +351,7 @@ class FakeRouter:
                     self._requests.append(
                         RoutedRequest(
                             request.method, request.path, request.query, request.headers, body, host
-                        )  # type: ignore[arg-type]
+                        )
                     )
                 if host == "images":
                     status, payload, content_type, headers = self._image(request)
@@ -398,7 +402,7 @@ class FakeRouter:
 
     def _render(self, job: _Job) -> bytes:
         params = job.parameters
-        size = params.get("image_size") if isinstance(params.get("image_size"), dict) else {}
+        size: dict[str, Any] = params["image_size"] if isinstance(params.get("image_size"), dict) else {}
         width = params.get("width") or size.get("width") or self.image_size
         height = params.get("height") or size.get("height") or self.image_size
         if isinstance(params.get("size"), str) and "x" in params["size"]:
@@ -471,7 +475,10 @@ class FakeRouter:
         script = job.script
         if elapsed < script.queue_s:
             left = script.queue_s - elapsed
-            position = script.position if script.position is not None else max(0, math.ceil(left) - 1)
+            if script.position is not None:
+                position = script.position
+            else:  # one job ahead per second of queue left (a stuck job stays behind 10)
+                position = 10 if math.isinf(left) else max(0, math.ceil(left) - 1)
             return "queued", position
         if elapsed < script.queue_s + script.run_s:
             return "running", 0
