@@ -116,7 +116,7 @@ local function forget(name)
   local size = tonumber(redis.call('HGET', KEYS[4], name) or '0')
   redis.call('HDEL', KEYS[4], name)
   redis.call('ZREM', KEYS[3], name)
-  redis.call('HINCRBY', KEYS[2], 'bytes', -size)
+  if size > 0 then redis.call('HINCRBY', KEYS[2], 'bytes', -size) end
   return size
 end
 for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])) do forget(name) end
@@ -147,6 +147,11 @@ return 1
 
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
+
+
+def _now_ms() -> str:
+    """Now in milliseconds, with its fraction: cache uses within one millisecond stay ordered."""
+    return repr(time.time() * 1000)
 
 
 class RedisStore(Store):
@@ -299,7 +304,7 @@ class RedisStore(Store):
     async def cache_get(self, key: str, *, ttl_s: float) -> bytes | None:
         keys = [f"{self.prefix}cache:{key}", self.prefix + "cache-stats", self.prefix + "cache-index"]
         async with self._guard():
-            value = await self._cache_get(keys=keys, args=[key, _ms(ttl_s), _ms(time.time())])
+            value = await self._cache_get(keys=keys, args=[key, _ms(ttl_s), _now_ms()])
         return value if isinstance(value, bytes) else None
 
     async def cache_put(self, key: str, value: bytes, *, ttl_s: float, max_bytes: int) -> None:
@@ -316,7 +321,7 @@ class RedisStore(Store):
             value,
             _ms(ttl_s),
             max_bytes,
-            _ms(time.time()),
+            _now_ms(),
             self.prefix + "cache:",
         ]
         async with self._guard():
