@@ -19,10 +19,10 @@ from starlette.responses import Response
 import sdclient
 
 from .admission import AdmissionQueue
-from .cache import ImageCache
 from .config import Settings, load_settings
-from .deps import AppState
-from .errors import ProxyError, error_body, install_error_handlers, register_secret
+from .deps import AppState, LifespanState
+from .errors import ProxyError, SecretRegistry, current_secrets, error_body, install_error_handlers
+from .jobs import JobManager
 from .limits import ClientLimiter
 from .middleware import (
     REQUEST_ID_HEADER,
@@ -30,9 +30,11 @@ from .middleware import (
     LoadSheddingMiddleware,
     RequestContextMiddleware,
 )
-from .routes import generate, ops
+from .routes import generate, jobs, openai, ops
 from .routes.generate import IMAGE_HEADERS
-from .service import GenerationResult, GenerationService
+from .service import GenerationService
+from .store import MemoryStore, Store
+from .webhooks import WebhookSender
 
 __all__ = ["create_app"]
 
@@ -76,13 +78,15 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
     """
     settings = settings if settings is not None else load_settings()
     token = settings.resolve_token()
-    register_secret(token)
-    for key in (settings.admin_key, *settings.api_keys):
-        register_secret(key.get_secret_value() if key is not None else None)
+    secrets = SecretRegistry()
+    secrets.add(token)
+    for key in (settings.admin_key, settings.webhook_secret, settings.redis_url, *settings.api_keys):
+        secrets.add(key.get_secret_value() if key is not None else None)
     logging.getLogger("proxy").setLevel(settings.log_level)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[LifespanState]:
+        current_secrets.set(secrets)  # for the lifespan's log lines and the tasks it starts
         own_client = client is None
         sd = client or sdclient.SDClient(
             settings.model or "",
@@ -94,20 +98,46 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
             http_backend=settings.http_backend,
             usage=sdclient.UsageTracker(settings.usage_db) if settings.usage_db else None,
         )
-        cache: ImageCache[GenerationResult] = ImageCache(settings.cache_max_bytes)
+        store = _open_store(settings)
+        await store.start()
         service = GenerationService(
             sd,
+            store=store,
             admission=AdmissionQueue(settings.max_concurrency, settings.queue_size),
-            cache=cache,
+            cache_max_bytes=settings.cache_max_bytes,
+            cache_ttl_s=settings.cache_ttl_s,
             coalesce=settings.coalesce,
+            global_max_concurrency=settings.global_max_concurrency,
+            flight_lease_s=_flight_lease(settings),
         )
         limiter = ClientLimiter(
+            store,
             per_minute=settings.rate_limit_per_minute,
             burst=settings.rate_limit_burst,
             daily_quota=settings.daily_quota,
+            key_monthly_budget=settings.key_monthly_budget,
+            fail_open=settings.fail_open,
         )
-        state = AppState(settings=settings, service=service, limiter=limiter)
-        app.state.proxy = state
+        webhooks = None
+        if settings.webhook_secret is not None:
+            webhooks = WebhookSender(
+                settings.webhook_secret.get_secret_value(),
+                allow_private=settings.webhook_allow_private,
+                max_attempts=settings.webhook_max_attempts,
+                backoff_s=settings.webhook_backoff_s,
+            )
+        job_manager = JobManager(store, service, limiter, ttl_s=settings.job_ttl_s, webhooks=webhooks)
+        state = AppState(
+            settings=settings,
+            store=store,
+            service=service,
+            limiter=limiter,
+            jobs=job_manager,
+            secrets=secrets,
+        )
+        app.state.proxy = (
+            state  # for code that holds the app (tests, embedding); requests use the lifespan state
+        )
         warmup = asyncio.create_task(_warm_up(sd)) if settings.warmup else None
         state.started = True
         logger.info(
@@ -119,14 +149,17 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
                 "queue_size": settings.queue_size,
                 "cors_origins": settings.allowed_origins,
                 "api_keys": len(settings.api_keys),
+                "store": "redis" if store.shared else "memory",
             },
         )
         try:
-            yield
+            yield {"proxy": state}
         finally:
             state.started = False
             if warmup is not None and not warmup.done():
                 warmup.cancel()
+            await job_manager.aclose()
+            await store.aclose()
             if own_client:
                 await sd.aclose()
             logger.info("proxy stopped")
@@ -140,6 +173,8 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
     )
     install_error_handlers(app)
     app.include_router(generate.router)
+    app.include_router(jobs.router)
+    app.include_router(openai.router)
     app.include_router(ops.router)
     if settings.static_dir is not None:
         # Its own path: the static mount never answers OPTIONS or POST meant for the API.
@@ -157,13 +192,34 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
             _CORSMiddleware,
             allow_origins=settings.allowed_origins,
             allow_credentials=settings.allow_credentials,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Content-Type", "Accept", "Authorization", "X-API-Key", REQUEST_ID_HEADER],
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=[
+                "Content-Type",
+                "Accept",
+                "Authorization",
+                "X-API-Key",
+                "Idempotency-Key",
+                REQUEST_ID_HEADER,
+            ],
             expose_headers=[*IMAGE_HEADERS, REQUEST_ID_HEADER, "Retry-After"],
             max_age=600,
         )
-    app.add_middleware(RequestContextMiddleware)  # outermost: every answer gets a request id
+    app.add_middleware(RequestContextMiddleware, secrets=secrets)  # outermost: every answer gets a request id
     return app
+
+
+def _open_store(settings: Settings) -> Store:
+    """Redis when `SDPROXY_REDIS_URL` is set, else this process's memory."""
+    if settings.redis_url is None:
+        return MemoryStore()
+    from .redis_store import RedisStore
+
+    return RedisStore(settings.redis_url.get_secret_value(), prefix=settings.redis_prefix)
+
+
+def _flight_lease(settings: Settings) -> float:
+    """The longest one upstream call can take: every attempt's timeout plus the cold-start wait."""
+    return settings.upstream_timeout * (settings.max_retries + 1) + settings.max_wait_for_model + 30
 
 
 async def _warm_up(client: sdclient.SDClient) -> None:

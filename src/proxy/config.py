@@ -138,6 +138,37 @@ class Settings(BaseSettings):
     usage_db: Path | None = Field(
         default=None, description="SQLite file for upstream usage (shared by workers)."
     )
+    redis_url: SecretStr | None = Field(
+        default=None,
+        description="Keep limits, quotas, cache, coalescing and jobs in Redis, shared by every "
+        "instance (`redis://host:6379/0`); unset: in this process's memory.",
+    )
+    redis_prefix: str = Field(default="sdproxy:", min_length=1, description="Start of every Redis key.")
+    fail_open: bool = Field(
+        default=False,
+        description="When Redis is down, let requests through without rate limits, quotas and the "
+        "global cap (logged) instead of answering 503 `store_unavailable`.",
+    )
+    cache_ttl_s: float = Field(default=3600.0, gt=0, description="Seconds an image stays cached after use.")
+    global_max_concurrency: int = Field(
+        default=0, ge=0, description="Upstream calls at once over every instance sharing Redis (0: off)."
+    )
+    key_monthly_budget: int = Field(
+        default=0, ge=0, description="Images per API key per calendar month, UTC (0: unlimited)."
+    )
+    job_ttl_s: float = Field(
+        default=3600.0, gt=0, description="Seconds jobs and their images are kept (`/v1/jobs`, `/v1/images`)."
+    )
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Signs job webhooks (HMAC-SHA256); unset: `webhook_url` is refused."
+    )
+    webhook_allow_private: bool = Field(
+        default=False, description="Allow webhooks to loopback and private addresses (tests, intranets)."
+    )
+    webhook_max_attempts: int = Field(default=5, ge=1, le=20, description="Deliveries tried per webhook.")
+    webhook_backoff_s: float = Field(
+        default=1.0, gt=0, description="First pause between webhook attempts; doubles, at most 60 s."
+    )
 
     # -- parsing ---------------------------------------------------------------------------------
 
@@ -218,6 +249,18 @@ class Settings(BaseSettings):
             problems.append(
                 f"{ENV_PREFIX}ADMIN_KEY must be at least {MIN_KEY_LENGTH} characters "
                 "(generate one with `python -c 'import secrets; print(secrets.token_urlsafe(24))'`)"
+            )
+        if self.redis_url is not None:
+            parts = urlsplit(self.redis_url.get_secret_value())
+            if parts.scheme not in ("redis", "rediss", "unix"):
+                problems.append(
+                    f"{ENV_PREFIX}REDIS_URL is not a Redis URL: write redis://host:6379/0 "
+                    "(rediss:// for TLS, redis://:password@host:6379/0 with a password)"
+                )
+        if self.webhook_secret is not None and len(self.webhook_secret.get_secret_value()) < MIN_KEY_LENGTH:
+            problems.append(
+                f"{ENV_PREFIX}WEBHOOK_SECRET must be at least {MIN_KEY_LENGTH} characters "
+                "(generate one with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
             )
         if self.static_dir is not None and not (self.static_dir / "index.html").is_file():
             problems.append(

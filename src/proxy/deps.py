@@ -7,23 +7,29 @@ import hmac
 import ipaddress
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypedDict
 
 from fastapi import Depends, Request
 
 from .config import IPNetwork, Settings
-from .errors import NotFound, NotReady, Unauthorized
+from .errors import NotFound, NotReady, SecretRegistry, Unauthorized
 from .limits import ClientLimiter
 from .service import GenerationService
+from .store import Admitted, Store
+
+if TYPE_CHECKING:
+    from .jobs import JobManager
 
 __all__ = [
     "AdminDep",
     "Admission",
     "AdmissionDep",
     "AppState",
+    "LifespanState",
     "StateDep",
     "StreamAdmissionDep",
     "admit",
+    "admit_caller",
     "client_ip",
     "get_state",
     "identify_caller",
@@ -35,9 +41,19 @@ class AppState:
     """Everything one app instance (one worker process) holds while it runs."""
 
     settings: Settings
+    store: Store
     service: GenerationService
     limiter: ClientLimiter
+    jobs: JobManager
+    secrets: SecretRegistry
     started: bool = False
+
+
+class LifespanState(TypedDict):
+    """What the app's lifespan yields: Starlette hands it to every request (`request.state`) and
+    to the middleware (`scope["state"]`)."""
+
+    proxy: AppState
 
 
 # Dependencies are `async def` even where they do not await: FastAPI runs plain `def` dependencies
@@ -45,7 +61,7 @@ class AppState:
 
 
 async def get_state(request: Request) -> AppState:
-    state: AppState | None = getattr(request.app.state, "proxy", None)
+    state: AppState | None = getattr(request.state, "proxy", None)
     if state is None:
         raise NotReady("The proxy is not started yet.")
     return state
@@ -137,46 +153,53 @@ AdminDep = Depends(require_admin)
 
 @dataclass
 class Admission:
-    """A generate call that passed the API-key check and the rate limit, and holds one image of its
-    caller's daily quota until `deliver()` (image answered) or `release()` (no image)."""
+    """A generate call that passed the API-key check and the rate limit, and holds its images of
+    the caller's quota and budget until `deliver()` (answered) or `release()` (not answered).
+    Settling twice does nothing: an image is never charged twice."""
 
     state: AppState
     caller: str
+    held: Admitted
     settled: bool = False
 
-    def deliver(self) -> None:
-        """The image was answered: count it against the caller's quota."""
+    async def deliver(self) -> None:
+        """The images were answered: count them against the caller's quota."""
         if not self.settled:
             self.settled = True
-            self.state.limiter.commit_image(self.caller)
+            await self.state.limiter.deliver(self.held)
 
-    def release(self) -> None:
-        """No image was answered: give the held image back."""
+    async def release(self) -> None:
+        """No image was answered: give the held images back."""
         if not self.settled:
             self.settled = True
-            self.state.limiter.release_image(self.caller)
+            await self.state.limiter.release(self.held)
+
+
+async def admit_caller(state: AppState, caller: str, images: int = 1) -> Admission:
+    """Apply the caller's rate limit and hold `images` of its quota and budget (one store call).
+
+    Raises:
+        RateLimitExceeded: The caller's bucket is empty.
+        QuotaExceeded: The caller has used today's images or its key's monthly budget.
+        StoreUnavailable: The store cannot be reached (and fail-open is off).
+    """
+    return Admission(state, caller, await state.limiter.admit(caller, images))
 
 
 async def admit(request: Request) -> Admission:
     """Identify the caller, count the request, apply its rate limit and hold one image of its
     daily quota. One flat dependency: each dependency FastAPI resolves costs time per request.
+    (A full queue was answered before, by `LoadSheddingMiddleware`.)
 
     Raises:
         NotReady: The app has not started.
         Unauthorized: API keys are configured and the request has none, or an unknown one.
         RateLimitExceeded: The caller's bucket is empty.
         QuotaExceeded: The caller has used today's images.
-        Busy: Every generation slot and queue place is taken.
+        StoreUnavailable: The store cannot be reached (and fail-open is off).
     """
     state = await get_state(request)
-    caller = identify_caller(request, state)
-    if state.service.admission.is_full():  # answered before a stream starts, as plain JSON
-        raise state.service.admission.busy_error()
-    limiter = state.limiter
-    limiter.count(caller, "requests")
-    limiter.check_rate(caller)
-    limiter.reserve_image(caller)
-    return Admission(state, caller)
+    return await admit_caller(state, identify_caller(request, state))
 
 
 async def admit_for_stream(request: Request) -> AsyncIterator[Admission]:
@@ -185,7 +208,7 @@ async def admit_for_stream(request: Request) -> AsyncIterator[Admission]:
     try:
         yield admission
     finally:
-        admission.release()
+        await admission.release()
 
 
 AdmissionDep = Annotated[Admission, Depends(admit)]

@@ -9,11 +9,13 @@ ProxyError
  ├─ PayloadTooLarge       413 payload_too_large
  ├─ Unauthorized          401 unauthorized       (client API key or admin key)
  ├─ NotFound              404 not_found
+ ├─ Conflict              409 idempotency_conflict (an Idempotency-Key reused with another body)
  ├─ RateLimitExceeded     429 rate_limited       (this proxy's per-client limit, or the upstream's)
  ├─ QuotaExceeded         429 quota_exceeded     (per-client daily images, or the service's budget)
  ├─ ModelLoading          503 model_loading      (cold start longer than the configured wait)
  ├─ Busy                  503 busy               (every slot and queue place taken)
  ├─ NotReady              503 not_ready          (starting or stopping)
+ ├─ StoreUnavailable      503 store_unavailable  (the shared store, Redis, cannot be reached)
  ├─ UpstreamTimeout       504 upstream_timeout
  └─ UpstreamFailure       502 upstream_error
      ├─ UpstreamAuth          upstream_auth      (the proxy's token was refused)
@@ -23,11 +25,14 @@ ProxyError
 ```
 
 Messages written for upstream failures never contain the token: they are composed here from the
-status code, and the model server's own text is passed through `redact()` first.
+status code, and the model server's own text is passed through `redact()` first. The secrets to
+mask are kept per app (`SecretRegistry`): the app makes the registry current (`current_secrets`)
+for its lifespan and each request, so two apps in one process never see each other's secrets.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 from collections.abc import Sequence
@@ -42,6 +47,7 @@ import sdclient
 
 __all__ = [
     "Busy",
+    "Conflict",
     "InvalidInput",
     "ModelLoading",
     "NotFound",
@@ -50,6 +56,8 @@ __all__ = [
     "ProxyError",
     "QuotaExceeded",
     "RateLimitExceeded",
+    "SecretRegistry",
+    "StoreUnavailable",
     "Unauthorized",
     "UpstreamAuth",
     "UpstreamCredits",
@@ -57,7 +65,9 @@ __all__ = [
     "UpstreamNotFound",
     "UpstreamRejected",
     "UpstreamTimeout",
+    "current_secrets",
     "error_body",
+    "error_from_body",
     "error_response",
     "from_client_error",
     "install_error_handlers",
@@ -66,21 +76,36 @@ __all__ = [
 
 logger = logging.getLogger("proxy.errors")
 
-_secrets: list[str] = []
+
+class SecretRegistry:
+    """The secrets of one app (its token, API keys, admin key, webhook secret), masked by `redact`."""
+
+    def __init__(self) -> None:
+        self._secrets: list[str] = []
+
+    def add(self, secret: str | None) -> None:
+        """Remember a secret so that `redact()` masks it wherever it shows up."""
+        if secret and secret not in self._secrets:
+            self._secrets.append(secret)
+
+    def redact(self, text: str) -> str:
+        """Mask every registered secret in `text`."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
 
 
-def register_secret(secret: str | None) -> None:
-    """Remember a secret (the token, keys) so that `redact()` masks it wherever it shows up."""
-    if secret and secret not in _secrets:
-        _secrets.append(secret)
+current_secrets: contextvars.ContextVar[SecretRegistry | None] = contextvars.ContextVar(
+    "current_secrets", default=None
+)
+"""The registry of the app running the current task (set by the app's lifespan and middleware)."""
 
 
 def redact(text: str) -> str:
-    """Mask every registered secret in `text`."""
-    for secret in _secrets:
-        if secret in text:
-            text = text.replace(secret, "***")
-    return text
+    """Mask every secret of the current app in `text`."""
+    registry = current_secrets.get()
+    return text if registry is None else registry.redact(text)
 
 
 class ProxyError(Exception):
@@ -118,6 +143,10 @@ class NotFound(ProxyError):
     status_code, code = 404, "not_found"
 
 
+class Conflict(ProxyError):
+    status_code, code = 409, "idempotency_conflict"
+
+
 class RateLimitExceeded(ProxyError):
     status_code, code = 429, "rate_limited"
 
@@ -136,6 +165,13 @@ class Busy(ProxyError):
 
 class NotReady(ProxyError):
     status_code, code = 503, "not_ready"
+
+
+class StoreUnavailable(ProxyError):
+    status_code, code = 503, "store_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float | None = 2) -> None:
+        super().__init__(message, retry_after=retry_after)
 
 
 class UpstreamTimeout(ProxyError):
@@ -233,6 +269,15 @@ def error_body(exc: ProxyError) -> dict[str, Any]:
     return {"error": detail}
 
 
+def error_from_body(status_code: int, body: dict[str, Any]) -> ProxyError:
+    """The inverse of `error_body`: an error answered by another instance, to raise here."""
+    detail = body["error"]
+    error = ProxyError(detail["message"], retry_after=detail.get("retry_after"))
+    error.status_code = status_code
+    error.code = detail["code"]
+    return error
+
+
 def error_response(exc: ProxyError, headers: dict[str, str] | None = None) -> JSONResponse:
     """The HTTP answer for `exc`, with `Retry-After` where it applies."""
     all_headers = dict(headers or {})
@@ -276,6 +321,7 @@ def describe_validation_errors(errors: Sequence[Any]) -> str:
 _HTTP_CODES = {
     401: "unauthorized",
     404: "not_found",
+    409: "idempotency_conflict",
     405: "method_not_allowed",
     413: "payload_too_large",
     415: "unsupported_media_type",

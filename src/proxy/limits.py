@@ -1,145 +1,134 @@
-"""Per-client protection: a token-bucket rate limit, a daily image quota, and per-client counts.
+"""Per-client protection: a token-bucket rate limit, a daily image quota, a monthly budget per API
+key, and per-client usage counts, all kept in the app's store.
 
-State lives in this process's memory. With several uvicorn workers each worker has its own buckets
-and counters, so the effective limits are multiplied by the number of workers (docs/proxy.md).
+With the memory store each process has its own buckets and counters (several workers multiply the
+limits); with Redis every instance shares them, and the check-and-take is one atomic script.
 """
 
 from __future__ import annotations
 
+import calendar
+import logging
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
-from .errors import QuotaExceeded, RateLimitExceeded
+from .errors import QuotaExceeded, RateLimitExceeded, StoreUnavailable
+from .store import Admitted, Store, Window
 
-__all__ = ["ClientLimiter", "TokenBucket"]
+__all__ = ["ClientLimiter"]
 
-MAX_TRACKED_CLIENTS = 100_000
-"""Buckets kept in memory; the least recently seen client's bucket is dropped beyond this."""
+logger = logging.getLogger("proxy.limits")
 
-
-@dataclass
-class TokenBucket:
-    """`capacity` tokens, refilled at `rate` tokens a second; one request takes one token."""
-
-    capacity: float
-    rate: float
-    tokens: float
-    updated: float
-
-    def take(self, now: float) -> float:
-        """Take one token.
-
-        Returns:
-            0 when a token was taken, else the seconds until one will be available.
-        """
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return 0.0
-        return (1 - self.tokens) / self.rate
+DAY_S = 86_400
 
 
-def _utc_day(now: float) -> int:
-    return int(now // 86_400)
+def _day_window(limit: int, now: float) -> Window:
+    day = int(now // DAY_S)
+    return Window("quota", limit, day, (day + 1) * DAY_S - now)
+
+
+def _month_window(limit: int, now: float) -> Window:
+    moment = datetime.fromtimestamp(now, UTC)
+    days = calendar.monthrange(moment.year, moment.month)[1]
+    start = datetime(moment.year, moment.month, 1, tzinfo=UTC).timestamp()
+    return Window("budget", limit, moment.year * 12 + moment.month - 1, start + days * DAY_S - now)
 
 
 class ClientLimiter:
-    """Rate limit and daily quota per client id, plus counters for `GET /usage`.
+    """Admission of generate calls per client id, against the store.
 
     Args:
+        store: Where buckets and counters live.
         per_minute: Sustained requests a minute per client; 0 turns the rate limit off.
         burst: Requests a client may send at once before the rate applies.
         daily_quota: Images per client per UTC day; 0 means unlimited.
+        key_monthly_budget: Images per API key per calendar month (UTC); 0 means unlimited.
+            Applies to callers identified by an API key only.
+        fail_open: When the store cannot be reached, let requests through unchecked (logged)
+            instead of answering 503 `store_unavailable`.
         clock: Seconds since the epoch (injectable for tests).
     """
 
     def __init__(
         self,
+        store: Store,
         *,
         per_minute: float,
         burst: int,
         daily_quota: int,
+        key_monthly_budget: int = 0,
+        fail_open: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.store = store
         self.per_minute = per_minute
         self.burst = burst
         self.daily_quota = daily_quota
+        self.key_monthly_budget = key_monthly_budget
+        self.fail_open = fail_open
         self._clock = clock
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-        self._day = _utc_day(clock())
-        self._images_today: Counter[str] = Counter()
-        self._reserved: Counter[str] = Counter()
-        self.counts: dict[str, Counter[str]] = {}
 
-    def count(self, client: str, what: str) -> None:
-        """Add one to a per-client counter (`requests`, `images`, `rate_limited`, ...)."""
-        if client not in self.counts and len(self.counts) >= MAX_TRACKED_CLIENTS:
-            self.counts.pop(next(iter(self.counts)))
-        self.counts.setdefault(client, Counter())[what] += 1
+    async def admit(self, caller: str, images: int = 1) -> Admitted:
+        """Count the request, apply the rate limit and hold `images` of the caller's quota and
+        budget, all at once: a refused request holds nothing.
 
-    def check_rate(self, client: str) -> None:
-        """Take one token from the client's bucket.
+        Returns:
+            What was held, to give back with `release` or to settle with `deliver`.
 
         Raises:
-            RateLimitExceeded: The bucket is empty; `retry_after` says when it will not be.
+            RateLimitExceeded: The caller's bucket is empty.
+            QuotaExceeded: The daily quota or the key's monthly budget is used up.
+            StoreUnavailable: The store cannot be reached (and `fail_open` is off).
         """
-        if self.per_minute <= 0:
-            return
         now = self._clock()
-        bucket = self._buckets.get(client)
-        if bucket is None:
-            bucket = TokenBucket(self.burst, self.per_minute / 60, float(self.burst), now)
-            self._buckets[client] = bucket
-            if len(self._buckets) > MAX_TRACKED_CLIENTS:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(client)
-        wait = bucket.take(now)
-        if wait:
-            self.count(client, "rate_limited")
+        windows = []
+        if self.daily_quota > 0:
+            windows.append(_day_window(self.daily_quota, now))
+        if self.key_monthly_budget > 0 and caller.startswith("key:"):
+            windows.append(_month_window(self.key_monthly_budget, now))
+        try:
+            outcome = await self.store.admit(
+                caller, per_minute=self.per_minute, burst=self.burst, windows=windows, images=images, now=now
+            )
+        except StoreUnavailable:
+            if not self.fail_open:
+                raise
+            logger.warning("store unavailable: request let through without limits (fail-open)")
+            return Admitted(caller, images, ())
+        if isinstance(outcome, Admitted):
+            return outcome
+        if outcome.what == "rate":
             raise RateLimitExceeded(
                 f"Too many requests: at most {self.per_minute:g} a minute (bursts of {self.burst}). "
-                f"Try again in {wait:.0f} s.",
-                retry_after=wait,
+                f"Try again in {outcome.retry_after:.0f} s.",
+                retry_after=outcome.retry_after,
             )
-
-    def reserve_image(self, client: str) -> None:
-        """Hold one image of the client's daily quota until `commit_image` or `release_image`.
-
-        Raises:
-            QuotaExceeded: The client has used its images for today.
-        """
-        if self.daily_quota <= 0:
-            return
-        now = self._clock()
-        if _utc_day(now) != self._day:
-            self._day = _utc_day(now)
-            self._images_today.clear()
-        if self._images_today[client] + self._reserved[client] >= self.daily_quota:
-            self.count(client, "quota_exceeded")
+        if outcome.what == "budget":
             raise QuotaExceeded(
-                f"Daily limit of {self.daily_quota} images reached. It resets at midnight UTC.",
-                retry_after=(self._day + 1) * 86_400 - now,
+                f"This API key's monthly budget of {self.key_monthly_budget} images is used up. "
+                "It renews on the first day of next month (UTC).",
+                retry_after=outcome.retry_after,
             )
-        self._reserved[client] += 1
+        raise QuotaExceeded(
+            f"Daily limit of {self.daily_quota} images reached. It resets at midnight UTC.",
+            retry_after=outcome.retry_after,
+        )
 
-    def commit_image(self, client: str) -> None:
-        """The reserved image was delivered: count it against today's quota."""
-        self.count(client, "images")
-        if self.daily_quota <= 0:
-            return
-        self._release(client)
-        self._images_today[client] += 1
+    async def deliver(self, held: Admitted) -> None:
+        """The held images were answered: count them (they stay counted in the windows)."""
+        await self._safely(self.store.count(held.caller, "images", held.images))
 
-    def release_image(self, client: str) -> None:
-        """The reserved image was not delivered: give the reservation back."""
-        if self.daily_quota > 0:
-            self._release(client)
+    async def release(self, held: Admitted) -> None:
+        """No image was answered: give the held images back."""
+        await self._safely(self.store.release(held))
 
-    def _release(self, client: str) -> None:
-        self._reserved[client] -= 1
-        if self._reserved[client] <= 0:
-            del self._reserved[client]
+    async def count(self, caller: str, what: str, n: int = 1) -> None:
+        """Add to a per-client counter (`errors`, ...), never failing the request for it."""
+        await self._safely(self.store.count(caller, what, n))
+
+    async def _safely(self, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except StoreUnavailable:
+            logger.warning("store unavailable: a usage count or release was lost")

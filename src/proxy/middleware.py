@@ -12,7 +12,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import PayloadTooLarge, ProxyError, error_response
+from .errors import PayloadTooLarge, ProxyError, SecretRegistry, current_secrets, error_response
 from .logs import request_id_var
 
 __all__ = [
@@ -39,10 +39,12 @@ def accept_request_id(incoming: str | None) -> str:
 
 
 class RequestContextMiddleware:
-    """Sets `request_id_var`, adds `X-Request-ID` to the answer and logs one line per request."""
+    """Sets `request_id_var` and the app's `current_secrets`, adds `X-Request-ID` to the answer
+    and logs one line per request."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, secrets: SecretRegistry) -> None:
         self.app = app
+        self.secrets = secrets
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -55,6 +57,7 @@ class RequestContextMiddleware:
                 break
         request_id = accept_request_id(incoming)
         token = request_id_var.set(request_id)
+        secrets_token = current_secrets.set(self.secrets)
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status = 0
@@ -90,6 +93,7 @@ class RequestContextMiddleware:
                 },
             )
             request_id_var.reset(token)
+            current_secrets.reset(secrets_token)
 
 
 class BodyLimitMiddleware:
@@ -128,9 +132,10 @@ class BodyLimitMiddleware:
 
 
 class LoadSheddingMiddleware:
-    """Refuse `POST /generate` and `/generate/stream` with 503 `busy` before anything else (body,
-    validation, rate limit) while the admission queue is full: under overload a refusal costs as
-    little as possible and never waits behind the requests that were let in."""
+    """Refuse `POST /generate` and `/generate/stream` with 503 `busy` before
+    anything else (body, validation, rate limit) while the admission queue is full: under overload
+    a refusal costs as little as possible and never waits behind the requests that were let in.
+    This is the one early check; the queue itself (`AdmissionQueue.slot`) enforces its bound."""
 
     PATHS = frozenset({"/generate", "/generate/stream"})
 
@@ -139,7 +144,7 @@ class LoadSheddingMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.PATHS:
-            state = getattr(scope["app"].state, "proxy", None)
+            state = scope.get("state", {}).get("proxy")  # the lifespan's `LifespanState`
             if state is not None and state.service.admission.is_full():
                 await error_response(state.service.admission.busy_error())(scope, receive, send)
                 return

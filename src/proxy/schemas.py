@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from sdclient import Timings
+
 __all__ = [
     "MAX_PROMPT_LENGTH",
     "ErrorDetail",
@@ -15,6 +17,9 @@ __all__ = [
     "GenerateBody",
     "GenerateResult",
     "Health",
+    "JobBody",
+    "JobStatus",
+    "JobView",
     "ModelStatusOut",
     "Timings",
     "UsageReport",
@@ -84,14 +89,6 @@ class GenerateBody(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-class Timings(BaseModel):
-    """Where the time went, in seconds."""
-
-    total_s: float = Field(description="From the proxy's upstream call to the image (0 for a cache hit).")
-    compute_s: float | None = Field(description="What the model server reported (`x-compute-time`).")
-    cold_start_wait_s: float = Field(description="Time spent waiting for a cold model to load.")
-
-
 class GenerateResult(BaseModel):
     """`POST /generate` with `Accept: application/json`, and the `image` event of the stream."""
 
@@ -132,10 +129,56 @@ class Health(BaseModel):
 class UsageReport(BaseModel):
     """`GET /usage` (admin key): counters of this worker process."""
 
-    pid: int = Field(
-        description="Counters are per process: with several workers, ask each or use a usage db."
+    pid: int = Field(description="The worker that answered: `upstream` and `queue` are its own.")
+    store: Literal["memory", "redis"] = Field(description="Where `clients` and `cache` are kept.")
+    upstream: dict[str, Any] = Field(
+        description="This worker's client usage (requests, images, compute seconds...); a usage db "
+        "(`SDPROXY_USAGE_DB`) sums every worker's."
     )
-    upstream: dict[str, Any] = Field(description="The client's usage (requests, images, compute seconds...).")
-    clients: dict[str, dict[str, int]] = Field(description="Per-client counts (API-key hash or IP).")
+    clients: dict[str, dict[str, int]] = Field(
+        description="Per-client counts (API-key hash or IP), of every instance with Redis."
+    )
     cache: dict[str, int]
     queue: dict[str, int]
+
+
+class JobBody(GenerateBody):
+    """The body of `POST /v1/jobs`: the same fields as `/generate`, and where to send a webhook."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a watercolor fox", "seed": 1234, "webhook_url": "https://app.example.com/hook"}
+            ]
+        },
+    )
+
+    webhook_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="Receives the finished job as a signed `POST` (see docs/proxy.md, Webhooks).",
+    )
+
+    def generation(self) -> GenerateBody:
+        """The generation part alone (the webhook does not change the image)."""
+        return GenerateBody.model_validate(self.model_dump(exclude={"webhook_url"}))
+
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
+
+
+class JobView(BaseModel):
+    """`POST /v1/jobs`, `GET /v1/jobs/{id}` and `DELETE /v1/jobs/{id}`: where a job stands."""
+
+    id: str = Field(description="Unguessable; only the caller that made the job can read it.")
+    status: JobStatus
+    position: int | None = Field(
+        default=None, description="While queued: calls ahead in line (0: about to start)."
+    )
+    eta_s: float | None = Field(default=None, description="While the model loads: seconds left, about.")
+    seed: int | None = Field(default=None, description="The seed of the image, once it is made.")
+    result_url: str | None = Field(default=None, description="`GET` it for the image, once succeeded.")
+    error: ErrorDetail | None = Field(default=None, description="Why it failed or was canceled.")
+    created_at: float = Field(description="Unix seconds.")
+    finished_at: float | None = None

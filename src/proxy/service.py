@@ -14,23 +14,32 @@ Progress events of a flight, in the order a page sees them:
 
 then the route sends `image` or `error`. A request that joins a flight in the air first receives
 the events the flight already sent.
+
+With a shared store (Redis) the flight is shared by every instance: the first instance to claim
+the request's fingerprint calls upstream and writes the flight's events and outcome to a log in
+the store; the others follow that log. A follower whose leader vanished without an outcome (its
+process died) claims the flight itself once the leader's lease has run out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import secrets
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import sdclient
+from sdclient import Timings
 
 from .admission import AdmissionQueue
-from .cache import ImageCache
-from .errors import from_client_error
-from .schemas import GenerateBody, Timings
+from .errors import ProxyError, error_body, error_from_body, from_client_error
+from .schemas import GenerateBody
+from .store import Store
 
 __all__ = ["EventListener", "GenerationResult", "GenerationService"]
 
@@ -47,6 +56,15 @@ possible `loading` answer, so a cold start does not first show "generating" and 
 ETA_PASSED_S = 0.5
 """A request sent while loading, with less than this left of the server's estimate, is expected to
 generate: the page is told `generating` (and `loading` again if the model turns out not ready)."""
+
+FOLLOW_POLL_S = 1.0
+"""A follower of another instance's flight re-reads its log at least this often."""
+
+FLIGHT_LOG_TTL_S = 120.0
+"""How long a shared flight's log (events and outcome) stays in the store after its last item."""
+
+UPSTREAM_SLOTS = "upstream"
+"""Name of the store's slots that cap upstream calls across instances."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +103,18 @@ class GenerationResult:
             Timings(total_s=0.0, compute_s=self.timings.compute_s, cold_start_wait_s=0.0),
         )
 
+    def to_bytes(self) -> bytes:
+        """One JSON line (type, seed, timings), then the image bytes: how the store keeps it."""
+        meta = {"content_type": self.content_type, "seed": self.seed, "timings": self.timings.model_dump()}
+        return json.dumps(meta, separators=(",", ":")).encode() + b"\n" + self.data
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> GenerationResult:
+        """The inverse of `to_bytes`."""
+        line, _, data = blob.partition(b"\n")
+        meta = json.loads(line)
+        return cls(data, meta["content_type"], meta["seed"], Timings(**meta["timings"]))
+
 
 @dataclass
 class _Flight:
@@ -94,6 +124,10 @@ class _Flight:
     history: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     pending_generating: asyncio.TimerHandle | None = None
     task: asyncio.Task[GenerationResult] | None = None
+    log: str | None = None
+    """The shared log this flight writes its events to, when it leads a shared flight."""
+    followed: bool = False
+    """Whether the image came from another instance's flight."""
 
     def subscribe(self, listener: EventListener | None) -> None:
         if listener is None:
@@ -118,29 +152,48 @@ class _Flight:
             self.pending_generating = None
 
 
+# Items of a shared flight's log: a tag byte, then an event (JSON), the result, or the error (JSON).
+_EVENT, _RESULT, _ERROR = b"e", b"r", b"x"
+
+
 class GenerationService:
     """Serves generate calls from the cache, a flight in the air, or a new upstream call.
 
     Args:
         client: The app's one `SDClient` (its pool, cold-start wait and usage are shared).
-        admission: Bounded concurrency and queue for upstream calls.
-        cache: Images of seeded requests (capacity 0 disables it).
+        store: Where the cache, shared flights and the global cap live.
+        admission: Bounded concurrency and queue for this instance's upstream calls.
+        cache_max_bytes: Bytes of images kept for seeded repeats (0 disables the cache).
+        cache_ttl_s: Seconds an image stays cached after its last use.
         coalesce: Whether identical seeded requests share one upstream call.
+        global_max_concurrency: Upstream calls in flight at once over every instance that
+            shares the store (0: no cap beyond each instance's own).
+        flight_lease_s: The longest one upstream call can take (retries and cold start
+            included): a shared flight's claim, and a global slot, expire after it.
     """
 
     def __init__(
         self,
         client: sdclient.SDClient,
         *,
+        store: Store,
         admission: AdmissionQueue,
-        cache: ImageCache[GenerationResult],
+        cache_max_bytes: int,
+        cache_ttl_s: float = 3600.0,
         coalesce: bool = True,
+        global_max_concurrency: int = 0,
+        flight_lease_s: float = 600.0,
     ) -> None:
         self.client = client
+        self.store = store
         self.admission = admission
-        self.cache = cache
+        self.cache_max_bytes = cache_max_bytes
+        self.cache_ttl_s = cache_ttl_s
         self.coalesce = coalesce
+        self.global_max_concurrency = global_max_concurrency
+        self.flight_lease_s = flight_lease_s
         self.upstream_calls = 0
+        self.followed = 0
         self._flights: dict[str, _Flight] = {}
 
     async def generate(
@@ -156,13 +209,14 @@ class GenerationService:
             The result and where it came from: `"upstream"`, `"cache"` or `"coalesced"`.
 
         Raises:
-            ProxyError: `Busy` when the queue is full, or the translation of the client's error.
+            ProxyError: `Busy` when the queue is full, `StoreUnavailable`, or the translation of
+                the client's error.
         """
         key = body.fingerprint() if body.seed is not None else None
-        if key is not None and self.cache.max_bytes > 0:
-            cached = self.cache.get(key)
+        if key is not None and self.cache_max_bytes > 0:
+            cached = await self.store.cache_get(key, ttl_s=self.cache_ttl_s)
             if cached is not None:
-                return cached.as_cache_hit(), "cache"
+                return GenerationResult.from_bytes(cached).as_cache_hit(), "cache"
         if key is not None and self.coalesce and (flight := self._flights.get(key)) is not None:
             flight.subscribe(listener)
             assert flight.task is not None
@@ -170,20 +224,113 @@ class GenerationService:
 
         flight = _Flight()
         flight.subscribe(listener)
-        flight.task = asyncio.create_task(self._fly(flight, body, key))
         if key is not None and self.coalesce:
+            flight.task = asyncio.create_task(self._share(flight, body, key))
             self._flights[key] = flight
             flight.task.add_done_callback(lambda _: self._flights.pop(key, None))
+        else:
+            flight.task = asyncio.create_task(self._fly(flight, body))
         # Shielded: a caller that goes away (a closed tab) does not cancel a call others may share.
-        return await asyncio.shield(flight.task), "upstream"
+        result = await asyncio.shield(flight.task)
+        return result, "coalesced" if flight.followed else "upstream"
 
-    async def _fly(self, flight: _Flight, body: GenerateBody, key: str | None) -> GenerationResult:
+    async def _share(self, flight: _Flight, body: GenerateBody, key: str) -> GenerationResult:
+        """Lead or follow the store's flight for `key` (only this instance's, with a memory store)."""
+        if not self.store.shared:
+            return await self._fly(flight, body, key)
+        while True:
+            flight_id = secrets.token_hex(8)
+            leader = await self.store.put_new(f"flight:{key}", flight_id.encode(), ttl_s=self.flight_lease_s)
+            if leader is None:
+                flight.log = f"flightlog:{flight_id}"
+                outcome = (
+                    _ERROR + json.dumps({"status": 500, **error_body(ProxyError("Internal error."))}).encode()
+                )
+                try:
+                    result = await self._fly(flight, body, key)
+                    outcome = _RESULT + result.to_bytes()
+                    return result
+                except ProxyError as exc:
+                    outcome = _ERROR + json.dumps({"status": exc.status_code, **error_body(exc)}).encode()
+                    raise
+                finally:
+                    await self._finish(flight.log, key, outcome)
+            followed = await self._follow(flight, key, leader.decode())
+            if followed is not None:
+                flight.followed = True
+                self.followed += 1
+                return followed
+
+    async def _finish(self, log: str, key: str, outcome: bytes) -> None:
+        """Hand the outcome to the followers and free the claim (best effort: followers that miss
+        it claim the flight themselves once the lease is over)."""
+        try:
+            await self.store.append(log, outcome, ttl_s=FLIGHT_LOG_TTL_S)
+            await self.store.delete(f"flight:{key}")
+        except ProxyError:
+            logger.warning("could not share the outcome of a flight")
+
+    async def _follow(self, flight: _Flight, key: str, flight_id: str) -> GenerationResult | None:
+        """Relay another instance's flight; None when its leader vanished without an outcome."""
+        log = f"flightlog:{flight_id}"
+        seen = 0
+        async with self.store.watch(log) as watch:
+            while True:
+                for item in await self.store.read(log, seen):
+                    seen += 1
+                    tag, payload = item[:1], item[1:]
+                    if tag == _RESULT:
+                        return GenerationResult.from_bytes(payload)
+                    if tag == _ERROR:
+                        detail = json.loads(payload)
+                        raise error_from_body(detail.pop("status"), detail)
+                    event = json.loads(payload)
+                    flight.emit(event["event"], event["data"])
+                if not await watch.wait(FOLLOW_POLL_S):
+                    current = await self.store.get(f"flight:{key}")
+                    if current is None or current.decode() != flight_id:
+                        if not await self.store.read(log, seen):
+                            return None
+
+    def _emit(self, flight: _Flight, name: str, data: dict[str, Any]) -> None:
+        flight.emit(name, data)
+        if flight.log is not None:
+            item = _EVENT + json.dumps({"event": name, "data": data}).encode()
+            task = asyncio.create_task(self._log_event(flight.log, item))
+            task.add_done_callback(lambda t: t.exception())
+
+    async def _log_event(self, log: str, item: bytes) -> None:
+        try:
+            await self.store.append(log, item, ttl_s=FLIGHT_LOG_TTL_S)
+        except ProxyError:
+            logger.warning("could not share a progress event of a flight")
+
+    @asynccontextmanager
+    async def _global_slot(self) -> AsyncIterator[None]:
+        """One of the store's `global_max_concurrency` upstream slots (a no-op when 0)."""
+        if self.global_max_concurrency <= 0:
+            yield
+            return
+        holder = secrets.token_hex(8)
+        async with self.store.watch(UPSTREAM_SLOTS) as watch:
+            while not await self.store.try_acquire(
+                UPSTREAM_SLOTS, holder, limit=self.global_max_concurrency, lease_s=self.flight_lease_s
+            ):
+                await watch.wait(FOLLOW_POLL_S)
+        try:
+            yield
+        finally:
+            await self.store.release_slot(UPSTREAM_SLOTS, holder)
+
+    async def _fly(self, flight: _Flight, body: GenerateBody, key: str | None = None) -> GenerationResult:
         loop = asyncio.get_running_loop()
 
         def on_client_event(event: sdclient.GenerationEvent) -> None:
             if event.kind == "loading":
                 flight.cancel_pending()
-                flight.emit("loading", {"eta_s": None if event.eta_s is None else round(event.eta_s, 1)})
+                self._emit(
+                    flight, "loading", {"eta_s": None if event.eta_s is None else round(event.eta_s, 1)}
+                )
             elif event.kind == "sending":
                 status = self.client.status
                 if status.state == "loading" and (status.eta_s or 0) > ETA_PASSED_S:
@@ -191,33 +338,30 @@ class GenerationService:
                 if status.state == "unknown":
                     if flight.pending_generating is None:
                         flight.pending_generating = loop.call_later(
-                            UNKNOWN_STATE_GRACE_S, flight.emit, "generating", {}
+                            UNKNOWN_STATE_GRACE_S, self._emit, flight, "generating", {}
                         )
                     return
                 flight.cancel_pending()
-                flight.emit("generating", {})
+                self._emit(flight, "generating", {})
 
+        request = sdclient.GenerateRequest.model_validate(body.model_dump())
         try:
-            async with self.admission.slot(lambda position: flight.emit("queued", {"position": position})):
+            async with (
+                self.admission.slot(lambda position: self._emit(flight, "queued", {"position": position})),
+                self._global_slot(),
+            ):
                 self.upstream_calls += 1
                 try:
-                    image = await self.client.generate(
-                        body.prompt,
-                        negative_prompt=body.negative_prompt,
-                        width=body.width,
-                        height=body.height,
-                        num_inference_steps=body.num_inference_steps,
-                        guidance_scale=body.guidance_scale,
-                        seed=body.seed,
-                        on_event=on_client_event,
-                    )
+                    image = await self.client.generate_request(request, on_event=on_client_event)
                 except sdclient.SDClientError as exc:
                     raise from_client_error(exc) from exc
         finally:
             flight.cancel_pending()
         result = GenerationResult.from_image(image)
-        if key is not None and self.cache.max_bytes > 0:
-            self.cache.put(key, result)
+        if key is not None and self.cache_max_bytes > 0:
+            await self.store.cache_put(
+                key, result.to_bytes(), ttl_s=self.cache_ttl_s, max_bytes=self.cache_max_bytes
+            )
         return result
 
     def status(self) -> sdclient.ModelStatus:
@@ -226,4 +370,9 @@ class GenerationService:
 
     def describe(self) -> dict[str, Any]:
         """Counters for logs and `GET /usage`."""
-        return {"upstream_calls": self.upstream_calls, "flights": len(self._flights), "at": time.time()}
+        return {
+            "upstream_calls": self.upstream_calls,
+            "followed": self.followed,
+            "flights": len(self._flights),
+            "at": time.time(),
+        }

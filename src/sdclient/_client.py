@@ -664,9 +664,11 @@ class SDClient:
 
         before_sleep = self._before_sleep(call)
 
+        posted = start  # when the answered POST went out: the measured time counts from there
+
         async def attempt() -> GeneratedImage | ImageUrl | Job | ImageBytes | Failed:
-            nonlocal cold_start_wait
-            sent = self._clock()
+            nonlocal cold_start_wait, posted
+            sent = posted = self._clock()
             response, waited = await self._gate.run(
                 send, deadline=deadline, model=self.model, on_loading=on_loading
             )
@@ -685,14 +687,14 @@ class SDClient:
             sleep=self._sleep,
         )
         if isinstance(answer, Job):
-            answer = await self._wait_for_job(call, adapter, answer, deadline)
+            answer, posted = await self._wait_for_job(call, adapter, answer, deadline)
         if isinstance(answer, Failed):
             raise JobFailed(self._redact(answer.message), model=self.model, provider=route.provider)
         if isinstance(answer, ImageUrl):
-            answer = await self._fetch(call, answer.url, request, start, deadline)
+            answer = await self._fetch(call, answer.url, request, start, cold_start_wait, posted, deadline)
         if isinstance(answer, ImageBytes):
             answer = self._image(
-                answer.data, None, request, call, start, 0.0, self._clock(), route, None, None
+                answer.data, None, request, call, start, cold_start_wait, posted, route, None, None
             )
         self._set_state("ready")
         return answer
@@ -729,23 +731,27 @@ class SDClient:
                 refused=isinstance(exc, httpx.ConnectError) and _is_refused(exc),
             ) from exc
 
-    def _status_error(self, response: httpx.Response, hint: str | None = None) -> APIStatusError:
+    def _status_error(self, response: httpx.Response, *, image_url: bool = False) -> APIStatusError:
         headers = response.headers
         message = self._redact(
             error_message_from_body(
                 response.content, headers.get("content-type"), reason=response.reason_phrase
             )
         )
-        error = make_status_error(
-            response.status_code,
-            message,
-            model=self.model,
-            request_id=headers.get(Header.REQUEST_ID),
-            retry_after=parse_retry_after(headers.get(Header.RETRY_AFTER), cap=self.retry.max_retry_after),
+        request_id = headers.get(Header.REQUEST_ID)
+        retry_after = parse_retry_after(headers.get(Header.RETRY_AFTER), cap=self.retry.max_retry_after)
+        if image_url and response.status_code < 500 and response.status_code not in (408, 429):
+            # Not the model's fault nor the token's: the provider's image URL is gone or was never written.
+            return APIStatusError(
+                f"the provider's image URL answered {response.status_code}: {message}",
+                status_code=response.status_code,
+                model=self.model,
+                request_id=request_id,
+                hint="Generate again: provider image URLs expire",
+            )
+        return make_status_error(
+            response.status_code, message, model=self.model, request_id=request_id, retry_after=retry_after
         )
-        if hint is not None:
-            error.hint = hint
-        return error
 
     def _json(self, response: httpx.Response, url: str) -> Any:
         if not 200 <= response.status_code < 300:
@@ -795,9 +801,13 @@ class SDClient:
 
     async def _wait_for_job(
         self, call: _Call, adapter: Provider, job: Job, deadline: float
-    ) -> ImageBytes | ImageUrl | Failed:
-        """Poll a provider's job until it is done; cancel it when the caller gives up."""
-        started = self._clock()
+    ) -> tuple[ImageBytes | ImageUrl | Failed, float]:
+        """Poll a provider's job until it is done; cancel it when the caller gives up.
+
+        Returns:
+            The answer, and when the job left the queue (as far as the polls saw).
+        """
+        started = generating_since = self._clock()
         last: Pending | None = None
         done = False
         try:
@@ -816,6 +826,8 @@ class SDClient:
                 data = await self._get_json(call, job.poll_url, deadline)
                 state_answer = self._provider_answer(functools.partial(adapter.poll, data))
                 if isinstance(state_answer, Pending):
+                    if state_answer.state == "queued":  # still waiting: the measured time starts later
+                        generating_since = self._clock()
                     if state_answer != last:
                         kind = "queued" if state_answer.state == "queued" else "generating"
                         self._emit(call, kind, position=state_answer.position)
@@ -831,8 +843,8 @@ class SDClient:
                             request_id=None,
                         )
                     result = await self._get_json(call, job.result_url, deadline)
-                    return self._provider_answer(functools.partial(adapter.result, result))
-                return state_answer
+                    return self._provider_answer(functools.partial(adapter.result, result)), generating_since
+                return state_answer, generating_since
         except BaseException:
             if not done and job.cancel_url:
                 await self._cancel(job)
@@ -852,7 +864,14 @@ class SDClient:
             log.info("%s: could not cancel the job: %s", self.model, self._redact(str(exc)))
 
     async def _fetch(
-        self, call: _Call, url: str, request: GenerateRequest, start: float, deadline: float
+        self,
+        call: _Call,
+        url: str,
+        request: GenerateRequest,
+        start: float,
+        cold_start_wait: float,
+        measured_from: float,
+        deadline: float,
     ) -> GeneratedImage:
         """GET the image a provider points at; our token goes only to Hugging Face hosts."""
         if not url.startswith(("http://", "https://")):
@@ -870,14 +889,10 @@ class SDClient:
 
         async def attempt() -> GeneratedImage:
             call.requests += 1
-            sent = self._clock()
             response = await self._send("GET", url, headers)
             if not 200 <= response.status_code < 300:
-                raise self._status_error(
-                    response,
-                    hint="The provider's image URL did not answer the image (expired or never written)",
-                )
-            return self._to_image(response, request, call, start, 0.0, sent, route)
+                raise self._status_error(response, image_url=True)
+            return self._to_image(response, request, call, start, cold_start_wait, measured_from, route)
 
         return await call_with_retries(
             attempt,

@@ -341,6 +341,7 @@ def make_status_error(
     model: str,
     request_id: str | None = None,
     retry_after: float | None = None,
+    hint: str | None = None,
 ) -> APIStatusError:
     """Build the error for an HTTP status: the one place that maps status codes to classes.
 
@@ -350,6 +351,7 @@ def make_status_error(
         model: The model (id or URL) that was called.
         request_id: The server's ``x-request-id``.
         retry_after: Seconds from ``Retry-After`` (kept on :class:`RateLimited`).
+        hint: What to do, instead of the class's own hint.
 
     Returns:
         An instance of the most specific :class:`APIStatusError` subclass.
@@ -357,4 +359,11 @@ def make_status_error(
     cls = _STATUS_ERRORS.get(status_code)
     if cls is None:
         cls = ServerError if status_code >= 500 else APIStatusError
-    return cls(message, status_code=status_code, model=model, request_id=request_id, retry_after=retry_after)
+    return cls(
+        message,
+        status_code=status_code,
+        model=model,
+        request_id=request_id,
+        retry_after=retry_after,
+        hint=hint,
+    )

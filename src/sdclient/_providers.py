@@ -378,11 +378,8 @@ class WaveSpeed(Provider):
         return f"/api/v3/{provider_model}"
 
     def payload(self, request: GenerateRequest, route: Route, hub: str) -> dict[str, Any]:
-        payload: dict[str, Any] = {"prompt": request.prompt, **_flat_parameters(request)}
-        lora = self.lora_url(route, hub)
-        if lora is not None:
-            payload["loras"] = [{"path": lora, "scale": 1}]
-        return payload
+        # A LoRA is served under its own provider model id: nothing to add.
+        return {"prompt": request.prompt, **_flat_parameters(request)}
 
     def answer(self, data: Any, route: Route, router: str) -> Answer:
         task = _dict(_dict(data, "WaveSpeed's answer").get("data"), "WaveSpeed's task")

@@ -134,13 +134,14 @@ SEED_LIMIT = 2**64
 
 Prompt = Annotated[str, Field(min_length=1)]
 """A prompt: any non-empty text."""
-ImageSide = Annotated[int, Field(ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE)]
+# Numbers must be numbers (strict): "512" or true are refused rather than converted.
+ImageSide = Annotated[int, Field(ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE, strict=True)]
 """Width or height in pixels."""
-Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS, strict=True)]
 """Denoising steps."""
-Guidance = Annotated[float, Field(ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False)]
+Guidance = Annotated[float, Field(ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False, strict=True)]
 """Classifier-free guidance scale."""
-Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT)]
+Seed = Annotated[int, Field(ge=0, lt=SEED_LIMIT, strict=True)]
 """Random seed."""
 
 _OPTION_NAMES = ("negative_prompt", "width", "height", "num_inference_steps", "guidance_scale", "seed")
@@ -285,9 +286,13 @@ def parse_text_to_image(body: bytes, model: type[_Body]) -> _Body:
     if not isinstance(data, dict):
         kind = type(data).__name__
         raise InvalidBody(INVALID_BODY_STATUS, f"Request body must be a JSON object {_EXAMPLE}, got {kind}")
-    if not isinstance(data.get("inputs"), str):
-        got = "nothing" if "inputs" not in data else type(data["inputs"]).__name__
-        raise InvalidBody(INVALID_BODY_STATUS, f"`inputs` must be a string (the prompt), got {got}")
+    if "inputs" not in data:
+        raise InvalidBody(
+            INVALID_BODY_STATUS, f"Missing `inputs` (the prompt): send a JSON object {_EXAMPLE}"
+        )
+    if not isinstance(data["inputs"], str):
+        kind = type(data["inputs"]).__name__
+        raise InvalidBody(INVALID_BODY_STATUS, f"`inputs` must be a string (the prompt), got {kind}")
     if data.get("parameters") is None:
         data = {**data, "parameters": {}}
     try:

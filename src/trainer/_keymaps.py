@@ -1,4 +1,6 @@
-"""Key tables between diffusers state dicts and the original Stable Diffusion (CompVis/LDM) layout.
+"""Key tables between diffusers state dicts and the original Stable Diffusion layouts: CompVis/LDM
+(SD 1.x / 2.x) and Stability AI's ``sgm`` (SDXL: the same UNet and VAE names, other text-encoder
+prefixes).
 
 Every table is a list of ``(stable-diffusion, HF Diffusers)`` pairs, the order diffusers' own
 conversion scripts use. Fixed names are listed once; the per-block names are *derived from the
@@ -21,6 +23,8 @@ __all__ = [
     "CLIP_PREFIX",
     "OPENCLIP_PREFIX",
     "OPENCLIP_QKV",
+    "SGM_CLIP_PREFIX",
+    "SGM_OPENCLIP_PREFIX",
     "clip_rules",
     "UNET_PREFIX",
     "VAE_PREFIX",
@@ -38,6 +42,10 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 # SD 2.x: OpenCLIP ViT-H/14 (open_clip's own names; q, k, v fused into in_proj).
 OPENCLIP_PREFIX = "cond_stage_model.model."
+# SDXL (Stability AI's `sgm` layout, as in sd_xl_base_1.0.safetensors): CLIP ViT-L under the first
+# conditioner embedder, OpenCLIP ViT-bigG/14 (with its text projection) under the second.
+SGM_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SGM_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 
 Table = Sequence[tuple[str, str]]
 
@@ -60,6 +68,13 @@ UNET_RESNET_PARTS: list[tuple[str, str]] = [
     ("out_layers.3.", "conv2."),
     ("emb_layers.1.", "time_emb_proj."),
     ("skip_connection.", "conv_shortcut."),
+]
+
+# (stable-diffusion, HF Diffusers): SDXL's embedding of the pooled text embedding and size/crop ids
+# (diffusers `addition_embed_type="text_time"`).
+UNET_ADDITION_EMBEDDING: list[tuple[str, str]] = [
+    ("label_emb.0.0.", "add_embedding.linear_1."),
+    ("label_emb.0.2.", "add_embedding.linear_2."),
 ]
 
 _UNET_DOWN_BLOCKS = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
@@ -113,6 +128,9 @@ OPENCLIP_TOP_LEVEL: list[tuple[str, str]] = [
     ("positional_embedding", "embeddings.position_embedding.weight"),
     ("ln_final.", "final_layer_norm."),
 ]
+# (stable-diffusion, HF Diffusers): open_clip multiplies by the matrix (x @ P), a Linear layer stores
+# its transpose. Only CLIPTextModelWithProjection (SDXL's bigG) has it in diffusers.
+OPENCLIP_TEXT_PROJECTION = ("text_projection", "text_projection.weight")
 
 # (stable-diffusion, HF Diffusers)
 OPENCLIP_LAYER_PARTS: list[tuple[str, str]] = [
@@ -141,6 +159,7 @@ class Rule:
     diffusers: str
     parts: Table | None = None
     conv_1x1: bool = False  # Linear weights become 1x1 convolution weights
+    transpose: bool = False  # the original stores the matrix transposed
 
 
 def _get(config: Mapping[str, Any], key: str, default: Any) -> Any:
@@ -160,9 +179,16 @@ def unet_rules(config: Mapping[str, Any]) -> list[Rule]:
         raise KeyMapError(
             f"layers_per_block={layers!r}: the original layout needs one layer count for every block."
         )
-    for key in ("class_embed_type", "addition_embed_type", "num_class_embeds", "encoder_hid_proj"):
+    for key in ("class_embed_type", "num_class_embeds", "encoder_hid_proj"):
         if config.get(key) is not None:
-            raise KeyMapError(f"UNet config sets {key}={config[key]!r}: not part of the SD 1.x/2.x layout.")
+            raise KeyMapError(
+                f"UNet config sets {key}={config[key]!r}: not part of the SD 1.x/2.x/XL layout."
+            )
+    addition = config.get("addition_embed_type")
+    if addition not in (None, "text_time"):
+        raise KeyMapError(
+            f"UNet config sets addition_embed_type={addition!r}: only SDXL's 'text_time' has original names."
+        )
     if _get(config, "time_embedding_type", "positional") != "positional":
         raise KeyMapError("Only positional time embeddings exist in the SD 1.x/2.x layout.")
     mid_type = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
@@ -177,6 +203,8 @@ def unet_rules(config: Mapping[str, Any]) -> list[Rule]:
         raise KeyMapError(f"UNet block types {unknown} have no SD 1.x/2.x counterpart.")
 
     rules = [Rule(ldm, hf) for ldm, hf in UNET_TOP_LEVEL]
+    if addition == "text_time":
+        rules += [Rule(ldm, hf) for ldm, hf in UNET_ADDITION_EMBEDDING]
     # input_blocks.0 is conv_in; then each down block contributes `layers` (resnet[, attention])
     # entries and, except the last, one downsampler entry.
     stride = layers + 1
@@ -207,7 +235,7 @@ def unet_rules(config: Mapping[str, Any]) -> list[Rule]:
             index = i * stride + layers
             slot = 2 if attention else 1
             rules.append(Rule(f"output_blocks.{index}.{slot}.conv.", f"up_blocks.{i}.upsamplers.0.conv."))
-    return [Rule(UNET_PREFIX + r.ldm, r.diffusers, r.parts, r.conv_1x1) for r in rules]
+    return [Rule(UNET_PREFIX + r.ldm, r.diffusers, r.parts) for r in rules]
 
 
 def vae_rules(config: Mapping[str, Any]) -> list[Rule]:
@@ -268,22 +296,26 @@ def vae_rules(config: Mapping[str, Any]) -> list[Rule]:
     return [Rule(VAE_PREFIX + r.ldm, r.diffusers, r.parts, r.conv_1x1) for r in rules]
 
 
-def clip_rules() -> list[Rule]:
-    """The SD 1.x (OpenAI CLIP) text encoder's rules: transformers' own names under one prefix."""
-    return [Rule(CLIP_PREFIX + ldm, hf) for ldm, hf in CLIP_TOP_LEVEL]
+def clip_rules(prefix: str = CLIP_PREFIX) -> list[Rule]:
+    """An OpenAI CLIP text encoder's rules (SD 1.x; SDXL's first encoder with
+    :data:`SGM_CLIP_PREFIX`): transformers' own names under one prefix."""
+    return [Rule(prefix + ldm, hf) for ldm, hf in CLIP_TOP_LEVEL]
 
 
-def openclip_rules(config: Mapping[str, Any]) -> list[Rule]:
-    """The SD 2.x (OpenCLIP) text encoder's rules, from the ``CLIPTextModel`` config.
+def openclip_rules(config: Mapping[str, Any], prefix: str = OPENCLIP_PREFIX) -> list[Rule]:
+    """An OpenCLIP text encoder's rules (SD 2.x; SDXL's bigG with :data:`SGM_OPENCLIP_PREFIX`),
+    from the ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` config.
 
     Fused q/k/v are not covered here: :data:`OPENCLIP_QKV` names the projections that the exporter
     concatenates into ``attn.in_proj_weight`` / ``attn.in_proj_bias``.
     """
-    rules = [Rule(OPENCLIP_PREFIX + ldm, hf) for ldm, hf in OPENCLIP_TOP_LEVEL]
+    rules = [Rule(prefix + ldm, hf) for ldm, hf in OPENCLIP_TOP_LEVEL]
+    ldm_projection, hf_projection = OPENCLIP_TEXT_PROJECTION
+    rules.append(Rule(prefix + ldm_projection, hf_projection, transpose=True))
     for i in range(int(config["num_hidden_layers"])):
         rules.append(
             Rule(
-                f"{OPENCLIP_PREFIX}transformer.resblocks.{i}.",
+                f"{prefix}transformer.resblocks.{i}.",
                 f"encoder.layers.{i}.",
                 [pair for pair in OPENCLIP_LAYER_PARTS if pair[1] not in OPENCLIP_QKV],
             )

@@ -441,7 +441,8 @@ def sample(
 @app.command(
     epilog=(
         "Examples:\n\n  sdtrain export runs/me          (writes runs/me/export/model.safetensors, fp16)\n\n"
-        "  sdtrain export runs/me/model --output sd-me.safetensors --full"
+        "  sdtrain export runs/me/model --output sd-me.safetensors --full\n\n"
+        "  sdtrain export --merge runs/me-lora    (base + adapter fused, one file)"
     ),
 )
 def export(
@@ -459,10 +460,34 @@ def export(
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Convert back and compare every tensor.")
     ] = True,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge", help="MODEL is a LoRA run: fuse its adapter into its base model, then export."
+        ),
+    ] = False,
+    base_model: Annotated[
+        str | None,
+        typer.Option(help="With --merge: the base to fuse into.", show_default="run.json's base_model"),
+    ] = None,
+    lora_scale: Annotated[float, typer.Option(help="With --merge: how much of the adapter to fuse.")] = 1.0,
 ) -> None:
     """Export a fine-tuned model to one original-layout checkpoint (A1111, ComfyUI)."""
     _quiet_libraries()
     with _errors():
+        if merge:
+            from trainer.export import export_merged
+
+            path = export_merged(
+                model,
+                output or model / "export" / "model.safetensors",
+                base_model=base_model,
+                lora_scale=lora_scale,
+                half=half,
+                verify=verify,
+            )
+            console.print(f"[green]Exported[/] {path} (adapter fused into its base)")
+            return
         model_dir = Path(_model_dir(str(model)))
         if output is None:
             if model_dir == model:

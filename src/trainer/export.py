@@ -1,19 +1,23 @@
-"""Export a diffusers Stable Diffusion folder as one original-layout (CompVis/LDM) checkpoint.
+"""Export a diffusers Stable Diffusion folder, or a LoRA run fused into its base, as one
+original-layout checkpoint (CompVis/LDM for SD 1.x / 2.x, Stability AI's ``sgm`` for SDXL).
 
-*Only* the UNet, the VAE and the text encoder are converted (the tokenizer and the scheduler are
-not part of an original checkpoint). The key tables live in :mod:`trainer._keymaps` and are
+*Only* the UNet, the VAE and the text encoder(s) are converted (the tokenizers and the scheduler
+are not part of an original checkpoint). The key tables live in :mod:`trainer._keymaps` and are
 derived from the model's configs. The text encoder's layout follows its architecture: OpenAI CLIP
 (SD 1.x, ``quick_gelu``) keeps transformers' names under ``cond_stage_model.transformer.``; OpenCLIP
 (SD 2.x, ``gelu``) uses open_clip's names under ``cond_stage_model.model.`` with q, k and v fused.
+SDXL, as ``sd_xl_base_1.0.safetensors``: CLIP ViT-L under ``conditioner.embedders.0.transformer.``,
+OpenCLIP bigG (with its ``text_projection``) under ``conditioner.embedders.1.model.``.
 
 The export checks itself: diffusers' own single-file converters
 (``diffusers.loaders.single_file_utils``, what ``from_single_file`` runs) read the written file
 back, and every tensor must equal the folder's, bit for bit.
 
 ```python
-from trainer.export import export_single_file
+from trainer.export import export_merged, export_single_file
 
 export_single_file(Path("out/model"), Path("out/export/model.safetensors"))
+export_merged(Path("lora-run"), Path("lora-run/export/model.safetensors"))  # base + adapter, fused
 ```
 """
 
@@ -32,17 +36,22 @@ from typing import TYPE_CHECKING, Any, Literal
 from trainer import _keymaps
 from trainer._keymaps import KeyMapError, Rule
 from trainer.errors import TrainerError
+from trainer.lora_run import LORA_DIR, LORA_WEIGHT_NAME
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "Architecture",
     "ExportError",
     "ExportVerificationError",
     "ModelParts",
     "TextEncoderLayout",
+    "export_merged",
     "export_single_file",
     "load_model_parts",
+    "merge_lora",
+    "parts_from_pipeline",
     "restore_diffusers_state_dicts",
     "text_encoder_layout",
     "to_original_state_dict",
@@ -52,6 +61,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TextEncoderLayout = Literal["clip", "openclip"]
+Architecture = Literal["sd1", "sd2", "sdxl"]
 SUFFIXES = (".safetensors", ".ckpt")
 PICKLE_WARNING = (
     "Writing a pickle (.ckpt) checkpoint: loading a pickle file can run arbitrary code, so many tools "
@@ -84,7 +94,11 @@ class ExportVerificationError(ExportError):
 
 @dataclass
 class ModelParts:
-    """The three converted components of a pipeline: their state dicts and configs."""
+    """The converted components of a pipeline: their state dicts and configs.
+
+    Text-encoder keys carry no ``text_model.`` prefix (``encoder.layers.0...``); SDXL's second
+    encoder keeps its ``text_projection.weight``.
+    """
 
     unet: dict[str, torch.Tensor]
     unet_config: dict[str, Any]
@@ -92,6 +106,23 @@ class ModelParts:
     vae_config: dict[str, Any]
     text_encoder: dict[str, torch.Tensor]
     text_encoder_config: dict[str, Any]
+    text_encoder_2: dict[str, torch.Tensor] | None = None
+    text_encoder_2_config: dict[str, Any] | None = None
+    prediction_type: str = "epsilon"
+
+    @property
+    def architecture(self) -> Architecture:
+        """``sdxl`` (two text encoders), ``sd2`` (OpenCLIP) or ``sd1`` (OpenAI CLIP)."""
+        if self.text_encoder_2 is not None:
+            return "sdxl"
+        return "sd2" if text_encoder_layout(self.text_encoder_config) == "openclip" else "sd1"
+
+    def components(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"unet": ..., "vae": ..., "text_encoder": ...[, "text_encoder_2": ...]}``."""
+        out = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            out["text_encoder_2"] = self.text_encoder_2
+        return out
 
 
 def text_encoder_layout(text_encoder_config: Mapping[str, Any]) -> TextEncoderLayout:
@@ -150,18 +181,46 @@ def load_model_parts(model_dir: Path) -> ModelParts:
             f"{model_dir} has no model_index.json: point at a diffusers pipeline folder "
             "(the 'model/' folder of a training run)."
         )
-    text = {
-        # transformers >= 5.6 saves CLIPTextModel without the `text_model.` prefix; older versions with it.
-        key.removeprefix("text_model."): tensor
-        for key, tensor in _load_weights(model_dir / "text_encoder").items()
-    }
+
+    def text(name: str) -> dict[str, torch.Tensor]:
+        # transformers >= 5.6 saves CLIPTextModel without the `text_model.` prefix; Hub repos have it.
+        return {key.removeprefix("text_model."): t for key, t in _load_weights(model_dir / name).items()}
+
+    second = (model_dir / "text_encoder_2").is_dir()
+    scheduler_config = model_dir / "scheduler" / "scheduler_config.json"
+    prediction = "epsilon"
+    if scheduler_config.is_file():
+        prediction = _read_json(scheduler_config).get("prediction_type", "epsilon")
     return ModelParts(
         unet=_load_weights(model_dir / "unet"),
         unet_config=_read_json(model_dir / "unet" / "config.json"),
         vae=_load_weights(model_dir / "vae"),
         vae_config=_read_json(model_dir / "vae" / "config.json"),
-        text_encoder=text,
+        text_encoder=text("text_encoder"),
         text_encoder_config=_read_json(model_dir / "text_encoder" / "config.json"),
+        text_encoder_2=text("text_encoder_2") if second else None,
+        text_encoder_2_config=_read_json(model_dir / "text_encoder_2" / "config.json") if second else None,
+        prediction_type=prediction,
+    )
+
+
+def parts_from_pipeline(pipe: Any) -> ModelParts:
+    """The components of a loaded diffusers pipeline (e.g. after fusing a LoRA), as in memory."""
+
+    def text(model: Any) -> dict[str, torch.Tensor]:
+        return {k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
+
+    second = getattr(pipe, "text_encoder_2", None)
+    return ModelParts(
+        unet=pipe.unet.state_dict(),
+        unet_config=dict(pipe.unet.config),
+        vae=pipe.vae.state_dict(),
+        vae_config=dict(pipe.vae.config),
+        text_encoder=text(pipe.text_encoder),
+        text_encoder_config=pipe.text_encoder.config.to_dict(),
+        text_encoder_2=text(second) if second is not None else None,
+        text_encoder_2_config=second.config.to_dict() if second is not None else None,
+        prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")),
     )
 
 
@@ -177,6 +236,8 @@ def _apply_rules(
             continue
         if rule.conv_1x1 and tensor.ndim == 2:
             tensor = tensor.reshape(*tensor.shape, 1, 1)
+        if rule.transpose:
+            tensor = tensor.T.contiguous()
         out[ldm_key] = tensor
     return out
 
@@ -185,11 +246,16 @@ _QKV_KEY = re.compile(r"encoder\.layers\.(\d+)\.(self_attn\.[qkv]_proj\.)(weight
 
 
 def _convert_openclip(
-    state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], errors: list[str]
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    errors: list[str],
+    *,
+    prefix: str = _keymaps.OPENCLIP_PREFIX,
+    component: str = "text_encoder",
 ) -> dict[str, torch.Tensor]:
     import torch
 
-    rules = _keymaps.openclip_rules(config)
+    rules = _keymaps.openclip_rules(config, prefix)
     fused: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     rest: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
@@ -200,19 +266,19 @@ def _convert_openclip(
             fused.setdefault((int(match[1]), match[3]), {})[match[2]] = tensor
         else:
             rest[key] = tensor
-    out = _apply_rules(rest, rules, errors, "text_encoder")
+    out = _apply_rules(rest, rules, errors, component)
     for (layer, kind), parts in sorted(fused.items()):
         if set(parts) != set(_keymaps.OPENCLIP_QKV):
-            errors.append(f"text_encoder: layer {layer} lacks some of q/k/v {kind}s: {sorted(parts)}")
+            errors.append(f"{component}: layer {layer} lacks some of q/k/v {kind}s: {sorted(parts)}")
             continue
-        key = f"{_keymaps.OPENCLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{kind}"
+        key = f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"
         out[key] = torch.cat([parts[name] for name in _keymaps.OPENCLIP_QKV], dim=0)
     return out
 
 
 def to_original_state_dict(parts: ModelParts, *, half: bool = False) -> dict[str, torch.Tensor]:
     """The original-layout state dict (``model.diffusion_model.*``, ``first_stage_model.*``,
-    ``cond_stage_model.*``) of a pipeline's three components.
+    ``cond_stage_model.*``, or ``conditioner.embedders.*`` for SDXL) of a pipeline's components.
 
     Args:
         parts: The components, e.g. from :func:`load_model_parts`.
@@ -234,7 +300,20 @@ def to_original_state_dict(parts: ModelParts, *, half: bool = False) -> dict[str
         raise ExportError(f"Cannot export this model to the original Stable Diffusion layout: {exc}") from exc
     out = _apply_rules(parts.unet, unet_rules, errors, "unet")
     out.update(_apply_rules(parts.vae, vae_rules, errors, "vae"))
-    if text_encoder_layout(parts.text_encoder_config) == "openclip":
+    if parts.architecture == "sdxl":
+        assert parts.text_encoder_2 is not None and parts.text_encoder_2_config is not None
+        clip = _keymaps.clip_rules(_keymaps.SGM_CLIP_PREFIX)
+        out.update(_apply_rules(parts.text_encoder, clip, errors, "text_encoder"))
+        out.update(
+            _convert_openclip(
+                parts.text_encoder_2,
+                parts.text_encoder_2_config,
+                errors,
+                prefix=_keymaps.SGM_OPENCLIP_PREFIX,
+                component="text_encoder_2",
+            )
+        )
+    elif parts.architecture == "sd2":
         out.update(_convert_openclip(parts.text_encoder, parts.text_encoder_config, errors))
     else:
         out.update(_apply_rules(parts.text_encoder, _keymaps.clip_rules(), errors, "text_encoder"))
@@ -255,14 +334,22 @@ def restore_diffusers_state_dicts(
     unet_config: Mapping[str, Any],
     vae_config: Mapping[str, Any],
     text_encoder_config: Mapping[str, Any],
+    text_encoder_2_config: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Convert an original-layout checkpoint back with diffusers' own single-file converters.
 
     These are the functions ``from_single_file`` runs. Text-encoder keys come back without the
     ``text_model.`` prefix, as :func:`load_model_parts` reads them.
 
+    Args:
+        checkpoint: The original-layout state dict.
+        unet_config: The UNet's diffusers config.
+        vae_config: The VAE's diffusers config.
+        text_encoder_config: The (first) text encoder's transformers config.
+        text_encoder_2_config: SDXL's second text encoder's config (``None`` for SD 1.x / 2.x).
+
     Returns:
-        ``{"unet": ..., "vae": ..., "text_encoder": ...}``.
+        ``{"unet": ..., "vae": ..., "text_encoder": ...}``, plus ``"text_encoder_2"`` for SDXL.
     """
     import torch
     from diffusers.loaders import single_file_utils as sfu
@@ -274,18 +361,31 @@ def restore_diffusers_state_dicts(
     text: dict[str, torch.Tensor]
     unet = sfu.convert_ldm_unet_checkpoint(ckpt, dict(unet_config))  # type: ignore[no-untyped-call]
     vae = sfu.convert_ldm_vae_checkpoint(ckpt, dict(vae_config))  # type: ignore[no-untyped-call]
-    if text_encoder_layout(text_encoder_config) == "openclip":
+
+    def open_clip(config: Mapping[str, Any], prefix: str) -> dict[str, torch.Tensor]:
         # The converter reads only the model's config (hidden size): build it without weights.
         with torch.device("meta"):
-            shell = CLIPTextModel(CLIPTextConfig.from_dict(dict(text_encoder_config)))
-        text = sfu.convert_open_clip_checkpoint(shell, ckpt)  # type: ignore[no-untyped-call]
+            shell = CLIPTextModel(CLIPTextConfig.from_dict(dict(config)))
+        converted: dict[str, torch.Tensor] = sfu.convert_open_clip_checkpoint(shell, ckpt, prefix)  # type: ignore[no-untyped-call]
+        return converted
+
+    text_2: dict[str, torch.Tensor] | None = None
+    if text_encoder_2_config is not None:
+        # SDXL: the CLIP converter strips `conditioner.embedders.0.transformer.` itself.
+        text = sfu.convert_ldm_clip_checkpoint(ckpt)  # type: ignore[no-untyped-call]
+        text_2 = open_clip(text_encoder_2_config, _keymaps.SGM_OPENCLIP_PREFIX)
+    elif text_encoder_layout(text_encoder_config) == "openclip":
+        text = open_clip(text_encoder_config, _keymaps.OPENCLIP_PREFIX)
     else:
         text = sfu.convert_ldm_clip_checkpoint(ckpt)  # type: ignore[no-untyped-call]
-    return {
+    restored = {
         "unet": unet,
         "vae": vae,
         "text_encoder": {k.removeprefix("text_model."): v for k, v in text.items()},
     }
+    if text_2 is not None:
+        restored["text_encoder_2"] = {k.removeprefix("text_model."): v for k, v in text_2.items()}
+    return restored
 
 
 def compare_state_dicts(
@@ -332,10 +432,12 @@ def _expected(parts: ModelParts, half: bool) -> dict[str, dict[str, torch.Tensor
     def cast(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(torch.float16) if half and v.is_floating_point() else v for k, v in sd.items()}
 
-    text = cast(parts.text_encoder)
-    if text_encoder_layout(parts.text_encoder_config) == "openclip":
-        text.pop("embeddings.position_ids", None)
-    return {"unet": cast(parts.unet), "vae": cast(parts.vae), "text_encoder": text}
+    expected = {name: cast(sd) for name, sd in parts.components().items()}
+    # open_clip has no position-id buffer: OpenCLIP encoders come back without it.
+    openclip = {"sd1": None, "sd2": "text_encoder", "sdxl": "text_encoder_2"}[parts.architecture]
+    if openclip is not None:
+        expected[openclip].pop("embeddings.position_ids", None)
+    return expected
 
 
 def _verify(checkpoint: Mapping[str, torch.Tensor], parts: ModelParts, half: bool) -> None:
@@ -344,11 +446,12 @@ def _verify(checkpoint: Mapping[str, torch.Tensor], parts: ModelParts, half: boo
         unet_config=parts.unet_config,
         vae_config=parts.vae_config,
         text_encoder_config=parts.text_encoder_config,
+        text_encoder_2_config=parts.text_encoder_2_config,
     )
     expected = _expected(parts, half)
     problems: list[str] = []
-    for component in ("unet", "vae", "text_encoder"):
-        problems += compare_state_dicts(component, restored[component], expected[component])
+    for component, want in expected.items():
+        problems += compare_state_dicts(component, restored.get(component, {}), want)
     if problems:
         raise ExportVerificationError(problems)
 
@@ -367,30 +470,29 @@ def verify_single_file(path: Path, model_dir: Path, *, half: bool = False) -> No
     _verify(_read_checkpoint(Path(path)), load_model_parts(Path(model_dir)), half)
 
 
-def _metadata(model_dir: Path, parts: ModelParts) -> dict[str, str]:
+_MODELSPEC_ARCHITECTURES = {
+    ("sd1", False): "stable-diffusion-v1",
+    ("sd1", True): "stable-diffusion-v1",
+    ("sd2", False): "stable-diffusion-v2-512",
+    ("sd2", True): "stable-diffusion-v2-768-v",
+    ("sdxl", False): "stable-diffusion-xl-v1-base",
+    ("sdxl", True): "stable-diffusion-xl-v1-base",
+}
+
+
+def _metadata(parts: ModelParts, title: str) -> dict[str, str]:
     """safetensors header metadata: the ``format`` key and Stability AI's ModelSpec fields."""
-    scheduler_config = model_dir / "scheduler" / "scheduler_config.json"
-    prediction = "epsilon"
-    if scheduler_config.is_file():
-        prediction = _read_json(scheduler_config).get("prediction_type", "epsilon")
-    sd2 = text_encoder_layout(parts.text_encoder_config) == "openclip"
-    if not sd2:
-        architecture = "stable-diffusion-v1"
-    else:
-        architecture = (
-            "stable-diffusion-v2-768-v" if prediction == "v_prediction" else "stable-diffusion-v2-512"
-        )
+    v_prediction = parts.prediction_type == "v_prediction"
     vae_scale = 2 ** (len(parts.vae_config["block_out_channels"]) - 1)
     size = int(parts.unet_config.get("sample_size", 64)) * vae_scale
-    title = model_dir.parent.name if model_dir.name == "model" else model_dir.name
     return {
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture,
+        "modelspec.architecture": _MODELSPEC_ARCHITECTURES[(parts.architecture, v_prediction)],
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": title or "model",
         "modelspec.resolution": f"{size}x{size}",
-        "modelspec.prediction_type": "v" if prediction == "v_prediction" else "epsilon",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
     }
 
 
@@ -398,15 +500,52 @@ def _contiguous(state: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Te
     return {k: v.contiguous() for k, v in state}
 
 
+def _check_suffix(out_path: Path) -> None:
+    if out_path.suffix not in SUFFIXES:
+        raise ExportError(f"{out_path}: the checkpoint must end in .safetensors or .ckpt.")
+
+
+def _write(parts: ModelParts, out_path: Path, *, title: str, half: bool, verify: bool, source: str) -> Path:
+    """Convert, write to a partial file, verify it, then move it into place."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = _contiguous(to_original_state_dict(parts, half=half).items())
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.stem}.partial{out_path.suffix}")
+    try:
+        if out_path.suffix == ".safetensors":
+            save_file(state, tmp, metadata=_metadata(parts, title))
+        else:
+            warnings.warn(PICKLE_WARNING, UserWarning, stacklevel=3)
+            torch.save({"state_dict": state}, tmp)
+        del state
+        if verify:
+            _verify(_read_checkpoint(tmp), parts, half)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info(
+        "Exported %s to %s (%.1f MB%s%s)",
+        source,
+        out_path,
+        out_path.stat().st_size / 1e6,
+        ", float16" if half else "",
+        ", verified bit-exact" if verify else "",
+    )
+    return out_path
+
+
 def export_single_file(model_dir: Path, out_path: Path, *, half: bool = False, verify: bool = True) -> Path:
     """Write a diffusers Stable Diffusion folder as one original-layout checkpoint.
 
     The file loads in tools that take original checkpoints, and in diffusers with
-    ``StableDiffusionPipeline.from_single_file(path, config=model_dir)``.
+    ``StableDiffusionPipeline.from_single_file(path, config=model_dir)``
+    (``StableDiffusionXLPipeline`` for SDXL).
 
     Args:
         model_dir: A diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``,
-            ``text_encoder/``), e.g. a training run's ``model/``.
+            ``text_encoder/``, SDXL's ``text_encoder_2/``), e.g. a training run's ``model/``.
         out_path: ``*.safetensors`` (recommended; carries ``format: pt`` and ModelSpec metadata)
             or ``*.ckpt`` (a pickle of ``{"state_dict": ...}``; a warning says why to avoid it).
             Parent folders are created; an existing file is replaced only once the new one is
@@ -422,34 +561,116 @@ def export_single_file(model_dir: Path, out_path: Path, *, half: bool = False, v
         ExportError: the folder is not a convertible pipeline, or ``out_path`` has another suffix.
         ExportVerificationError: the round trip changed some tensors (nothing is written then).
     """
-    import torch
-    from safetensors.torch import save_file
-
     model_dir, out_path = Path(model_dir), Path(out_path)
-    if out_path.suffix not in SUFFIXES:
-        raise ExportError(f"{out_path}: the checkpoint must end in .safetensors or .ckpt.")
+    _check_suffix(out_path)
     parts = load_model_parts(model_dir)
-    state = _contiguous(to_original_state_dict(parts, half=half).items())
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.stem}.partial{out_path.suffix}")
+    title = model_dir.parent.name if model_dir.name == "model" else model_dir.name
+    return _write(parts, out_path, title=title, half=half, verify=verify, source=str(model_dir))
+
+
+def merge_lora(
+    base_model: str | Path, lora_dir: Path, *, lora_scale: float = 1.0, local_files_only: bool = False
+) -> Any:
+    """Load ``base_model`` and fuse the diffusers-format adapter in ``lora_dir`` into its weights.
+
+    diffusers' own route: ``load_lora_weights`` + ``fuse_lora`` + ``unload_lora_weights``, on the
+    CPU in float32, for every component the adapter has (UNet, text encoders).
+
+    Args:
+        base_model: The base the adapter was trained on: a diffusers folder or a Hub id.
+        lora_dir: A folder with ``pytorch_lora_weights.safetensors`` (or that file itself).
+        lora_scale: How much of the adapter to fuse (1.0: as trained).
+        local_files_only: Never reach the network for a Hub id (it must be in the local cache).
+
+    Returns:
+        The pipeline with plain (adapter-free) modules holding the fused weights.
+
+    Raises:
+        ExportError: the adapter file is missing or does not fit the base.
+    """
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from trainer.loading import ModelLoadError
+
+    lora_dir = Path(lora_dir)
+    weights = lora_dir if lora_dir.is_file() else lora_dir / LORA_WEIGHT_NAME
+    if not weights.is_file():
+        raise ExportError(
+            f"{weights} is missing: point --merge at a LoRA run folder (it has lora/{LORA_WEIGHT_NAME})."
+        )
+    loader: Any = DiffusionPipeline  # untyped loaders
     try:
-        if out_path.suffix == ".safetensors":
-            save_file(state, tmp, metadata=_metadata(model_dir, parts))
-        else:
-            warnings.warn(PICKLE_WARNING, UserWarning, stacklevel=2)
-            torch.save({"state_dict": state}, tmp)
-        del state
-        if verify:
-            _verify(_read_checkpoint(tmp), parts, half)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    logger.info(
-        "Exported %s to %s (%.1f MB%s%s)",
-        model_dir,
-        out_path,
-        out_path.stat().st_size / 1e6,
-        ", float16" if half else "",
-        ", verified bit-exact" if verify else "",
+        pipe = loader.from_pretrained(str(base_model), dtype=torch.float32, local_files_only=local_files_only)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"Could not load the base model {base_model}: {exc}. The adapter is fused into the base it was "
+            "trained on: check run.json's base_model, or pass --base-model."
+        ) from exc
+    try:
+        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise ExportError(f"{weights} does not fit {base_model}: {exc}") from exc
+    pipe.fuse_lora(lora_scale=lora_scale)
+    pipe.unload_lora_weights()
+    return pipe
+
+
+def export_merged(
+    run_dir: Path,
+    out_path: Path,
+    *,
+    base_model: str | Path | None = None,
+    lora_scale: float = 1.0,
+    half: bool = False,
+    verify: bool = True,
+    local_files_only: bool = False,
+) -> Path:
+    """Fuse a LoRA run's adapter into its base and write the result as one original-layout file.
+
+    SD 1.x / 2.x get the CompVis layout, SDXL the ``sgm`` layout of ``sd_xl_base_1.0.safetensors``.
+    The file loads in A1111 / ComfyUI, and in diffusers with ``from_single_file(path,
+    config=<the base model>)``.
+
+    Args:
+        run_dir: A LoRA run folder (``run.json``, ``lora/pytorch_lora_weights.safetensors``).
+        out_path: ``*.safetensors`` or ``*.ckpt``, as for :func:`export_single_file`.
+        base_model: The base to fuse into; default run.json's ``base_model``.
+        lora_scale: How much of the adapter to fuse (1.0: as trained).
+        half: Store floating-point tensors as float16.
+        verify: Require diffusers' converters to read back the fused tensors bit for bit.
+        local_files_only: Never reach the network for a Hub id base.
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        ExportError: not a LoRA run, or the model cannot be expressed in the original layout.
+        ExportVerificationError: the round trip changed some tensors (nothing is written then).
+    """
+    run_dir, out_path = Path(run_dir), Path(out_path)
+    _check_suffix(out_path)
+    if base_model is None:
+        base_model = _run_base_model(run_dir)
+    pipe = merge_lora(
+        base_model, run_dir / LORA_DIR, lora_scale=lora_scale, local_files_only=local_files_only
     )
-    return out_path
+    parts = parts_from_pipeline(pipe)
+    del pipe
+    source = f"{run_dir / LORA_DIR} fused into {base_model}"
+    return _write(parts, out_path, title=run_dir.resolve().name, half=half, verify=verify, source=source)
+
+
+def _run_base_model(run_dir: Path) -> str:
+    record = run_dir / "run.json"
+    try:
+        base = json.loads(record.read_text(encoding="utf-8")).get("base_model")
+    except FileNotFoundError:
+        raise ExportError(
+            f"{record} is missing: point --merge at a LoRA run folder made by `sdtrain run`."
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{record} is not valid JSON ({exc}).") from None
+    if not isinstance(base, str) or not base:
+        raise ExportError(f"{record} names no base_model: pass the base explicitly (--base-model).")
+    return base

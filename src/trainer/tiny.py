@@ -164,12 +164,13 @@ def _sdxl_configs(size: Size, vocab_size: int) -> PipelineConfigs:
         vocab_size=vocab_size,
     )
     # bigG: 10 layers is the fewest that single-file tools recognise as SDXL (they look for
-    # `conditioner.embedders.1.model.transformer.resblocks.9.*`).
+    # `conditioner.embedders.1.model.transformer.resblocks.9.*`), and a width other than the first
+    # encoder's, which is how diffusers' single-file loader tells the two encoders apart.
     text_2 = _text_config(
-        hidden=32 if tiny else 1280,
+        hidden=64 if tiny else 1280,
         layers=10 if tiny else 32,
         heads=4 if tiny else 20,
-        projection=32 if tiny else 1280,
+        projection=64 if tiny else 1280,
         act="gelu",
         size=size,
         vocab_size=vocab_size,

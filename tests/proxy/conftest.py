@@ -12,6 +12,7 @@ from typing import Any
 import huggingface_hub
 import pytest
 from proxy_harness import MODEL_ID, SENTINEL, RawRecords, RunningProxy, Seen, make_settings, serve_app
+from redis_harness import RedisServer
 
 from proxy import create_app
 from sdclient.testing import InferenceTestServer
@@ -75,3 +76,14 @@ def start_proxy(upstream: InferenceTestServer, logs: RawRecords) -> Iterator[Cal
 def proxy(start_proxy: Callable[..., RunningProxy]) -> RunningProxy:
     """A proxy with the default test settings."""
     return start_proxy()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh `redis-server` on a free loopback port (see redis_harness.py for when it is skipped)."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

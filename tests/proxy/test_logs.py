@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from proxy_harness import SENTINEL, RunningProxy
 
-from proxy.errors import register_secret
+from proxy.errors import SecretRegistry, current_secrets
 from proxy.logs import JSONFormatter
 from sdclient.testing import InferenceTestServer, Reply
 
@@ -75,11 +75,19 @@ def test_prompt_text_is_logged_only_when_asked(
     assert generated["prompt"] == PROMPT
 
 
-def test_formatter_masks_registered_secrets_as_a_last_line_of_defence() -> None:
-    register_secret("hf_secret_for_the_formatter_test")
+def test_formatter_masks_the_current_apps_secrets_as_a_last_line_of_defence() -> None:
+    secrets = SecretRegistry()
+    secrets.add("hf_secret_for_the_formatter_test")
     record = logging.LogRecord(
         "proxy", logging.ERROR, __file__, 1, "oops %s", ("hf_secret_for_the_formatter_test",), None
     )
-    line = JSONFormatter().format(record)
+    other = current_secrets.set(SecretRegistry())  # another app's registry knows nothing of it
+    assert "hf_secret_for_the_formatter_test" in JSONFormatter().format(record)
+    current_secrets.reset(other)
+    token = current_secrets.set(secrets)
+    try:
+        line = JSONFormatter().format(record)
+    finally:
+        current_secrets.reset(token)
     assert "hf_secret_for_the_formatter_test" not in line
     assert json.loads(line)["msg"] == "oops ***"

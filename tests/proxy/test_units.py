@@ -1,19 +1,19 @@
 """Narrow unit tests of the proxy's building blocks (no sockets): token bucket and quota, admission
-queue, image cache, validation messages."""
+queue, image cache, validation messages. Limits and cache run against the memory store here;
+test_redis_store.py runs the same checks against Redis."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import pytest
 from pydantic import ValidationError
 
 from proxy.admission import AdmissionQueue
-from proxy.cache import ImageCache
 from proxy.errors import Busy, QuotaExceeded, RateLimitExceeded, describe_validation_errors
 from proxy.limits import ClientLimiter
 from proxy.schemas import GenerateBody
+from proxy.store import MemoryStore, Store
 
 
 class Clock:
@@ -24,50 +24,114 @@ class Clock:
         return self.now
 
 
-def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+async def check_token_bucket(store: Store) -> None:
+    """A burst, then the rate; each client its own bucket; refills up to the burst only."""
     clock = Clock()
-    limiter = ClientLimiter(per_minute=6, burst=3, daily_quota=0, clock=clock)
+    limiter = ClientLimiter(store, per_minute=6, burst=3, daily_quota=0, clock=clock)
     for _ in range(3):
-        limiter.check_rate("a")
+        await limiter.admit("a")
     with pytest.raises(RateLimitExceeded) as caught:
-        limiter.check_rate("a")
+        await limiter.admit("a")
     assert caught.value.retry_after == 10  # one token every 10 s
-    limiter.check_rate("b")  # another client has its own bucket
+    await limiter.admit("b")  # another client has its own bucket
     clock.now += 10
-    limiter.check_rate("a")
+    await limiter.admit("a")
     with pytest.raises(RateLimitExceeded):
-        limiter.check_rate("a")
+        await limiter.admit("a")
     clock.now += 1000
     for _ in range(3):  # refills up to the burst, not beyond
-        limiter.check_rate("a")
+        await limiter.admit("a")
     with pytest.raises(RateLimitExceeded):
-        limiter.check_rate("a")
-    assert limiter.counts["a"]["rate_limited"] == 3
+        await limiter.admit("a")
+    counts = await store.counts()
+    assert counts["a"]["rate_limited"] == 3
+    assert counts["a"]["requests"] == 10
 
 
-def test_rate_limit_zero_is_off() -> None:
-    limiter = ClientLimiter(per_minute=0, burst=1, daily_quota=0)
-    for _ in range(100):
-        limiter.check_rate("a")
-
-
-def test_daily_quota_reserves_commits_releases_and_resets_at_midnight_utc() -> None:
+async def check_daily_quota(store: Store) -> None:
+    """Held images count at once; a release gives one back; midnight UTC resets; a refused request
+    takes no token of the rate limit."""
     clock = Clock(now=86_400 * 20_000 + 3_600)  # 01:00 UTC
-    limiter = ClientLimiter(per_minute=0, burst=1, daily_quota=2, clock=clock)
-    limiter.reserve_image("a")
-    limiter.reserve_image("a")
+    limiter = ClientLimiter(store, per_minute=60, burst=4, daily_quota=2, clock=clock)
+    first = await limiter.admit("a")
+    second = await limiter.admit("a")
     with pytest.raises(QuotaExceeded) as caught:  # two held: nothing left, even before delivery
-        limiter.reserve_image("a")
+        await limiter.admit("a")
     assert caught.value.retry_after == 23 * 3600
-    limiter.release_image("a")  # a failed generation gives its image back
-    limiter.commit_image("a")
-    limiter.reserve_image("a")
-    limiter.commit_image("a")
+    await limiter.release(first)  # a failed generation gives its image back
+    await limiter.deliver(second)
+    third = await limiter.admit("a")
+    await limiter.deliver(third)
     with pytest.raises(QuotaExceeded):
-        limiter.reserve_image("a")
+        await limiter.admit("a")
     clock.now += 23 * 3600  # midnight UTC
-    limiter.reserve_image("a")
-    assert limiter.counts["a"]["images"] == 2
+    await limiter.admit("a")
+    counts = await store.counts()
+    assert counts["a"]["images"] == 2
+    assert counts["a"]["quota_exceeded"] == 2
+
+
+async def check_key_budget(store: Store) -> None:
+    """A monthly budget for API keys only, renewed on the 1st (UTC)."""
+    clock = Clock(now=1_764_547_200.0 - 3600)  # 2025-11-30 23:00 UTC
+    limiter = ClientLimiter(store, per_minute=0, burst=1, daily_quota=0, key_monthly_budget=1, clock=clock)
+    await limiter.admit("key:abc")
+    with pytest.raises(QuotaExceeded) as caught:
+        await limiter.admit("key:abc")
+    assert "monthly budget" in caught.value.message and caught.value.retry_after == 3600
+    await limiter.admit("ip:1.2.3.4")
+    await limiter.admit("ip:1.2.3.4")  # not a key: no budget
+    clock.now += 3600
+    await limiter.admit("key:abc")
+
+
+async def check_cache(store: Store) -> None:
+    """Least recently used out beyond the bytes; too big: not stored."""
+    await store.cache_put("a", b"a" * 40, ttl_s=60, max_bytes=100)
+    await store.cache_put("b", b"b" * 40, ttl_s=60, max_bytes=100)
+    assert await store.cache_get("a", ttl_s=60) is not None  # "a" is now the most recently used
+    await store.cache_put("c", b"c" * 40, ttl_s=60, max_bytes=100)  # over 100 bytes: "b" goes
+    assert await store.cache_get("b", ttl_s=60) is None
+    assert await store.cache_get("a", ttl_s=60) == b"a" * 40
+    assert await store.cache_get("c", ttl_s=60) == b"c" * 40
+    await store.cache_put("huge", b"h" * 101, ttl_s=60, max_bytes=100)  # larger than the cache
+    assert await store.cache_get("huge", ttl_s=60) is None
+    stats = await store.cache_stats()
+    assert (stats["items"], stats["bytes"], stats["hits"]) == (2, 80, 3)
+
+
+async def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+    await check_token_bucket(MemoryStore())
+
+
+async def test_daily_quota_holds_releases_and_resets_at_midnight_utc() -> None:
+    await check_daily_quota(MemoryStore())
+
+
+async def test_api_key_budget_is_monthly() -> None:
+    await check_key_budget(MemoryStore())
+
+
+async def test_rate_limit_zero_is_off() -> None:
+    limiter = ClientLimiter(MemoryStore(), per_minute=0, burst=1, daily_quota=0)
+    for _ in range(100):
+        await limiter.admit("a")
+
+
+async def test_cache_evicts_least_recently_used_beyond_its_bytes() -> None:
+    await check_cache(MemoryStore())
+
+
+async def test_cache_entries_expire_after_their_ttl() -> None:
+    clock = Clock()
+    store = MemoryStore(clock=clock)
+    await store.cache_put("a", b"x", ttl_s=10, max_bytes=100)
+    clock.now += 9
+    assert await store.cache_get("a", ttl_s=10) == b"x"  # a hit renews the TTL
+    clock.now += 9
+    assert await store.cache_get("a", ttl_s=10) == b"x"
+    clock.now += 11
+    assert await store.cache_get("a", ttl_s=10) is None
 
 
 async def test_admission_queue_refuses_beyond_its_size() -> None:
@@ -119,29 +183,6 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
     release.set()
     await first
     assert queue.active == 0
-
-
-@dataclass
-class Blob:
-    data: bytes
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.data)
-
-
-def test_cache_evicts_least_recently_used_beyond_its_bytes() -> None:
-    cache: ImageCache[Blob] = ImageCache(max_bytes=100)
-    cache.put("a", Blob(b"a" * 40))
-    cache.put("b", Blob(b"b" * 40))
-    assert cache.get("a") is not None  # "a" is now the most recently used
-    cache.put("c", Blob(b"c" * 40))  # over 100 bytes: "b" goes
-    assert cache.get("b") is None
-    assert cache.get("a") is not None and cache.get("c") is not None
-    assert cache.nbytes == 80
-    cache.put("huge", Blob(b"h" * 101))  # larger than the whole cache: not stored
-    assert cache.get("huge") is None and len(cache) == 2
-    assert cache.snapshot()["hits"] == 3
 
 
 def test_fingerprint_changes_with_every_field() -> None:

@@ -154,3 +154,35 @@ async def test_cold_start_probes_do_not_count_as_retries(
 
     assert image.attempts >= 2
     assert client.usage.total.retries == 0
+
+
+# -- dedicated Endpoints: X-Scale-Up-Timeout -----------------------------------------------
+
+
+async def test_scale_up_timeout_makes_the_server_hold_the_request(
+    server: InferenceTestServer, make_client: MakeClient
+):
+    server.cold_start(0.3)
+    image = await make_client(scale_up_timeout=5).generate("a fox")
+    (request,) = server.requests  # held, not answered 503
+    assert request.headers["x-scale-up-timeout"] == "5"
+    assert image.timings.cold_start_wait_s == 0.0
+
+
+async def test_a_server_that_does_not_hold_still_gets_the_503_handling(
+    server: InferenceTestServer, make_client: MakeClient
+):
+    server.enqueue(Reply.loading(0.1))
+    image = await make_client(scale_up_timeout=5).generate("a fox")
+    assert [r.reply for r in server.requests] == ["loading", "image"]
+    assert image.attempts == 2
+
+
+def test_scale_up_timeout_goes_to_endpoints_by_default_only():
+    endpoint = sdclient.SDClient(
+        "https://abc123.us-east-1.aws.endpoints.huggingface.cloud", max_wait_for_model=60
+    )
+    other = sdclient.SDClient("http://127.0.0.1:1/models/x")
+    off = sdclient.SDClient("https://abc123.us-east-1.aws.endpoints.huggingface.cloud", scale_up_timeout=0)
+    assert endpoint._scale_up == "60"
+    assert other._scale_up is None and off._scale_up is None

@@ -149,3 +149,15 @@ def test_several_processes_increment_one_file_without_losing_counts(tmp_path: Pa
     assert shared.failures == {"ServerError": workers * rounds // 10}
     assert all(snapshot.models[f"worker/{n}"].requests == rounds for n in range(workers))
     assert snapshot.total.requests == 2 * workers * rounds
+
+
+async def test_an_endpoint_without_compute_time_counts_the_measured_time(
+    server: InferenceTestServer, make_client: MakeClient
+):
+    # The Inference Endpoints server sends no x-compute-time: the answered request's own time counts.
+    server.default = Reply.image(delay=0.2, compute_time=None)
+    client = make_client()
+    image = await client.generate("a fox")
+    assert image.timings.compute_s is None
+    assert 0.2 <= image.timings.request_s < 1.0
+    assert client.usage.models[client.model].compute_seconds == pytest.approx(image.timings.request_s)

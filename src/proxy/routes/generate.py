@@ -18,7 +18,7 @@ from ..logs import prompt_fields, request_id_var
 from ..schemas import ErrorResponse, GenerateBody, GenerateResult
 from ..service import GenerationResult
 
-__all__ = ["IMAGE_HEADERS", "router"]
+__all__ = ["IMAGE_HEADERS", "result_json", "router"]
 
 logger = logging.getLogger("proxy.generate")
 
@@ -57,7 +57,8 @@ _STREAM_ERRORS: dict[int | str, dict[str, Any]] = {
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
-def _result_json(result: GenerationResult, request_id: str | None) -> dict[str, Any]:
+def result_json(result: GenerationResult, request_id: str | None) -> dict[str, Any]:
+    """The `GenerateResult` of an image: the JSON answer, and the data of an `image` event."""
     return GenerateResult(
         image=base64.b64encode(result.data).decode("ascii"),
         content_type=result.content_type,  # type: ignore[arg-type]
@@ -126,12 +127,12 @@ async def generate(body: GenerateBody, request: Request, admission: AdmissionDep
     try:
         result, source = await state.service.generate(body)
     except BaseException as exc:
-        admission.release()  # no image: the caller keeps its quota
+        await admission.release()  # no image: the caller keeps its quota
         if isinstance(exc, ProxyError):
-            state.limiter.count(admission.caller, "errors")
+            await state.limiter.count(admission.caller, "errors")
             _log_error(state, body, admission.caller, exc)
         raise
-    admission.deliver()
+    await admission.deliver()
     _log_result(state, body, admission.caller, source, result)
     request_id = request_id_var.get()
     timings = result.timings
@@ -145,7 +146,7 @@ async def generate(body: GenerateBody, request: Request, admission: AdmissionDep
     if timings.compute_s is not None:
         headers["X-Compute-Time"] = f"{timings.compute_s:.3f}"
     if "application/json" in request.headers.get("accept", ""):
-        content = json.dumps(_result_json(result, request_id), separators=(",", ":"))
+        content = json.dumps(result_json(result, request_id), separators=(",", ":"))
         return Response(content, media_type="application/json", headers=headers)
     return Response(result.data, media_type=result.content_type, headers=headers)
 
@@ -182,7 +183,7 @@ async def generate_stream(
         try:
             result, source = task.result()
         except ProxyError as exc:
-            state.limiter.count(admission.caller, "errors")
+            await state.limiter.count(admission.caller, "errors")
             _log_error(state, body, admission.caller, exc)
             yield ServerSentEvent(event="error", data=error_body(exc))
             return
@@ -191,9 +192,9 @@ async def generate_stream(
             error = ProxyError("Internal error. The request id helps the operator.")
             yield ServerSentEvent(event="error", data=error_body(error))
             return
-        admission.deliver()
+        await admission.deliver()
         _log_result(state, body, admission.caller, source, result)
-        yield ServerSentEvent(event="image", data=_result_json(result, request_id))
+        yield ServerSentEvent(event="image", data=result_json(result, request_id))
     finally:
         if not task.done():
             task.cancel()  # only this request's wait: a flight shared with others goes on

@@ -51,16 +51,22 @@ async def readyz(state: StateDep) -> Health:
         401: {"model": ErrorResponse, "description": "`unauthorized`: missing or wrong admin key."},
         404: {"model": ErrorResponse, "description": "`not_found`: no admin key is configured."},
     },
-    summary="Usage counters of this worker (admin key)",
+    summary="Usage counters (admin key)",
 )
 async def usage(state: StateDep) -> UsageReport:
-    """The client's usage (requests, images, compute seconds, cold starts, failures) and
-    per-client counts of this worker process. Send the admin key as `Authorization: Bearer`
-    or `X-Admin-Key`."""
+    """The client's usage (requests, images, compute seconds, cold starts, failures) and the
+    queue of this worker process, and the per-client counts and cache of the store (every
+    instance's with Redis). Send the admin key as `Authorization: Bearer` or `X-Admin-Key`."""
+    service = state.service
     return UsageReport(
         pid=os.getpid(),
-        upstream=state.service.client.usage.model_dump(mode="json"),
-        clients={client: dict(counts) for client, counts in state.limiter.counts.items()},
-        cache=state.service.cache.snapshot(),
-        queue={**state.service.admission.snapshot(), "upstream_calls": state.service.upstream_calls},
+        store="redis" if state.store.shared else "memory",
+        upstream=service.client.usage.model_dump(mode="json"),
+        clients=await state.store.counts(),
+        cache={**await state.store.cache_stats(), "max_bytes": service.cache_max_bytes},
+        queue={
+            **service.admission.snapshot(),
+            "upstream_calls": service.upstream_calls,
+            "followed": service.followed,
+        },
     )

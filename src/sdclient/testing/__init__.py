@@ -9,21 +9,29 @@ with InferenceTestServer() as server:
     assert [r.reply for r in server.requests] == ["loading", "rate_limited", "image"]
 ```
 
+`FakeRouter` stands in for Hugging Face's router, the Hub's provider mapping and the providers
+(fal-ai's queue, Replicate's predictions, WaveSpeed, the base64 providers), with an image host of
+its own.
+
 It also runs as a process (`python -m sdclient.testing --port 0`, or `spawn_server()` from
 Python), for benchmarks and services under test that need their own process.
 
-This package depends only on the standard library and Pillow.
+This package depends on the standard library, Pillow and `sdclient.protocol`.
 """
 
 from ._replies import ImageFormat, ReceivedRequest, Reply, ReplyKind
+from ._router import FakeRouter, JobScript, RoutedRequest
 from ._server import InferenceTestServer
 from ._spawn import spawn_server
 
 __all__ = [
+    "FakeRouter",
     "ImageFormat",
     "InferenceTestServer",
+    "JobScript",
     "ReceivedRequest",
     "Reply",
     "ReplyKind",
+    "RoutedRequest",
     "spawn_server",
 ]

@@ -73,7 +73,7 @@ class Reply:
         width: Image width; `None` takes the request's `parameters.width`, else the server default.
         height: Image height; `None` takes the request's `parameters.height`, else the server default.
         delay: Seconds to wait before answering (`image` only).
-        compute_time: Value of the `x-compute-time` header of an image.
+        compute_time: Value of the `x-compute-time` header of an image (`None`: not sent).
         estimated_time: `estimated_time` of a `loading` reply.
     """
 
@@ -86,7 +86,7 @@ class Reply:
     width: int | None = None
     height: int | None = None
     delay: float = 0.0
-    compute_time: float = 0.05
+    compute_time: float | None = 0.05
     estimated_time: float = 0.0
 
     def __hash__(self) -> int:
@@ -100,7 +100,7 @@ class Reply:
         width: int | None = None,
         height: int | None = None,
         delay: float = 0.0,
-        compute_time: float = 0.05,
+        compute_time: float | None = 0.05,
         headers: Mapping[str, str] | None = None,
     ) -> Reply:
         """A 200 with a real, decodable image, like a successful generation.
@@ -116,7 +116,8 @@ class Reply:
                 server's default size (64 unless configured).
             height: Height in pixels, like `width`.
             delay: Seconds to wait before answering (a slow generation).
-            compute_time: Seconds reported in `x-compute-time`.
+            compute_time: Seconds reported in `x-compute-time`; `None` sends no such header (like
+                the Inference Endpoints server).
             headers: Extra response headers (they override the default ones).
 
         Raises:
@@ -130,7 +131,7 @@ class Reply:
             width=_check_size("width", width),
             height=_check_size("height", height),
             delay=_check_seconds("delay", delay),
-            compute_time=_check_seconds("compute_time", compute_time),
+            compute_time=None if compute_time is None else _check_seconds("compute_time", compute_time),
             headers=dict(headers or {}),
             content_type=f"image/{format}",
         )

@@ -11,12 +11,21 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from types import TracebackType
 from typing import Any, Self
 
+from ..protocol import (
+    MAX_IMAGE_SIDE,
+    Header,
+    InvalidBody,
+    TextToImageInputs,
+    header_is_true,
+    loading_body,
+    parse_text_to_image,
+)
 from ._http import HttpError, HttpRequest, abort_with_reset, read_request, response_head
 from ._images import render
 from ._replies import ReceivedRequest, Reply
@@ -28,10 +37,6 @@ logger = logging.getLogger("sdclient.testing")
 
 _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 10.0
-_MAX_IMAGE_SIDE = 4096
-_INTEGER_PARAMETERS = ("width", "height", "num_inference_steps", "seed")
-_NUMBER_PARAMETERS = ("guidance_scale",)
-_STRING_PARAMETERS = ("negative_prompt", "scheduler")
 
 
 @lru_cache(maxsize=256)
@@ -58,57 +63,21 @@ class _Payload:
 
 
 def _parse_payload(body: bytes) -> _Payload:
-    """Check a request body like the real service: 400 for the body, 422 for the parameters."""
-    example = 'like {"inputs": "a photo of a cat", "parameters": {"width": 512}}'
-    if not body.strip():
-        raise _InvalidRequest(400, f"Request body is empty: send a JSON object {example}")
+    """Check a request body like the real service (:func:`sdclient.protocol.parse_text_to_image`):
+    400 for the body, 422 for the parameters."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        message = f"Request body is not valid JSON ({exc}): send a JSON object {example}"
-        raise _InvalidRequest(400, message) from None
-    if not isinstance(data, dict):
-        raise _InvalidRequest(400, f"Request body must be a JSON object {example}, got {type(data).__name__}")
-    if "inputs" not in data:
-        raise _InvalidRequest(400, f"Missing `inputs` (the prompt): send a JSON object {example}")
-    prompt = data["inputs"]
-    if not isinstance(prompt, str):
-        raise _InvalidRequest(400, f"`inputs` must be a string (the prompt), got {type(prompt).__name__}")
-    parameters = data.get("parameters", {})
-    if parameters is None:
-        parameters = {}
-    if not isinstance(parameters, dict):
-        raise _InvalidRequest(422, ["value is not a valid dict: `parameters`"])
-
-    errors: list[str] = []
-    for name in _INTEGER_PARAMETERS:
-        value = parameters.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"value is not a valid integer: `{name}` in `parameters`")
-        elif name in ("width", "height") and not 1 <= value <= _MAX_IMAGE_SIDE:
-            errors.append(f"ensure this value is between 1 and {_MAX_IMAGE_SIDE}: `{name}` in `parameters`")
-        elif name == "num_inference_steps" and value < 1:
-            errors.append(f"ensure this value is greater than 0: `{name}` in `parameters`")
-    for name in _NUMBER_PARAMETERS:
-        value = parameters.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            errors.append(f"value is not a valid float: `{name}` in `parameters`")
-    for name in _STRING_PARAMETERS:
-        value = parameters.get(name)
-        if value is not None and not isinstance(value, str):
-            errors.append(f"str type expected: `{name}` in `parameters`")
-    if errors:
-        raise _InvalidRequest(422, errors)
-    return _Payload(data, prompt, parameters)
+        parsed = parse_text_to_image(body, TextToImageInputs)
+    except InvalidBody as exc:
+        raise _InvalidRequest(exc.status, exc.error) from None
+    data = json.loads(body)
+    return _Payload(data, parsed.inputs, dict(data.get("parameters") or {}))
 
 
 def _hold_seconds(headers: Mapping[str, str]) -> float:
     """How long the client asked the server to hold a request while the model loads."""
-    if headers.get("x-wait-for-model", "").strip().lower() in ("1", "true", "yes"):
+    if header_is_true(headers.get(Header.WAIT_FOR_MODEL)):
         return math.inf
-    scale_up = headers.get("x-scale-up-timeout")
+    scale_up = headers.get(Header.SCALE_UP_TIMEOUT.lower())
     if scale_up is not None:
         try:
             return max(0.0, float(scale_up))
@@ -150,6 +119,8 @@ class InferenceTestServer:
             one: a side in pixels or `(width, height)`.
         keep_records: Keep a `ReceivedRequest` per request in `requests`; turn it off for long
             benchmarks (the counters of `stats()` are kept either way).
+        clock: The monotonic clock cold starts run on: tests pass a fake one and move it instead
+            of sleeping.
     """
 
     def __init__(
@@ -162,11 +133,13 @@ class InferenceTestServer:
         default: Reply | None = None,
         image_size: int | tuple[int, int] = 64,
         keep_records: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
-        if not all(isinstance(v, int) and 1 <= v <= _MAX_IMAGE_SIDE for v in image_size):
-            raise ValueError(f"image_size must be between 1 and {_MAX_IMAGE_SIDE} pixels, got {image_size!r}")
+        if not all(isinstance(v, int) and 1 <= v <= MAX_IMAGE_SIDE for v in image_size):
+            raise ValueError(f"image_size must be between 1 and {MAX_IMAGE_SIDE} pixels, got {image_size!r}")
         self.host = host
         self.model_id = model_id
         self.models: set[str] | None = set(models) if models is not None else None
@@ -377,7 +350,7 @@ class InferenceTestServer:
             self._cold_hits = 0
             if from_now:
                 self._cold_pending = None
-                self._cold_until = time.monotonic() + seconds
+                self._cold_until = self._clock() + seconds
             else:
                 self._cold_pending = float(seconds)
                 self._cold_until = None
@@ -388,7 +361,7 @@ class InferenceTestServer:
         with self._lock:
             if self._cold_pending is not None:
                 return True
-            return self._cold_until is not None and time.monotonic() < self._cold_until
+            return self._cold_until is not None and self._clock() < self._cold_until
 
     @property
     def requests_while_loading(self) -> int:
@@ -545,7 +518,7 @@ class InferenceTestServer:
         self, request: HttpRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
         """Answer one request; returns whether the connection stays open."""
-        received_at = time.monotonic()
+        received_at = self._clock()
         keep_alive = request.keep_alive
         rid = uuid.uuid4().hex
         common = {"x-request-id": rid}
@@ -587,10 +560,10 @@ class InferenceTestServer:
             hold = _hold_seconds(request.headers)
             if hold > 0:
                 await asyncio.sleep(min(remaining, hold))
-                remaining = self._loading_remaining(time.monotonic(), count=False)
+                remaining = self._loading_remaining(self._clock(), count=False)
         if remaining is not None:
             self._record(request, received_at, "loading", _loads_or_none(request.body), rid)
-            body = _json_bytes({"error": f"Model {model} is currently loading", "estimated_time": remaining})
+            body = _json_bytes(loading_body(model, remaining))
             return await self._send(writer, 503, body, "application/json", common, keep_alive)
 
         try:
@@ -642,7 +615,7 @@ class InferenceTestServer:
             if reply.delay:
                 await asyncio.sleep(reply.delay)
             headers = {
-                "x-compute-time": f"{reply.compute_time:.3f}",
+                **({} if reply.compute_time is None else {Header.COMPUTE_TIME: f"{reply.compute_time:.3f}"}),
                 "x-compute-type": "cpu",
                 "x-compute-images": "1",
                 "x-request-id": rid,
@@ -652,9 +625,7 @@ class InferenceTestServer:
             body = self._image_bytes(reply, payload, model)
             return await self._send(writer, 200, body, reply.content_type, headers, keep_alive)
         if kind == "loading":
-            body = _json_bytes(
-                {"error": f"Model {model} is currently loading", "estimated_time": reply.estimated_time}
-            )
+            body = _json_bytes(loading_body(model, reply.estimated_time))
             return await self._send(writer, 503, body, "application/json", {"x-request-id": rid}, keep_alive)
         if kind == "truncated":
             body = self._image_bytes(reply, payload, model)
