@@ -239,7 +239,7 @@ class RedisStore(Store):
                 await asyncio.sleep(RECONNECT_DELAY_S)
             finally:
                 with suppress(Exception):
-                    await pubsub.aclose()
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     # -- limits and counters ----------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from trainer import _keymaps
 from trainer._keymaps import KeyMapError, Rule
 from trainer.errors import TrainerError
-from trainer.lora_run import LORA_DIR, LORA_WEIGHT_NAME
+from trainer.lora_files import LORA_DIR, LORA_WEIGHTS
 
 if TYPE_CHECKING:
     import torch
@@ -594,10 +594,10 @@ def merge_lora(
     from trainer.loading import ModelLoadError
 
     lora_dir = Path(lora_dir)
-    weights = lora_dir if lora_dir.is_file() else lora_dir / LORA_WEIGHT_NAME
+    weights = lora_dir if lora_dir.is_file() else lora_dir / LORA_WEIGHTS
     if not weights.is_file():
         raise ExportError(
-            f"{weights} is missing: point --merge at a LoRA run folder (it has lora/{LORA_WEIGHT_NAME})."
+            f"{weights} is missing: point --merge at a LoRA run folder (it has lora/{LORA_WEIGHTS})."
         )
     loader: Any = DiffusionPipeline  # untyped loaders
     try:

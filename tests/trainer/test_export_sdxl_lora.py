@@ -20,7 +20,7 @@ from trainer.export import (  # noqa: E402
     load_model_parts,
     restore_diffusers_state_dicts,
 )
-from trainer.lora_run import LORA_DIR, LORA_WEIGHT_NAME  # noqa: E402
+from trainer.lora_files import LORA_DIR, LORA_WEIGHTS  # noqa: E402
 
 
 def make_lora_run(
@@ -171,7 +171,7 @@ def test_merge_refuses_runs_without_an_adapter(tiny_sd1: Path, tmp_path: Path) -
     with pytest.raises(ExportError, match="run.json is missing"):
         export_merged(run, tmp_path / "out.safetensors")
     (run / "run.json").write_text(json.dumps({"base_model": str(tiny_sd1)}), encoding="utf-8")
-    with pytest.raises(ExportError, match=LORA_WEIGHT_NAME):
+    with pytest.raises(ExportError, match=LORA_WEIGHTS):
         export_merged(run, tmp_path / "out.safetensors")
     with pytest.raises(ExportError, match=r"\.safetensors or \.ckpt"):
         export_merged(run, tmp_path / "out.bin")
