@@ -91,6 +91,7 @@ class GenerationResult:
                 total_s=round(timings.total_s, 4),
                 compute_s=None if timings.compute_s is None else round(timings.compute_s, 4),
                 cold_start_wait_s=round(timings.cold_start_wait_s, 4),
+                request_s=round(timings.request_s, 4),
             ),
         )
 
@@ -100,7 +101,7 @@ class GenerationResult:
             self.data,
             self.content_type,
             self.seed,
-            Timings(total_s=0.0, compute_s=self.timings.compute_s, cold_start_wait_s=0.0),
+            Timings(total_s=0.0, compute_s=self.timings.compute_s, cold_start_wait_s=0.0, request_s=0.0),
         )
 
     def to_bytes(self) -> bytes:

@@ -56,7 +56,7 @@ def test_json_answer_with_accept_application_json(proxy: RunningProxy, upstream:
     assert body["content_type"] == "image/jpeg"
     assert Image.open(io.BytesIO(base64.b64decode(body["image"]))).format == "JPEG"
     assert body["request_id"] == "page-123" == response.headers["x-request-id"]
-    assert set(body["timings"]) == {"total_s", "compute_s", "cold_start_wait_s"}
+    assert set(body["timings"]) == {"total_s", "compute_s", "cold_start_wait_s", "request_s"}
     # Without a seed the client draws one, sends it, and the page gets it back.
     assert upstream.requests[0].json["parameters"]["seed"] == body["seed"]
     assert upstream.requests[0].json["parameters"]["negative_prompt"] == "blurry"

@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import huggingface_hub.constants
 import pytest
 from client_harness import FAST, SENTINEL, FakeClock
 
@@ -28,6 +29,12 @@ MODELS: dict[str, tuple[Any, ...]] = {
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+@pytest.fixture(autouse=True)
+def _fake_hub_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tests run with HF_HUB_OFFLINE=1; the fake Hub here is on 127.0.0.1.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
 @pytest.fixture
