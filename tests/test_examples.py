@@ -307,7 +307,10 @@ def proxy_url(server: InferenceTestServer) -> Iterator[str]:
     from proxy import Settings, create_app
 
     settings = Settings(
-        model=server.model_url(MODEL_ID), hf_token=SENTINEL_TOKEN, rate_limit_per_minute=0, _env_file=None
+        model=server.model_url(MODEL_ID),
+        upstream_token=SENTINEL_TOKEN,
+        rate_limit_per_minute=0,
+        _env_file=None,
     )
     app: Any = create_app(settings)
     config = uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning", lifespan="on")

@@ -90,8 +90,11 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
         own_client = client is None
         sd = client or sdclient.SDClient(
             settings.model or "",
+            provider=settings.provider,
             token=token,
             base_url=settings.base_url,
+            router_url=settings.router_url,
+            hub_url=settings.hub_url,
             timeout=httpx.Timeout(settings.upstream_timeout, connect=CONNECT_TIMEOUT_S),
             max_wait_for_model=settings.max_wait_for_model,
             max_retries=settings.max_retries,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import SecretStr
 from rich.console import Console
 from rich.table import Table
 
@@ -107,7 +108,7 @@ def check() -> None:
     table.add_column("value")
     table.add_row("upstream URL", settings.upstream_url)
     token = settings.resolve_token()
-    table.add_row("HF_TOKEN", "set" if token else "none (not needed for this upstream)")
+    table.add_row("token sent upstream", "set" if token else "none (not needed for this upstream)")
     for name in Settings.model_fields:
         if name == "hf_token":
             continue
@@ -116,6 +117,8 @@ def check() -> None:
             shown = f"{len(value)} key(s)"
         elif name == "admin_key":
             shown = "set" if value is not None else "unset (GET /usage disabled)"
+        elif isinstance(value, SecretStr):
+            shown = "set"
         else:
             shown = str(value)
         table.add_row(ENV_PREFIX + name.upper(), shown)

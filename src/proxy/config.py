@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -20,8 +19,16 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from sdclient import DEFAULT_BASE_URL
-from sdclient._constants import HF_HOST_SUFFIXES
+from sdclient import ProviderName
+from sdclient.protocol import (
+    DEFAULT_BASE_URL,
+    HUB_ENDPOINT,
+    HUB_ID,
+    ROUTER_URL,
+    is_hf_host,
+    is_loopback,
+    resolve_token,
+)
 
 __all__ = ["ENV_PREFIX", "ConfigError", "IPNetwork", "Settings", "load_settings"]
 
@@ -32,8 +39,6 @@ MIN_KEY_LENGTH = 16
 """Client API keys and the admin key must be at least this long (they are bearer secrets)."""
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 
 class ConfigError(ValueError):
@@ -48,20 +53,6 @@ def _split_list(value: Any) -> Any:
             return json.loads(text)
         return [item.strip() for item in text.split(",") if item.strip()]
     return value
-
-
-def _is_hf_host(host: str) -> bool:
-    host = host.lower().rstrip(".")
-    return any(host == suffix or host.endswith("." + suffix) for suffix in HF_HOST_SUFFIXES)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Settings(BaseSettings):
@@ -79,15 +70,30 @@ class Settings(BaseSettings):
     hf_token: SecretStr | None = Field(
         default=None,
         validation_alias=AliasChoices("HF_TOKEN", "hf_token"),
-        description="Hugging Face token (env HF_TOKEN); else the one saved by `hf auth login`.",
+        description="Hugging Face token (env HF_TOKEN), else the one saved by `hf auth login`: "
+        "sent to Hugging Face hosts only.",
+    )
+    upstream_token: SecretStr | None = Field(
+        default=None,
+        description="Token sent to the upstream whatever its host (a self-hosted server behind "
+        "auth); wins over HF_TOKEN.",
     )
     model: str | None = Field(
         default=None,
         description="Hub model id (`user/model`) or the full URL of an endpoint that speaks the protocol.",
     )
-    base_url: str | None = Field(
-        default=None, description=f"Where Hub ids are sent (default {DEFAULT_BASE_URL})."
+    provider: ProviderName = Field(
+        default="auto",
+        description="Who serves a Hub id: `auto` (the first provider the Hub lists for the model), "
+        "or one of `hf-inference`, `fal-ai`, `replicate`, `wavespeed`, `together`, `nscale`.",
     )
+    base_url: str | None = Field(
+        default=None,
+        description="A server of the hf-inference protocol that Hub ids are sent to instead of the "
+        f"router ({DEFAULT_BASE_URL}/models/<id> is what `hf-inference` means).",
+    )
+    router_url: str = Field(default=ROUTER_URL, description="The Inference Providers router.")
+    hub_url: str = Field(default=HUB_ENDPOINT, description="The Hub that says which providers serve a model.")
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Origins allowed by CORS (`https://app.example.com`); empty: same origin only.",
@@ -120,9 +126,9 @@ class Settings(BaseSettings):
     max_retries: int = Field(
         default=2, ge=0, le=10, description="Upstream re-sends after transient failures."
     )
-    http_backend: Literal["aiohttp", "httpx"] = Field(
-        default="aiohttp",
-        description="What sends upstream: aiohttp's connection pool (faster) or httpx's own.",
+    http_backend: Literal["httpx", "aiohttp"] = Field(
+        default="httpx",
+        description="What sends upstream: httpx, or aiohttp's connection pool (the `aiohttp` extra).",
     )
     max_body_bytes: int = Field(default=16_384, ge=1024, description="Largest accepted request body.")
     cache_max_bytes: int = Field(
@@ -224,7 +230,17 @@ class Settings(BaseSettings):
                 problems.append(
                     f"{ENV_PREFIX}BASE_URL is set while {ENV_PREFIX}MODEL is a full URL: unset one of them"
                 )
-        elif not _HUB_ID.match(self.model):
+            if self.provider not in ("auto", "hf-inference"):
+                problems.append(
+                    f"{ENV_PREFIX}PROVIDER={self.provider} applies to Hub ids; {ENV_PREFIX}MODEL is a URL "
+                    "(one server of the protocol): unset the provider"
+                )
+        elif self.base_url is not None and self.provider not in ("auto", "hf-inference"):
+            problems.append(
+                f"{ENV_PREFIX}BASE_URL is a server of the hf-inference protocol: it cannot be used "
+                f"with {ENV_PREFIX}PROVIDER={self.provider}; unset one of them"
+            )
+        elif not HUB_ID.match(self.model):
             problems.append(
                 f"{ENV_PREFIX}MODEL {self.model!r} is neither a Hub model id (user/model) nor an http(s) URL"
             )
@@ -270,15 +286,15 @@ class Settings(BaseSettings):
         if self.model and not problems:
             host = urlsplit(self.upstream_url).hostname or ""
             token = self.resolve_token()
-            if token is None and _is_hf_host(host):
+            if token is None and is_hf_host(host):
                 problems.append(
                     f"no Hugging Face token for {host}: set HF_TOKEN in the environment or in .env, "
                     "or run `hf auth login` as the user that runs the proxy"
                 )
-            if token is not None and urlsplit(self.upstream_url).scheme == "http" and not _is_loopback(host):
+            if token is not None and urlsplit(self.upstream_url).scheme == "http" and not is_loopback(host):
                 problems.append(
-                    f"refusing to send HF_TOKEN over plain http to {host}: use an https URL, "
-                    "or unset HF_TOKEN for an upstream that needs no token"
+                    f"refusing to send a token over plain http to {host}: use an https URL, "
+                    f"or unset {ENV_PREFIX}UPSTREAM_TOKEN for an upstream that needs no token"
                 )
         if problems:
             raise ValueError("\n".join(problems))
@@ -292,27 +308,29 @@ class Settings(BaseSettings):
         model = self.model or ""
         if "://" in model:
             return model
-        return f"{(self.base_url or DEFAULT_BASE_URL).rstrip('/')}/models/{model}"
+        if self.base_url is not None:
+            return f"{self.base_url.rstrip('/')}/models/{model}"
+        if self.provider in ("auto", "hf-inference"):
+            # `auto` asks the Hub which provider serves the model; hf-inference is the guess shown.
+            return f"{self.router_url.rstrip('/')}/hf-inference/models/{model}"
+        return f"{self.router_url.rstrip('/')}/{self.provider}"
 
     @property
     def upstream_is_hf(self) -> bool:
         """Whether the upstream is a Hugging Face host (where a discovered token may be sent)."""
-        return _is_hf_host(urlsplit(self.upstream_url).hostname or "")
+        return is_hf_host(self.upstream_url)
 
     def resolve_token(self) -> str | None:
-        """The token to send upstream: `HF_TOKEN` (environment or `.env`), sent to any upstream;
-        else the token saved by `hf auth login`, sent to Hugging Face hosts only.
+        """The token to send upstream, by the client's rule (`sdclient.protocol.resolve_token`):
+        `SDPROXY_UPSTREAM_TOKEN` to any upstream; else `HF_TOKEN` (environment or `.env`) or the
+        token saved by `hf auth login`, to Hugging Face hosts only.
 
         Returns:
             The token, or None when there is none for this upstream.
         """
-        if self.hf_token is not None:
-            return self.hf_token.get_secret_value()
-        if self.upstream_is_hf:
-            from huggingface_hub import get_token
-
-            return get_token()
-        return None
+        explicit = self.upstream_token.get_secret_value() if self.upstream_token is not None else None
+        env = self.hf_token.get_secret_value() if self.hf_token is not None else None
+        return resolve_token(explicit, self.upstream_url, hf_token=env)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -21,7 +21,8 @@ ProxyError
      ├─ UpstreamAuth          upstream_auth      (the proxy's token was refused)
      ├─ UpstreamNotFound      upstream_not_found (wrong model id or URL, retired host)
      ├─ UpstreamCredits       upstream_credits   (out of credits)
-     └─ UpstreamRejected      upstream_rejected  (the model server refused the parameters)
+     ├─ UpstreamRejected      upstream_rejected  (the model server refused the parameters)
+     └─ UpstreamJobFailed     upstream_job_failed (an Inference Provider ran the job; it failed)
 ```
 
 Messages written for upstream failures never contain the token: they are composed here from the
@@ -44,6 +45,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import sdclient
+from proxy.schemas import GenerateBody
 
 __all__ = [
     "Busy",
@@ -63,6 +65,7 @@ __all__ = [
     "UpstreamCredits",
     "UpstreamFailure",
     "UpstreamNotFound",
+    "UpstreamJobFailed",
     "UpstreamRejected",
     "UpstreamTimeout",
     "current_secrets",
@@ -198,6 +201,10 @@ class UpstreamRejected(UpstreamFailure):
     code = "upstream_rejected"
 
 
+class UpstreamJobFailed(UpstreamFailure):
+    code = "upstream_job_failed"
+
+
 def _server_text(exc: sdclient.APIStatusError) -> str:
     text = redact(str(exc.message or "")).strip()
     return text[:300] + ("..." if len(text) > 300 else "")
@@ -230,7 +237,8 @@ def from_client_error(exc: sdclient.SDClientError) -> ProxyError:
     if isinstance(exc, sdclient.AuthenticationError):
         return UpstreamAuth(
             f"The model server refused this service's credentials (HTTP {exc.status_code}). "
-            "The operator must check the proxy's HF_TOKEN (and its permissions)."
+            "The operator must check the proxy's token (HF_TOKEN or SDPROXY_UPSTREAM_TOKEN) "
+            "and its permissions."
         )
     if isinstance(exc, sdclient.ModelNotFound | sdclient.EndpointGone):
         return UpstreamNotFound(
@@ -244,6 +252,18 @@ def from_client_error(exc: sdclient.SDClientError) -> ProxyError:
     if isinstance(exc, sdclient.InvalidRequest):
         return UpstreamRejected(
             f"The model server refused these parameters (HTTP {exc.status_code}): {_server_text(exc)}"
+        )
+    if isinstance(exc, sdclient.ProviderNotAvailable):
+        return UpstreamNotFound(
+            f"No Inference Provider serves the configured model this way: {redact(str(exc))}. "
+            "The operator must check SDPROXY_MODEL and SDPROXY_PROVIDER."
+        )
+    if isinstance(exc, sdclient.JobFailed):
+        return UpstreamJobFailed(f"The {exc.provider} job failed: {redact(exc.message)[:300]}")
+    if isinstance(exc, sdclient.JobTimeout):
+        return UpstreamTimeout(
+            f"The {exc.provider} job was not done after {exc.waited_s:.0f} s (its queue is long). "
+            "Try again later."
         )
     if isinstance(exc, sdclient.APIStatusError):
         return UpstreamFailure(
@@ -306,8 +326,7 @@ def describe_validation_errors(errors: Sequence[Any]) -> str:
             continue
         field = ".".join(loc)
         if kind == "extra_forbidden":
-            message = "unknown field (allowed: prompt, negative_prompt, width, height, num_inference_steps, "
-            message += "guidance_scale, seed)"
+            message = f"unknown field (allowed: {', '.join(GenerateBody.model_fields)})"
         elif kind == "missing":
             message = "required"
         elif kind in ("int_type", "int_parsing", "float_type", "float_parsing", "int_from_float"):

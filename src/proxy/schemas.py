@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sdclient import Timings
+from sdclient.protocol import GenerationOptions, Guidance, ImageSide, Prompt, Seed, Steps
 
 __all__ = [
     "MAX_PROMPT_LENGTH",
@@ -31,50 +32,48 @@ MAX_PROMPT_LENGTH = 2000
 MAX_SEED = 2**32 - 1
 """Seeds are 32-bit unsigned integers: exact in JavaScript numbers and accepted by every pipeline."""
 
+MIN_SIDE, MAX_SIDE = 64, 1024
+"""Image width and height in pixels that a page may ask for (the protocol allows 1 to 4096)."""
+MAX_STEPS = 150
+"""Most denoising steps a page may ask for (the protocol allows 1000)."""
+MAX_GUIDANCE = 30.0
+"""Largest guidance scale a page may ask for (the protocol allows 100)."""
 
-def _json_number(value: Any) -> Any:
-    """Numbers must be JSON numbers: `"512"` or `true` are refused rather than converted."""
-    if isinstance(value, bool | str | bytes):
-        raise ValueError("Input should be a number")
-    return value
 
-
-class GenerateBody(BaseModel):
-    """The JSON body of `POST /generate` and `POST /generate/stream`. Unset fields use the model's
-    defaults; without a seed the proxy draws one and returns it."""
+class GenerateBody(GenerationOptions):
+    """The JSON body of `POST /generate` and `POST /generate/stream`: the protocol's generation
+    options (`sdclient.protocol.GenerationOptions`) with the proxy's narrower bounds. Unset fields use
+    the model's defaults; without a seed the proxy draws one and returns it."""
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={"examples": [{"prompt": "a watercolor fox in the snow", "seed": 1234}]},
     )
 
-    prompt: str = Field(
-        min_length=1,
-        max_length=MAX_PROMPT_LENGTH,
-        json_schema_extra={"pattern": r"\S"},  # checked by `_not_blank`, with a readable message
-        description="What to draw (not blank).",
-    )
-    negative_prompt: str | None = Field(
-        default=None, max_length=MAX_PROMPT_LENGTH, description="What to keep out of the image."
-    )
-    width: int | None = Field(
-        default=None, ge=64, le=1024, multiple_of=8, description="Pixels, multiple of 8."
-    )
-    height: int | None = Field(
-        default=None, ge=64, le=1024, multiple_of=8, description="Pixels, multiple of 8."
-    )
-    num_inference_steps: int | None = Field(default=None, ge=1, le=150, description="Denoising steps.")
-    guidance_scale: float | None = Field(
-        default=None, ge=0, le=30, allow_inf_nan=False, description="How closely to follow the prompt."
-    )
-    seed: int | None = Field(
-        default=None, ge=0, le=MAX_SEED, description="Same seed + same body = same image."
-    )
-
-    @field_validator("width", "height", "num_inference_steps", "guidance_scale", "seed", mode="before")
-    @classmethod
-    def _numbers(cls, value: Any) -> Any:
-        return _json_number(value)
+    prompt: Annotated[
+        Prompt,
+        Field(
+            max_length=MAX_PROMPT_LENGTH,
+            json_schema_extra={"pattern": r"\S"},  # checked by `_not_blank`, with a readable message
+            description="What to draw (not blank).",
+        ),
+    ]
+    negative_prompt: Annotated[
+        str | None, Field(max_length=MAX_PROMPT_LENGTH, description="What to keep out of the image.")
+    ] = None
+    width: Annotated[
+        ImageSide | None,
+        Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8, description="Pixels, multiple of 8."),
+    ] = None
+    height: Annotated[
+        ImageSide | None,
+        Field(ge=MIN_SIDE, le=MAX_SIDE, multiple_of=8, description="Pixels, multiple of 8."),
+    ] = None
+    num_inference_steps: Annotated[Steps | None, Field(le=MAX_STEPS, description="Denoising steps.")] = None
+    guidance_scale: Annotated[
+        Guidance | None, Field(le=MAX_GUIDANCE, description="How closely to follow the prompt.")
+    ] = None
+    seed: Annotated[Seed | None, Field(le=MAX_SEED, description="Same seed + same body = same image.")] = None
 
     @field_validator("prompt")
     @classmethod

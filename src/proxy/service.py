@@ -8,9 +8,10 @@ get their own flight: the client draws a fresh seed for each.
 
 Progress events of a flight, in the order a page sees them:
 
-- `queued {"position"}`: 0 when a slot was free, else the place in line (1 = next);
+- `queued {"position"}`: 0 when a slot was free, else the place in line (1 = next); again while
+  the job waits in an Inference Provider's queue (its place there, `null` when not told);
 - `loading {"eta_s"}`: the model is cold; sent when the wait starts and whenever the ETA moves;
-- `generating {}`: a request went to a model believed to be ready;
+- `generating {}`: a request went to a model believed to be ready, or the provider started the job;
 
 then the route sends `image` or `error`. A request that joins a flight in the air first receives
 the events the flight already sent.
@@ -342,6 +343,15 @@ class GenerationService:
                             UNKNOWN_STATE_GRACE_S, self._emit, flight, "generating", {}
                         )
                     return
+                flight.cancel_pending()
+                self._emit(flight, "generating", {})
+            elif event.kind == "queued" and event.attempt > 0:
+                # The job waits in a provider's queue (fal-ai, WaveSpeed, Replicate): `position` is
+                # the jobs ahead of it there, so 1 is next in line as for the proxy's own queue.
+                flight.cancel_pending()
+                position = None if event.position is None else event.position + 1
+                self._emit(flight, "queued", {"position": position})
+            elif event.kind == "generating":
                 flight.cancel_pending()
                 self._emit(flight, "generating", {})
 

@@ -464,7 +464,7 @@ def is_loopback(url_or_host: str) -> bool:
         return False
 
 
-def resolve_token(token: str | None, url: str) -> str | None:
+def resolve_token(token: str | None, url: str, *, hf_token: str | None = None) -> str | None:
     """The token to send to ``url``.
 
     Resolved in this order (first match wins): ``token`` (sent to any host), the ``HF_TOKEN``
@@ -474,6 +474,8 @@ def resolve_token(token: str | None, url: str) -> str | None:
     Args:
         token: An explicit token, or ``None``.
         url: Where it would be sent.
+        hf_token: ``HF_TOKEN`` as the caller read it (e.g. from a ``.env`` file); default the
+            environment variable. A discovered token, like the saved one.
 
     Returns:
         The token, or ``None`` (send no ``Authorization``).
@@ -490,7 +492,7 @@ def resolve_token(token: str | None, url: str) -> str | None:
         # A token found in the environment or on disk is meant for Hugging Face: never send it
         # to another host. Pass the token explicitly to authenticate elsewhere.
         return None
-    discovered = os.environ.get("HF_TOKEN", "").strip()
+    discovered = (os.environ.get("HF_TOKEN", "") if hf_token is None else hf_token).strip()
     if not discovered:
         from huggingface_hub import get_token
 

@@ -24,8 +24,6 @@ import asyncio
 import contextlib
 import hashlib
 import io
-import ipaddress
-import json
 import logging
 import math
 import random
@@ -38,11 +36,27 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
+
+from sdclient.protocol import (
+    HUB_ID,
+    INVALID_PARAMETERS_STATUS,
+    Header,
+    ImageSide,
+    InvalidBody,
+    Steps,
+    TextToImageInputs,
+    TextToImageParameters,
+    error_body,
+    header_is_true,
+    is_loopback,
+    loading_body,
+    parse_text_to_image,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -69,35 +83,30 @@ _LOAD_OVERHEAD_S = 2.0
 _IMPORT_S = 10.0
 _LOAD_BYTES_PER_S = 150e6
 _UNKNOWN_LOAD_S = 60.0  # a Hub id that may have to be downloaded first
-_MODEL_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/jpg": "JPEG", "image/webp": "WEBP"}
 _CONTENT_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}
 
 
-class GenerationParameters(BaseModel):
-    """The ``parameters`` of a request; unset ones take the pipeline's defaults."""
+Side = Annotated[ImageSide | None, Field(ge=8, le=MAX_SIDE, multiple_of=8)]
+
+
+class GenerationParameters(TextToImageParameters):
+    """The ``parameters`` of a request (the protocol's, narrowed to what one local GPU serves, plus
+    ``lora_scale``); unset ones take the pipeline's defaults. Unknown names are refused."""
 
     model_config = ConfigDict(extra="forbid")
 
-    negative_prompt: str | None = None
-    width: int | None = Field(default=None, ge=8, le=MAX_SIDE, multiple_of=8)
-    height: int | None = Field(default=None, ge=8, le=MAX_SIDE, multiple_of=8)
-    num_inference_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
-    guidance_scale: float | None = Field(default=None, ge=0, le=100)
-    seed: int | None = Field(default=None, ge=0, le=2**64 - 1)
-    scheduler: str | None = Field(default=None, min_length=1)
-    lora_scale: float | None = Field(default=None, ge=0, le=4)
+    width: Side = None
+    height: Side = None
+    num_inference_steps: Annotated[Steps | None, Field(le=MAX_STEPS)] = None
+    lora_scale: float | None = Field(default=None, ge=0, le=4, strict=True)
     """Strength of a LoRA adapter (0: the base model, 1: as trained); only for a LoRA model."""
 
 
-class TextToImageRequest(BaseModel):
+class TextToImageRequest(TextToImageInputs):
     """The JSON body: ``inputs`` (the prompt), ``parameters`` and the legacy ``options``."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    inputs: str = Field(min_length=1)
     parameters: GenerationParameters = Field(default_factory=GenerationParameters)
-    options: dict[str, Any] | None = None
 
 
 def default_model_id(model: Path | str) -> str:
@@ -190,18 +199,6 @@ def _pick_format(accept: str | None) -> str:
     return best
 
 
-def _validation_messages(exc: ValidationError) -> list[str]:
-    """pydantic errors in the serving container's form: ``"<msg>: `field` in `parameters`"``."""
-    messages = []
-    for error in exc.errors():
-        loc = [str(part) for part in error["loc"]]
-        if loc[:1] == ["parameters"] and len(loc) > 1:
-            messages.append(f"{error['msg']}: `{'.'.join(loc[1:])}` in `parameters`")
-        else:
-            messages.append(f"{error['msg']}: `{'.'.join(loc) or 'body'}`")
-    return messages
-
-
 @dataclass
 class _Generated:
     data: bytes
@@ -249,7 +246,7 @@ class ModelServer:
     _loop: asyncio.AbstractEventLoop | None = None
 
     def __post_init__(self) -> None:
-        if not _MODEL_ID.fullmatch(self.model_id):
+        if not HUB_ID.fullmatch(self.model_id):
             raise ValueError(
                 f"Invalid model id {self.model_id!r}: use letters, digits, '-', '_', '.' "
                 "and at most one '/' (e.g. me/sd-me)."
@@ -394,11 +391,9 @@ class ModelServer:
         return _Generated(buffer.getvalue(), _CONTENT_TYPES[fmt], seed, compute_s)
 
 
-def _error(
-    status: int, message: str | list[str], headers: dict[str, str] | None = None, **extra: Any
-) -> JSONResponse:
-    """The protocol's error body: ``{"error": message, **extra}``."""
-    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+def _error(status: int, message: str | list[str], headers: dict[str, str] | None = None) -> JSONResponse:
+    """The protocol's error answer (:func:`sdclient.protocol.error_body`)."""
+    return JSONResponse(error_body(message), status_code=status, headers=headers)
 
 
 def create_app(
@@ -453,29 +448,20 @@ def create_app(
     app.state.server = server
 
     async def answer(request: Request) -> Response:
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        request_id = request.headers.get(Header.REQUEST_ID) or uuid.uuid4().hex
         try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return _error(400, 'The body must be JSON: {"inputs": "<prompt>", "parameters": {...}}.')
-        if not isinstance(body, dict):
-            return _error(400, 'The body must be a JSON object: {"inputs": "<prompt>", "parameters": {...}}.')
-        try:
-            payload = TextToImageRequest.model_validate(body)
-        except ValidationError as exc:
-            return _error(400, _validation_messages(exc))
+            payload = parse_text_to_image(await request.body(), TextToImageRequest)
+        except InvalidBody as exc:
+            return _error(exc.status, exc.error)
         if payload.parameters.lora_scale is not None and server.lora is None:
-            return _error(400, f"parameters.lora_scale: {server.model_id} is not a LoRA model; leave it out.")
+            message = f"parameters.lora_scale: {server.model_id} is not a LoRA model; leave it out."
+            return _error(INVALID_PARAMETERS_STATUS, message)
 
         if server.state == "loading":
-            wait = request.headers.get("x-wait-for-model", "").lower() in ("1", "true")
+            wait = header_is_true(request.headers.get(Header.WAIT_FOR_MODEL))
             wait = wait or bool((payload.options or {}).get("wait_for_model"))
             if not wait:
-                return _error(
-                    503,
-                    f"Model {server.model_id} is currently loading",
-                    estimated_time=server.estimated_time(),
-                )
+                return JSONResponse(loading_body(server.model_id, server.estimated_time()), status_code=503)
             await server.wait_loaded()
         if server.state == "failed":
             return _error(500, f"Model {server.model_id} failed to load: {server.error}")
@@ -483,14 +469,14 @@ def create_app(
             return _error(
                 503,
                 f"Server overloaded: {server.pending} requests are waiting for the model; try again later.",
-                headers={"Retry-After": str(server.retry_after())},
+                headers={Header.RETRY_AFTER: str(server.retry_after())},
             )
         scheduler = None
         if payload.parameters.scheduler:
             try:
                 scheduler = server.scheduler_class(payload.parameters.scheduler)
             except ValueError as exc:
-                return _error(400, str(exc))
+                return _error(INVALID_PARAMETERS_STATUS, str(exc))
 
         fmt = _pick_format(request.headers.get("accept"))
         params = payload.parameters
@@ -511,12 +497,12 @@ def create_app(
             content=result.data,
             media_type=result.content_type,
             headers={
-                "x-compute-time": f"{result.compute_s:.3f}",
-                "x-compute-type": server.compute_type,
-                "x-compute-images": "1",
-                "x-request-id": request_id,
-                "x-sha": server.sha,
-                "x-seed": str(result.seed),
+                Header.COMPUTE_TIME: f"{result.compute_s:.3f}",
+                Header.COMPUTE_TYPE: server.compute_type,
+                Header.COMPUTE_IMAGES: "1",
+                Header.REQUEST_ID: request_id,
+                Header.SHA: server.sha,
+                Header.SEED: str(result.seed),
             },
         )
 
@@ -542,15 +528,6 @@ def create_app(
         return JSONResponse(body, status_code=200 if server.state == "ready" else 503)
 
     return app
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(
@@ -585,7 +562,7 @@ def serve(
     logger.setLevel(logging.INFO)
     app = create_app(model, model_id=model_id, config=config, lora=lora)
     served_id = app.state.server.model_id
-    if not _is_loopback(host):
+    if not is_loopback(host):
         logger.warning("Listening on %s: anyone who can reach this port can generate images (no auth).", host)
     logger.info("Serving %s at http://%s:%d/models/%s", served_id, host, port, served_id)
     uvicorn.run(app, host=host, port=port, log_level="info")

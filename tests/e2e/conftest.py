@@ -87,8 +87,8 @@ def start_stack(upstream: InferenceTestServer) -> Iterator[Callable[..., Stack]]
         def start(**overrides: Any) -> Stack:
             values: dict[str, Any] = {
                 "model": upstream.model_url(MODEL_ID),
-                # Set explicitly, as HF_TOKEN would be: the proxy sends it to any upstream URL.
-                "hf_token": SENTINEL,
+                # The upstream is a local server, not a Hugging Face host: HF_TOKEN would not go there.
+                "upstream_token": SENTINEL,
                 "static_dir": DIST,
                 "rate_limit_per_minute": 0,
                 "daily_quota": 0,

@@ -47,7 +47,7 @@ def make_settings(upstream: InferenceTestServer, **overrides: Any) -> Settings:
     """Settings for a proxy in front of `upstream`: generous limits unless a test sets them."""
     values: dict[str, Any] = {
         "model": upstream.model_url(MODEL_ID),
-        "hf_token": SENTINEL,
+        "upstream_token": SENTINEL,
         "rate_limit_per_minute": 0,
         "daily_quota": 0,
         "max_retries": 1,

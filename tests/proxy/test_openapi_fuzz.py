@@ -28,7 +28,7 @@ UPSTREAM_PORT = _free_port()
 app = create_app(
     Settings(  # type: ignore[call-arg]
         model=f"http://127.0.0.1:{UPSTREAM_PORT}/models/{MODEL_ID}",
-        hf_token=SENTINEL,
+        upstream_token=SENTINEL,
         admin_key="admin-key-for-the-fuzz-test-0123",
         allowed_origins=["http://localhost:5173"],
         rate_limit_per_minute=0,

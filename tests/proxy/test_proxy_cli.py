@@ -44,7 +44,7 @@ def test_unsafe_configuration_exits_2_with_a_readable_message(monkeypatch: pytes
 
 def test_check_prints_the_configuration_without_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SDPROXY_MODEL", "http://127.0.0.1:7860/models/demo")
-    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    monkeypatch.setenv("SDPROXY_UPSTREAM_TOKEN", SENTINEL)
     monkeypatch.setenv("SDPROXY_ADMIN_KEY", "admin-key-0123456789abcdef")
     result = runner.invoke(app, ["check"], terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -65,7 +65,9 @@ def test_serve_runs_uvicorn_with_json_logs(tmp_path: Path, upstream: InferenceTe
     (tmp_path / "site" / "index.html").write_text("<title>studio</title>")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDPROXY_") and k != "HF_TOKEN"}
-    env.update({"SDPROXY_MODEL": upstream.model_url(MODEL_ID), "HF_TOKEN": SENTINEL, "NO_COLOR": "1"})
+    env.update(
+        {"SDPROXY_MODEL": upstream.model_url(MODEL_ID), "SDPROXY_UPSTREAM_TOKEN": SENTINEL, "NO_COLOR": "1"}
+    )
     command = [
         sys.executable,
         "-m",

@@ -10,6 +10,7 @@ import pytest
 from proxy_harness import SENTINEL
 
 from proxy import ConfigError, Settings, create_app, load_settings
+from sdclient.protocol import resolve_token
 
 
 def test_environment_with_prefix_and_hf_token(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -77,8 +78,8 @@ def test_defaults_are_safe() -> None:
         ({"model": "ftp://example.com/x"}, "not an http(s) URL"),
         ({"model": "http://x.example/m", "base_url": "http://y.example"}, "unset one of them"),
         (
-            {"model": "http://gpu.example.com/models/m", "hf_token": SENTINEL},
-            "refusing to send HF_TOKEN over plain http to gpu.example.com",
+            {"model": "http://gpu.example.com/models/m", "upstream_token": SENTINEL},
+            "refusing to send a token over plain http to gpu.example.com",
         ),
         (
             {"model": "http://127.0.0.1:1/m", "allowed_origins": ["*"], "allow_credentials": True},
@@ -113,6 +114,20 @@ def test_create_app_reads_the_environment_and_refuses_a_bad_one(monkeypatch: pyt
 
 
 def test_settings_can_be_built_directly() -> None:
-    settings = Settings(model="http://127.0.0.1:1/m", hf_token=SENTINEL, _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(model="http://127.0.0.1:1/m", upstream_token=SENTINEL, _env_file=None)  # type: ignore[call-arg]
     assert settings.resolve_token() == SENTINEL
-    assert "**********" in repr(settings.hf_token)
+    assert "**********" in repr(settings.upstream_token)
+
+
+def test_hf_token_follows_the_clients_rule_hugging_face_hosts_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    local = load_settings(model="http://127.0.0.1:7860/models/demo")
+    assert local.resolve_token() is None  # a discovered token never goes to another host
+    assert load_settings(model="user/sd-model").resolve_token() == SENTINEL
+    assert load_settings(model="https://abc.endpoints.huggingface.cloud").resolve_token() == SENTINEL
+    # The same rule as the client's, from the same function.
+    for url in ("http://127.0.0.1:7860/models/demo", "https://abc.endpoints.huggingface.cloud"):
+        assert load_settings(model=url).resolve_token() == resolve_token(None, url)
+    explicit = load_settings(model="http://127.0.0.1:7860/models/demo", upstream_token="other-token")
+    assert explicit.resolve_token() == "other-token"

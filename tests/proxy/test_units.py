@@ -199,4 +199,4 @@ def test_validation_messages_name_the_field() -> None:
     assert "prompt: String should have at least 1 character" in message
     assert "width: Input should be a multiple of 8" in message
     assert "steps: unknown field (allowed: prompt, negative_prompt" in message
-    assert "guidance_scale: Input should be a number" in message
+    assert "guidance_scale: Input should be a valid number" in message

@@ -6,7 +6,6 @@ The proxy runs under uvicorn on a real socket in front of `sdclient.testing`'s s
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,14 +15,6 @@ from proxy_harness import SENTINEL, RunningProxy
 from sdclient.testing import InferenceTestServer, Reply
 
 BODY = {"prompt": "a lighthouse at dusk", "seed": 7}
-
-
-@pytest.fixture(params=["aiohttp", "httpx"])
-def start_proxy(
-    request: pytest.FixtureRequest, start_proxy: Callable[..., RunningProxy]
-) -> Callable[..., RunningProxy]:
-    """Every row with both upstream backends (`SDPROXY_HTTP_BACKEND`): the page sees the same."""
-    return functools.partial(start_proxy, http_backend=request.param)
 
 
 def test_token_is_sent_upstream_but_never_back(

@@ -196,14 +196,14 @@ def test_serve_a_lora_run_with_lora_scale(lora_run: Path, tiny_sd1: Path) -> Non
         full, off, default = png(url, lora_scale=1.0), png(url, lora_scale=0.0), png(url)
         bad = httpx.post(f"{url}/models/me/lora", json={"inputs": "x", "parameters": {"lora_scale": -1}})
     assert full == default and full != off
-    assert bad.status_code == 400 and "lora_scale" in bad.text
+    assert bad.status_code == 422 and "lora_scale" in bad.text
     with running(create_app(tiny_sd1, model_id="me/base", device="cpu")) as url:
         wait_ready(url)
         body = {"inputs": PROMPT, "parameters": {"num_inference_steps": 2, "seed": 5}}
         base = httpx.post(f"{url}/models/me/base", json=body, timeout=120)
         refused = httpx.post(f"{url}/models/me/base", json={"inputs": "x", "parameters": {"lora_scale": 1}})
     assert base.content == off  # scale 0 is the base model
-    assert refused.status_code == 400 and "not a LoRA model" in refused.text
+    assert refused.status_code == 422 and "not a LoRA model" in refused.text
 
 
 def test_architecture_is_detected_from_the_unet_config(tiny_sd1: Path, tiny_sd2: Path) -> None:

@@ -212,39 +212,70 @@ def test_seed_and_scheduler_are_honoured(served: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("body", "message"),
+    ("body", "status", "message"),
     [
         (
             {"inputs": "x", "parameters": {"width": 63}},
+            422,
             "Input should be a multiple of 8: `width` in `parameters`",
         ),
-        ({"inputs": "x", "parameters": {"height": 0}}, "`height` in `parameters`"),
-        ({"inputs": "x", "parameters": {"num_inference_steps": 0}}, "`num_inference_steps` in `parameters`"),
-        ({"inputs": "x", "parameters": {"guidance_scale": "high"}}, "`guidance_scale` in `parameters`"),
-        ({"inputs": "x", "parameters": {"strength": 0.5}}, "Extra inputs are not permitted: `strength`"),
-        ({"parameters": {}}, "Field required: `inputs`"),
-        ({"inputs": ""}, "`inputs`"),
+        ({"inputs": "x", "parameters": {"height": 0}}, 422, "`height` in `parameters`"),
+        (
+            {"inputs": "x", "parameters": {"num_inference_steps": 0}},
+            422,
+            "`num_inference_steps` in `parameters`",
+        ),
+        ({"inputs": "x", "parameters": {"guidance_scale": "high"}}, 422, "`guidance_scale` in `parameters`"),
+        ({"inputs": "x", "parameters": {"strength": 0.5}}, 422, "Extra inputs are not permitted: `strength`"),
+        ({"inputs": "x", "parameters": {"lora_scale": 1.0}}, 422, "is not a LoRA model"),
+        ({"parameters": {}}, 400, "Missing `inputs`"),
+        ({"inputs": ""}, 422, "`inputs`"),
+        ({"inputs": 3}, 400, "`inputs` must be a string"),
         (
             {"inputs": "x", "parameters": {"scheduler": "NoSuchScheduler"}},
+            422,
             "Unknown scheduler 'NoSuchScheduler'",
         ),
-        (["not", "an", "object"], "JSON object"),
+        (["not", "an", "object"], 400, "JSON object"),
     ],
 )
-def test_bad_requests_get_400_with_the_reason(served: str, body: Any, message: str) -> None:
+def test_bad_requests_get_the_protocols_status_and_reason(
+    served: str, body: Any, status: int, message: str
+) -> None:
     response = post(served, body)
 
-    assert response.status_code == 400
+    assert response.status_code == status
     error = response.json()["error"]
     text = error if isinstance(error, str) else "\n".join(error)
     assert message in text
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"inputs": "x", "parameters": {"width": "512"}},
+        {"inputs": "x", "parameters": {"guidance_scale": "high"}},
+        {"inputs": "x", "parameters": {"seed": -1}},
+        {"parameters": {}},
+        {"inputs": ""},
+        ["not", "an", "object"],
+    ],
+)
+def test_bad_requests_are_answered_like_the_test_server(
+    served: str, inference_server: Any, body: Any
+) -> None:
+    # Both read bodies through sdclient.protocol: the same status and the same error (serve only
+    # narrows the bounds, e.g. sides to multiples of 8 up to 2048).
+    ours = post(served, body)
+    theirs = httpx.post(inference_server.model_url(MODEL_ID), json=body, timeout=10)
+    assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json())
 
 
 @pytest.mark.slow
 def test_a_body_that_is_not_json(served: str) -> None:
     response = httpx.post(f"{served}/models/{MODEL_ID}", content=b"inputs=cat", timeout=10)
     assert response.status_code == 400
-    assert "must be JSON" in response.json()["error"]
+    assert "not valid JSON" in response.json()["error"]
 
 
 @pytest.mark.slow
