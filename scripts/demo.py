@@ -9,6 +9,11 @@
 6. prints the page's URL, or with `--check` generates one image through the page in headless
    Chromium, saves a screenshot and exits.
 
+With `--provider fal-ai` step 4 is the route a published LoRA takes on Hugging Face instead: a fake
+of the Hub (which lists the adapter as served by fal-ai), the router and fal-ai's queue
+(`sdclient.testing.FakeRouter`) stands in for them, and the proxy finds the provider the way it
+would online (`SDPROXY_PROVIDER=auto`). The fake draws placeholder images, not the model's.
+
 Run it with `scripts/demo` (which installs what it needs first). Nothing is downloaded: the base
 model is random, so the images are abstract colour fields; with a GPU and a real base model the same
 commands train the real thing (see the README).
@@ -17,6 +22,7 @@ commands train the real thing (see the README).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -123,7 +129,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], log_file: Path, timeout: 
     sys.exit(f"{url} did not answer within {timeout:.0f} s; log: {log_file}")
 
 
-def check_in_browser(page_url: str, screenshot: Path) -> None:
+def check_in_browser(page_url: str, screenshot: Path, source: str) -> None:
     """Generate one image through the page in headless Chromium and save a screenshot."""
     from playwright.sync_api import sync_playwright
 
@@ -168,7 +174,7 @@ def check_in_browser(page_url: str, screenshot: Path) -> None:
         browser.close()
     if message:
         sys.exit(f"the page showed an error: {message} (screenshot: {screenshot}; logs: {screenshot.parent})")
-    log(f"the page showed a {width} px image from the fine-tuned model; screenshot: {screenshot}")
+    log(f"the page showed a {width} px image from {source}; screenshot: {screenshot}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,8 +193,17 @@ def main(argv: list[str] | None = None) -> None:
         default="lora",
         help="train a LoRA adapter (the default) or fine-tune the whole UNet",
     )
+    parser.add_argument(
+        "--provider",
+        choices=["local", "fal-ai"],
+        default="local",
+        help="serve the run with `sdtrain serve` (local, the default) or through a fake of Hugging Face's "
+        "router and fal-ai's queue (the route of a published LoRA)",
+    )
     parser.add_argument("--fresh", action="store_true", help="start over instead of reusing an earlier run")
     args = parser.parse_args(argv)
+    if args.provider != "local" and args.method != "lora":
+        parser.error("Inference Providers serve LoRA adapters: use --method lora with --provider")
 
     work: Path = args.workdir.resolve()
     if args.fresh and work.exists():
@@ -225,41 +240,69 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=WEB_DIST.parent, check=True)
         subprocess.run(["npm", "run", "build"], cwd=WEB_DIST.parent, check=True)
 
-    serve_port = free_port()
     page_port = args.port or free_port()
-    upstream = f"http://127.0.0.1:{serve_port}/models/{MODEL_ID}"
     env = dict(os.environ)
-    env.pop("HF_TOKEN", None)  # the local model needs no token: never send one anywhere in the demo
+    env.pop("HF_TOKEN", None)  # nothing here needs a token: never send one anywhere in the demo
     env.update(
         {
-            "SDPROXY_MODEL": upstream,
             "SDPROXY_STATIC_DIR": str(WEB_DIST),
             "SDPROXY_ALLOWED_ORIGINS": f'["http://127.0.0.1:{page_port}","http://localhost:{page_port}"]',
         }
     )
-    serve_log, proxy_log = work / "serve.log", work / "proxy.log"
-    # A run folder serves what the run made: the base model with the adapter, or the whole model.
-    serve_cmd = [sdtrain, "serve", str(run_dir), "--port", str(serve_port), "--model-id", MODEL_ID]
-    proxy_cmd = [sdproxy, "serve", "--host", "127.0.0.1", "--port", str(page_port)]
-    log(f"serving the fine-tuned model on 127.0.0.1:{serve_port} (log: {serve_log})")
-    with background(serve_cmd, serve_log) as serve:
-        wait_http(f"http://127.0.0.1:{serve_port}/health", serve, serve_log)
+    with contextlib.ExitStack() as stack:
+        if args.provider == "local":
+            env["SDPROXY_MODEL"] = serve_locally(stack, sdtrain, run_dir, work / "serve.log")
+        else:
+            env.update(fake_fal_ai(stack))
+        proxy_log = work / "proxy.log"
+        proxy_cmd = [sdproxy, "serve", "--host", "127.0.0.1", "--port", str(page_port)]
         log(f"starting the proxy and the web page on 127.0.0.1:{page_port} (log: {proxy_log})")
-        with background(proxy_cmd, proxy_log, env=env) as proxy:
-            wait_http(f"http://127.0.0.1:{page_port}/healthz", proxy, proxy_log)
-            page_url = f"http://127.0.0.1:{page_port}/app/"
-            if args.check:
-                check_in_browser(page_url, work / "screenshot.png")
-                return
-            print(f"\n  Open {page_url} and generate with a prompt such as '{SAMPLE_PROMPT}'.")
-            print(f"  Samples from training: {run_dir / 'samples'}   Single file: {run_dir / 'export'}")
-            print("  Press Ctrl-C to stop.\n", flush=True)
-            try:
-                while serve.poll() is None and proxy.poll() is None:
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                print()
-                log("stopping")
+        proxy = stack.enter_context(background(proxy_cmd, proxy_log, env=env))
+        wait_http(f"http://127.0.0.1:{page_port}/healthz", proxy, proxy_log)
+        page_url = f"http://127.0.0.1:{page_port}/app/"
+        if args.check:
+            source = "the fine-tuned model" if args.provider == "local" else f"the fake {args.provider}"
+            check_in_browser(page_url, work / "screenshot.png", source)
+            return
+        print(f"\n  Open {page_url} and generate with a prompt such as '{SAMPLE_PROMPT}'.")
+        print(f"  Samples from training: {run_dir / 'samples'}   Run folder: {run_dir}")
+        print("  Press Ctrl-C to stop.\n", flush=True)
+        try:
+            while proxy.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print()
+            log("stopping")
+
+
+def serve_locally(stack: contextlib.ExitStack, sdtrain: str, run_dir: Path, serve_log: Path) -> str:
+    """`sdtrain serve` the run folder (the base model with the adapter, or the whole model) in the
+    background; the URL the proxy sends to."""
+    serve_port = free_port()
+    serve_cmd = [sdtrain, "serve", str(run_dir), "--port", str(serve_port), "--model-id", MODEL_ID]
+    log(f"serving the fine-tuned model on 127.0.0.1:{serve_port} (log: {serve_log})")
+    serve = stack.enter_context(background(serve_cmd, serve_log))
+    wait_http(f"http://127.0.0.1:{serve_port}/health", serve, serve_log)
+    return f"http://127.0.0.1:{serve_port}/models/{MODEL_ID}"
+
+
+def fake_fal_ai(stack: contextlib.ExitStack) -> dict[str, str]:
+    """A fake Hub that lists the run's adapter as served by fal-ai, with the router and fal-ai's
+    queue (each job waits 2 s in it, then runs 1 s); the proxy's settings for it."""
+    from sdclient.testing import FakeRouter, JobScript
+
+    router = stack.enter_context(FakeRouter())
+    # fal-ai serves SD/SDXL LoRAs through fal-ai/lora, with the adapter file of the Hub repo.
+    router.add_model(MODEL_ID, "fal-ai", "fal-ai/lora", lora="pytorch_lora_weights.safetensors")
+    router.script("fal-ai", *[JobScript(queue_s=2.0, run_s=1.0)] * 100)
+    log(f"a fake Hugging Face Hub, router and fal-ai queue on {router.url} (placeholder images)")
+    return {
+        "SDPROXY_MODEL": MODEL_ID,
+        "SDPROXY_PROVIDER": "auto",
+        "SDPROXY_ROUTER_URL": router.url,
+        "SDPROXY_HUB_URL": router.url,
+        "HF_HUB_OFFLINE": "0",
+    }
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from sdclient.protocol import HUB_ID
 from trainer.errors import ConfigError
 
 __all__ = [
@@ -59,7 +60,6 @@ TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 STEPS_PER_PHOTO = 100
 SMALL_SET_PHOTOS = 10  # fewer photos than this get STEPS_PER_PHOTO extra steps
 STEPS_WARNING_THRESHOLD = 2000  # above this DreamBooth tends to over-fit (every image looks the same)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Keys whose values are paths: resolved against the config file's folder.
 _PATH_KEYS = ("output_dir",)
 _CONCEPT_PATH_KEYS = ("instance_dir", "class_dir")
@@ -416,7 +416,7 @@ class RunConfig(BaseModel):
     @field_validator("hub_repo")
     @classmethod
     def _hub_id(cls, value: str | None) -> str | None:
-        if value is not None and not _HUB_ID.match(value):
+        if value is not None and not (HUB_ID.fullmatch(value) and "/" in value):
             raise ValueError(
                 "must look like 'owner/name' (your Hub user or organisation, then the repo name)"
             )
