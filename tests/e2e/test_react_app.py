@@ -326,3 +326,31 @@ def test_the_token_never_reaches_the_browser(
 
     leaked = [where for where, text in places.items() if SENTINEL in text or "hf_SENTINEL" in text]
     assert leaked == []
+
+
+def test_a_lora_served_by_fal_ai_shows_the_providers_queue_then_the_image(
+    start_stack: Callable[..., Stack], open_page: Callable[[Stack], Page], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    from sdclient.testing import FakeRouter, JobScript
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the fake Hub is local
+    with FakeRouter() as router:
+        router.add_model(
+            "user/sks-cat-lora", "fal-ai", "fal-ai/lora", lora="pytorch_lora_weights.safetensors"
+        )
+        router.script("fal-ai", JobScript(queue_s=3.0, run_s=1.5))
+        stack = start_stack(model="user/sks-cat-lora", router_url=router.url, hub_url=router.url)
+        page = open_page(stack)
+        fill_form(page, "a photo of sks cat", seed=11)
+        page.get_by_test_id("generate").click()
+
+        status = page.get_by_test_id("status-area")
+        expect(status).to_have_attribute("data-phase", "queued")
+        expect(status).to_contain_text(re.compile(r"Queued: (number [23] in line|you are next in line)"))
+        expect(status).to_have_attribute("data-phase", "generating")
+        wait_for_image(page)
+        assert natural_width(page) == 256  # the size asked for reached fal-ai
+        (submitted,) = [r for r in router.requests if r.method == "POST" and r.path.startswith("/fal-ai/")]
+        assert submitted.json["image_size"] == {"width": 256, "height": 256}
