@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from ..protocol import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
 from ._replies import Reply
 from ._server import InferenceTestServer
 
@@ -33,8 +34,10 @@ def _side(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a size in pixels, got {text!r}") from None
-    if not 1 <= value <= 4096:
-        raise argparse.ArgumentTypeError(f"expected a size between 1 and 4096 pixels, got {text!r}")
+    if not MIN_IMAGE_SIDE <= value <= MAX_IMAGE_SIDE:
+        raise argparse.ArgumentTypeError(
+            f"expected a size between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE} pixels, got {text!r}"
+        )
     return value
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Literal, TypeAlias
 
+from ..protocol import MAX_IMAGE_SIDE, MIN_IMAGE_SIDE
+
 __all__ = ["ImageFormat", "ReceivedRequest", "Reply", "ReplyKind"]
 
 ImageFormat: TypeAlias = Literal["jpeg", "png", "webp"]
@@ -50,8 +52,11 @@ def _check_seconds(name: str, value: float) -> float:
 def _check_size(name: str, value: int | None) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
-        raise ValueError(f"{name} must be an integer number of pixels between 1 and 4096, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_IMAGE_SIDE <= value <= MAX_IMAGE_SIDE:
+        raise ValueError(
+            f"{name} must be an integer number of pixels between {MIN_IMAGE_SIDE} and {MAX_IMAGE_SIDE}, "
+            f"got {value!r}"
+        )
     return value
 
 
@@ -121,7 +126,7 @@ class Reply:
             headers: Extra response headers (they override the default ones).
 
         Raises:
-            ValueError: An unknown format, a size outside 1..4096 or a negative time.
+            ValueError: An unknown format, a size outside the protocol's bounds or a negative time.
         """
         if format not in _IMAGE_FORMATS:
             raise ValueError(f"format must be one of {', '.join(_IMAGE_FORMATS)}, got {format!r}")
