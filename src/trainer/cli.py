@@ -35,6 +35,7 @@ from trainer.config import (
     load_config_file,
 )
 from trainer.errors import ConfigError, TrainerError, TrainingInterrupted
+from trainer.serve import BUDGET_STEPS, ServeLimits
 
 __all__ = ["app", "main"]
 
@@ -543,10 +544,29 @@ def serve(
         Path | None,
         typer.Option(help="Diffusers folder describing a single file's architecture.", show_default=False),
     ] = None,
+    max_megapixel_steps: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Most width x height x steps / 10^6 one request may cost (1024 x 1024 x 30 = 31.5).",
+            show_default=f"the model's resolution at {BUDGET_STEPS} steps",
+        ),
+    ] = None,
+    max_prompt_chars: Annotated[
+        int, typer.Option(min=1, help="Longest prompt.")
+    ] = ServeLimits.max_prompt_chars,
+    max_body_bytes: Annotated[
+        int, typer.Option(min=1024, help="Largest request body.")
+    ] = ServeLimits.max_body_bytes,
+    request_timeout: Annotated[
+        float, typer.Option(min=1, help="Seconds after which a generation is stopped (503).")
+    ] = ServeLimits.request_timeout_s,
 ) -> None:
     """Serve a model over the text-to-image protocol (what SDClient and the proxy speak).
 
-    A LoRA run is served as its base model with the adapter; requests may set ``lora_scale``."""
+    A LoRA run is served as its base model with the adapter; requests may set ``lora_scale``.
+    Requests over the cost budget get a 422; a generation stops between steps when its client
+    leaves, when it times out, or on SIGTERM / Ctrl+C."""
     _quiet_libraries()
     with _errors():
         from trainer.loading import resolve_run_model
@@ -555,7 +575,13 @@ def serve(
 
         base, lora = resolve_run_model(model)
         served_id = model_id or default_model_id(model)
-        serve_model(base, host=host, port=port, model_id=served_id, config=config, lora=lora)
+        limits = ServeLimits(
+            max_megapixel_steps=max_megapixel_steps,
+            max_prompt_chars=max_prompt_chars,
+            max_body_bytes=max_body_bytes,
+            request_timeout_s=request_timeout,
+        )
+        serve_model(base, host=host, port=port, model_id=served_id, config=config, lora=lora, limits=limits)
 
 
 # -- tiny-model -----------------------------------------------------------------------------------

@@ -11,6 +11,14 @@ so the event loop stays free to answer ``/health`` and 503s; beyond ``max_queue`
 the server answers ``503 overloaded`` with ``Retry-After``. Prompts are never logged, only their
 length.
 
+One request cannot wedge the server (:class:`ServeLimits`): a request over the cost budget
+(width x height x steps, by default the model's own resolution at 100 steps), with a prompt or a
+body over their limits gets a 422 (413 for the body) naming the limit; a generation stops between
+denoising steps when its client has gone, when it runs past ``request_timeout_s`` or when the server
+is told to stop (SIGTERM/SIGINT answer within a step); and a request identical to one already
+queued or running (same seed and parameters: a client's retry) joins it instead of queueing
+another copy.
+
 ```python
 from trainer.serve import serve
 
@@ -32,7 +40,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +67,8 @@ from sdclient.protocol import (
 )
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     import torch
     from PIL.Image import Image
 
@@ -66,6 +76,7 @@ __all__ = [
     "DEFAULT_MAX_QUEUE",
     "GenerationParameters",
     "ModelServer",
+    "ServeLimits",
     "TextToImageRequest",
     "create_app",
     "default_model_id",
@@ -77,6 +88,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_QUEUE = 8
 MAX_SIDE = 2048
 MAX_STEPS = 500
+BUDGET_STEPS = 100
+"""The default cost budget: the model's own resolution at this many steps."""
+_DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
 # Loading estimate: start-up (importing torch/diffusers is most of it when not done yet) + reading
 # the weights.
 _LOAD_OVERHEAD_S = 2.0
@@ -199,12 +213,52 @@ def _pick_format(accept: str | None) -> str:
     return best
 
 
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may cost (the operator's budget for a deployment).
+
+    Args:
+        max_megapixel_steps: Width x height x steps / 10^6 a request may ask for; ``None``: the
+            model's own resolution at :data:`BUDGET_STEPS` steps (26.2 for SD 1.5's 512 px, 104.9
+            for SDXL's 1024 px).
+        max_prompt_chars: Longest prompt or negative prompt.
+        max_body_bytes: Largest request body.
+        request_timeout_s: A generation still running after this long is stopped (503).
+    """
+
+    max_megapixel_steps: float | None = None
+    max_prompt_chars: int = 2000
+    max_body_bytes: int = 64 * 1024
+    request_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_megapixel_steps is not None and not self.max_megapixel_steps > 0:
+            raise ValueError(f"max_megapixel_steps must be > 0, got {self.max_megapixel_steps}")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"request_timeout_s must be > 0 seconds, got {self.request_timeout_s}")
+
+
+class Stopped(Exception):
+    """A generation stopped between two denoising steps; the message says why."""
+
+
 @dataclass
 class _Generated:
     data: bytes
     content_type: str
     seed: int
     compute_s: float
+
+
+@dataclass
+class _Job:
+    """One generation, queued or running, and the requests waiting for it."""
+
+    key: str | None
+    deadline: float
+    cancel: threading.Event = field(default_factory=threading.Event)
+    waiters: int = 1
+    future: asyncio.Future[_Generated] | None = None
 
 
 @dataclass
@@ -219,6 +273,7 @@ class ModelServer:
         max_queue: Requests allowed to wait for the worker; more get 503 overloaded.
         loader: Builds the pipeline (default: ``load_pipeline(model, device=, config=, lora=)``).
         lora: A LoRA adapter loaded into ``model`` (a run's ``lora/`` folder or an adapter file).
+        limits: What one request may cost.
     """
 
     model: Path | str
@@ -228,6 +283,7 @@ class ModelServer:
     device: str | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     loader: Callable[[], Any] | None = None
+    limits: ServeLimits = field(default_factory=ServeLimits)
 
     state: Literal["loading", "ready", "failed"] = "loading"
     error: str | None = None
@@ -244,6 +300,10 @@ class ModelServer:
     _scheduler: Any = None
     _loaded: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
+    _native_side: int = 512
+    _default_steps: int = 50
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _jobs: dict[str, _Job] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not HUB_ID.fullmatch(self.model_id):
@@ -284,6 +344,7 @@ class ModelServer:
             self.sha = _model_sha(self.model, pipe)
             self.compute_type = _compute_type(pipe.device)
             self._scheduler = pipe.scheduler
+            self._native_side, self._default_steps = _native_size(pipe)
             self.pipe = pipe
             self.state = "ready"
             logger.info(
@@ -310,9 +371,51 @@ class ModelServer:
         if self._loaded is not None:
             await self._loaded.wait()
 
-    def close(self) -> None:
-        """Drop queued generations (the one running finishes)."""
+    def stop(self) -> None:
+        """Stop: queued generations are dropped, the running one stops at its next step."""
+        self._stopping.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    close = stop
+
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` was called."""
+        return self._stopping.is_set()
+
+    # -- limits ----------------------------------------------------------------------------------
+
+    @property
+    def max_megapixel_steps(self) -> float:
+        """The cost budget of one request (width x height x steps / 10^6)."""
+        if self.limits.max_megapixel_steps is not None:
+            return self.limits.max_megapixel_steps
+        return self._native_side**2 * BUDGET_STEPS / 1e6
+
+    def over_budget(self, request: TextToImageRequest) -> str | None:
+        """Why ``request`` is over this server's limits, or ``None``."""
+        limit = self.limits.max_prompt_chars
+        for name, text in (
+            ("inputs", request.inputs),
+            ("negative_prompt", request.parameters.negative_prompt),
+        ):
+            if text is not None and len(text) > limit:
+                return (
+                    f"`{name}` has {len(text)} characters, more than this server's {limit} "
+                    "(sdtrain serve --max-prompt-chars); Stable Diffusion reads about 77 tokens anyway."
+                )
+        params = request.parameters
+        width = params.width or self._native_side
+        height = params.height or self._native_side
+        steps = params.num_inference_steps or self._default_steps
+        cost = width * height * steps / 1e6
+        if cost > self.max_megapixel_steps:
+            return (
+                f"width x height x num_inference_steps = {width} x {height} x {steps} = {cost:.1f} "
+                f"megapixel-steps, over this server's budget of {self.max_megapixel_steps:.1f} "
+                "(sdtrain serve --max-megapixel-steps): ask for fewer steps or a smaller image."
+            )
+        return None
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -345,25 +448,83 @@ class ModelServer:
         """Seconds after which a rejected request may find room."""
         return max(1, math.ceil(self._avg_compute_s * max(self._pending - self.max_queue, 1)))
 
-    async def generate(self, request: TextToImageRequest, fmt: str, scheduler: Any = None) -> _Generated:
+    async def generate(
+        self,
+        request: TextToImageRequest,
+        fmt: str,
+        scheduler: Any = None,
+        client_gone: Callable[[], Awaitable[bool]] | None = None,
+    ) -> _Generated:
         """Queue ``request`` for the worker thread and wait for its image.
+
+        A request identical to one queued or running (an explicit seed, the same parameters and
+        format: a retry) waits for that one. When every request waiting for a generation has gone
+        (``client_gone``), it is stopped.
 
         Args:
             request: The validated request.
             fmt: Pillow format name (``PNG``, ``JPEG``, ``WEBP``).
             scheduler: A class from :meth:`scheduler_class`, or None for the pipeline's own.
-        """
-        self._pending += 1
-        try:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._executor, self._generate, request, scheduler, fmt)
-        finally:
-            self._pending -= 1
-        self._avg_compute_s = 0.7 * self._avg_compute_s + 0.3 * result.compute_s
-        return result
+            client_gone: Tells whether the requesting client has disconnected.
 
-    def _generate(self, request: TextToImageRequest, scheduler_cls: Any, fmt: str) -> _Generated:
+        Raises:
+            Stopped: The generation was stopped (timeout, shutdown, or every client gone).
+        """
+        key = None
+        if request.parameters.seed is not None:
+            key = hashlib.sha256(f"{request.model_dump_json()}|{fmt}|{scheduler}".encode()).hexdigest()
+        job = self._jobs.get(key) if key is not None else None
+        if job is not None and not job.cancel.is_set():
+            job.waiters += 1
+        else:
+            job = self._start(key, request, scheduler, fmt)
+        assert job.future is not None
+        try:
+            while True:
+                done, _ = await asyncio.wait({job.future}, timeout=_DISCONNECT_POLL_S)
+                if done:
+                    return job.future.result()
+                if client_gone is not None and await client_gone():
+                    raise Stopped("the client disconnected")
+        finally:
+            job.waiters -= 1
+            if job.waiters == 0 and not job.future.done():
+                job.cancel.set()  # nobody waits for it any more
+
+    def _start(self, key: str | None, request: TextToImageRequest, scheduler: Any, fmt: str) -> _Job:
+        job = _Job(key, deadline=time.monotonic() + self.limits.request_timeout_s)
+        if key is not None:
+            self._jobs[key] = job
+        self._pending += 1
+        loop = asyncio.get_running_loop()
+        job.future = loop.run_in_executor(self._executor, self._generate, job, request, scheduler, fmt)
+
+        def finished(future: asyncio.Future[_Generated]) -> None:
+            self._pending -= 1
+            if key is not None and self._jobs.get(key) is job:
+                del self._jobs[key]
+            if not future.cancelled() and future.exception() is None:
+                self._avg_compute_s = 0.7 * self._avg_compute_s + 0.3 * future.result().compute_s
+
+        job.future.add_done_callback(finished)
+        return job
+
+    def _check(self, job: _Job) -> None:
+        """Raise :class:`Stopped` when ``job`` must not go on (called between denoising steps)."""
+        if self._stopping.is_set():
+            raise Stopped("the server is shutting down")
+        if job.cancel.is_set():
+            raise Stopped("every client waiting for it has gone")
+        if time.monotonic() > job.deadline:
+            raise Stopped(
+                f"the generation took longer than this server's {self.limits.request_timeout_s:.0f} s "
+                "(sdtrain serve --request-timeout)"
+            )
+
+    def _generate(self, job: _Job, request: TextToImageRequest, scheduler_cls: Any, fmt: str) -> _Generated:
         import torch
+
+        self._check(job)  # its client may have left while it was queued
 
         params = request.parameters
         pipe = self.pipe
@@ -375,6 +536,12 @@ class ModelServer:
         }
         if params.lora_scale is not None:
             kwargs["cross_attention_kwargs"] = {"scale": params.lora_scale}
+
+        def between_steps(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            self._check(job)
+            return tensors
+
+        kwargs["callback_on_step_end"] = between_steps
         original = self._scheduler
         if scheduler_cls is not None and scheduler_cls is not type(original):
             pipe.scheduler = scheduler_cls.from_config(original.config)
@@ -391,6 +558,35 @@ class ModelServer:
         return _Generated(buffer.getvalue(), _CONTENT_TYPES[fmt], seed, compute_s)
 
 
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or ``None`` when it is longer than ``limit`` bytes (read no further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _native_size(pipe: Any) -> tuple[int, int]:
+    """The side a pipeline draws at by default and its default number of steps."""
+    import inspect
+
+    unet = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    sample = getattr(getattr(unet, "config", None), "sample_size", None)
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    side = int(sample * scale) if isinstance(sample, int) else 512
+    try:
+        steps = inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
+    except (KeyError, TypeError, ValueError):
+        steps = 50
+    return side, steps if isinstance(steps, int) else 50
+
+
 def _error(status: int, message: str | list[str], headers: dict[str, str] | None = None) -> JSONResponse:
     """The protocol's error answer (:func:`sdclient.protocol.error_body`)."""
     return JSONResponse(error_body(message), status_code=status, headers=headers)
@@ -405,6 +601,7 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     loader: Callable[[], Any] | None = None,
     lora: Path | None = None,
+    limits: ServeLimits | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``model``; it starts loading when the app starts (lifespan).
 
@@ -417,6 +614,7 @@ def create_app(
         loader: Replaces the default loader (``trainer.loading.load_pipeline``); it must return a
             text-to-image pipeline.
         lora: A LoRA adapter to load into ``model`` (requests may then set ``lora_scale``).
+        limits: What one request may cost (default :class:`ServeLimits`).
 
     Returns:
         A FastAPI app: ``POST /``, ``POST /models/{model_id}``, ``GET /health``.
@@ -432,6 +630,7 @@ def create_app(
         max_queue=max_queue,
         loader=loader,
         lora=lora,
+        limits=limits or ServeLimits(),
     )
 
     @contextlib.asynccontextmanager
@@ -449,8 +648,15 @@ def create_app(
 
     async def answer(request: Request) -> Response:
         request_id = request.headers.get(Header.REQUEST_ID) or uuid.uuid4().hex
+        body = await _read_body(request, server.limits.max_body_bytes)
+        if body is None:
+            return _error(
+                413,
+                f"The body is larger than this server's {server.limits.max_body_bytes} bytes "
+                "(sdtrain serve --max-body-bytes).",
+            )
         try:
-            payload = parse_text_to_image(await request.body(), TextToImageRequest)
+            payload = parse_text_to_image(body, TextToImageRequest)
         except InvalidBody as exc:
             return _error(exc.status, exc.error)
         if payload.parameters.lora_scale is not None and server.lora is None:
@@ -465,6 +671,11 @@ def create_app(
             await server.wait_loaded()
         if server.state == "failed":
             return _error(500, f"Model {server.model_id} failed to load: {server.error}")
+        too_much = server.over_budget(payload)
+        if too_much is not None:
+            return _error(INVALID_PARAMETERS_STATUS, too_much)
+        if server.stopping:
+            return _error(503, "The server is shutting down; try again shortly.", {Header.RETRY_AFTER: "5"})
         if server.pending >= server.max_queue + 1:
             return _error(
                 503,
@@ -488,7 +699,10 @@ def create_app(
             params.num_inference_steps or "default",
         )
         try:
-            result = await server.generate(payload, fmt, scheduler)
+            result = await server.generate(payload, fmt, scheduler, client_gone=request.is_disconnected)
+        except Stopped as exc:
+            logger.info("request %s stopped: %s", request_id, exc)
+            return _error(503, f"Generation stopped: {exc}.", {Header.RETRY_AFTER: "5"})
         except Exception as exc:  # the pipeline's own errors (e.g. out of memory)
             logger.exception("request %s failed", request_id)
             return _error(500, f"Generation failed: {type(exc).__name__}: {exc}")
@@ -538,6 +752,7 @@ def serve(
     model_id: str | None = None,
     config: Path | None = None,
     lora: Path | None = None,
+    limits: ServeLimits | None = None,
 ) -> None:
     """Serve ``model`` over the text-to-image protocol until interrupted (runs uvicorn).
 
@@ -551,6 +766,7 @@ def serve(
         model_id: Id answered at ``/models/{model_id}``; default :func:`default_model_id`.
         config: For a single file: the diffusers folder describing its architecture.
         lora: A LoRA adapter to load into ``model`` (a run's ``lora/`` folder or an adapter file).
+        limits: What one request may cost (default :class:`ServeLimits`).
 
     Raises:
         ValueError: an invalid ``model_id``.
@@ -560,9 +776,19 @@ def serve(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    app = create_app(model, model_id=model_id, config=config, lora=lora)
-    served_id = app.state.server.model_id
+    app = create_app(model, model_id=model_id, config=config, lora=lora, limits=limits)
+    server: ModelServer = app.state.server
+    served_id = server.model_id
     if not is_loopback(host):
         logger.warning("Listening on %s: anyone who can reach this port can generate images (no auth).", host)
     logger.info("Serving %s at http://%s:%d/models/%s", served_id, host, port, served_id)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+
+    class _Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Stop the generation in progress at its next step, then let uvicorn shut down: it
+            # would otherwise wait for that request to finish, however long it takes.
+            server.stop()
+            super().handle_exit(sig, frame)
+
+    config_ = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    _Uvicorn(config_).run()
