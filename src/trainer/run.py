@@ -294,6 +294,7 @@ def make_class_images(record: RunRecord) -> list[ClassImagesResult]:
         batch_size=record.class_batch_size,
         num_inference_steps=record.class_image_steps,
         seed=record.seed,
+        vae=record.vae,
     )
 
 
