@@ -10,8 +10,8 @@ GPU (``--gpu``): the SD 1.5 and SDXL base architectures with random weights
 mixed precision, with and without gradient checkpointing, plus 8-bit AdamW when bitsandbytes is
 installed (skipped with a message otherwise), and one SD 1.5 full fine-tune for the LoRA/full ratio.
 Reports it/s and ``torch.cuda.max_memory_allocated``. Needs a CUDA GPU and ~20 GB of disk for the
-two random models; about 6 minutes on an H100/H200 with the default 15 steps (every setting has a
-time limit, ``--setting-timeout``).
+two random models. Sized to finish in under 8 minutes on an H100/H200 with the default 15 steps
+(estimated, not yet timed; every setting has a time limit, ``--setting-timeout``).
 
 Every setting runs in a fresh process (``--child``), so peak memory is that setting's alone. The
 class images are synthetic pictures like the photos (what they show does not change a step's cost).
