@@ -316,6 +316,12 @@ def test_a_full_sdxl_fine_tune_trains_both_text_encoders(
         assert any(not torch.equal(before[k], after[k]) for k in before), f"{name} was not trained"
     assert (out / "export" / "model.safetensors").is_file()
     assert (out / "model" / "tokenizer_2" / "vocab.json").is_file()
+    # What samples and `sdtrain serve RUN` load for a full run: the SDXL pipeline in RUN/model.
+    from diffusers import StableDiffusionXLPipeline
+
+    from trainer.loading import load_run_pipeline
+
+    assert isinstance(load_run_pipeline(out, device="cpu"), StableDiffusionXLPipeline)
 
 
 @pytest.mark.slow
@@ -361,3 +367,24 @@ def test_the_sdxl_vae_stays_in_fp32_unless_it_is_fp16_safe(
         AcceleratorState._reset_state(reset_partial_state=True)
     want = torch.bfloat16 if fp16_safe_vae else torch.float32
     assert dtypes and all(d == (want, want) for d in dtypes), dtypes
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 training needs a CUDA GPU")
+def test_fp16_sdxl_training_and_sampling_give_no_nan(
+    sdxl_lora_run: SdxlRun, tiny_sdxl: Path, tmp_path: Path
+) -> None:
+    from accelerate.state import AcceleratorState
+
+    record = RunRecord.read(sdxl_lora_run.path / "run.json")
+    options = {**LORA_OPTIONS, "mixed_precision": "fp16", "class_dir": record.concepts[0].class_dir}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        output = _invoke(["run", *run_args(tiny_sdxl, sdxl_lora_run.photos, tmp_path / "run", **options)])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert "loss nan" not in output.lower()
+    for sample in sorted((tmp_path / "run" / "samples").glob("sample-*.png")):
+        with Image.open(sample) as image:
+            assert np.asarray(image).std() > 0, f"{sample.name} is a blank (NaN) image"
