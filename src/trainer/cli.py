@@ -415,12 +415,12 @@ def sample(
         text = prompt or (record.sample_prompt if record else None)
         if not text:
             raise ConfigError("Give --prompt (only a run folder has a default prompt).")
-        from trainer.loading import load_pipeline, resolve_run_model
+        from trainer.loading import load_run_pipeline, resolve_run_model
         from trainer.sample import generate_samples
 
         base, lora = resolve_run_model(model)
         result = generate_samples(
-            load_pipeline(base, lora=lora) if lora is not None else base,
+            load_run_pipeline(model) if lora is not None else base,  # a LoRA run: base + adapter (+ --vae)
             output or (run_dir / "samples" if record else Path("samples")),
             prompt=text,
             negative_prompt=negative_prompt

@@ -367,6 +367,11 @@ def test_the_sdxl_vae_stays_in_fp32_unless_it_is_fp16_safe(
         AcceleratorState._reset_state(reset_partial_state=True)
     want = torch.bfloat16 if fp16_safe_vae else torch.float32
     assert dtypes and all(d == (want, want) for d in dtypes), dtypes
+    # Samples of the run (and `sdtrain sample RUN`) draw with the run's VAE.
+    from trainer.loading import load_run_pipeline
+
+    pipe = load_run_pipeline(tmp_path / "run", device="cpu")
+    assert pipe.vae.config.force_upcast is (not fp16_safe_vae)
 
 
 @pytest.mark.gpu
