@@ -19,6 +19,7 @@ __all__ = [
     "default_dtype",
     "load_pipeline",
     "load_run_pipeline",
+    "load_vae",
     "resolve_run_model",
 ]
 
@@ -90,7 +91,7 @@ def load_pipeline(
     common: dict[str, Any] = {"dtype": torch_dtype}
     try:
         if vae is not None:
-            common["vae"] = _load_vae(vae, torch_dtype)
+            common["vae"] = load_vae(vae, torch_dtype)
         if path.is_file():
             if path.suffix not in SINGLE_FILE_SUFFIXES:
                 raise ModelLoadError(
@@ -159,7 +160,13 @@ def _pipeline_class(model: str | Path, local_files_only: bool = False) -> Any:
     return None
 
 
-def _load_vae(vae: str | Path, dtype: torch.dtype) -> Any:
+def load_vae(vae: str | Path, dtype: torch.dtype | None = None) -> Any:
+    """A VAE on its own: a VAE folder or Hub id (such as an "fp16-fix" SDXL VAE), or a pipeline
+    folder holding a ``vae/``.
+
+    Raises:
+        OSError: it cannot be found or read.
+    """
     from diffusers import AutoencoderKL
 
     loader: Any = AutoencoderKL  # untyped

@@ -304,11 +304,11 @@ def _load_vae(record: RunRecord) -> Any:
     """The base model's VAE, or ``--vae``'s (a VAE folder/repo, or a pipeline with a ``vae/``)."""
     from diffusers import AutoencoderKL
 
+    from trainer.loading import load_vae
+
     if record.vae is None:
         return _load_part(AutoencoderKL, record.base_model, "vae")
-    in_pipeline = (Path(record.vae) / "vae" / "config.json").is_file()
-    loader: Any = AutoencoderKL  # untyped
-    return loader.from_pretrained(record.vae, subfolder="vae" if in_pipeline else None)
+    return load_vae(record.vae)
 
 
 def _save_pipeline(record: RunRecord, unet: Any, text_encoders: Sequence[Any], out: Path) -> Path:
