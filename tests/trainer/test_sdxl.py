@@ -393,3 +393,30 @@ def test_fp16_sdxl_training_and_sampling_give_no_nan(
     for sample in sorted((tmp_path / "run" / "samples").glob("sample-*.png")):
         with Image.open(sample) as image:
             assert np.asarray(image).std() > 0, f"{sample.name} is a blank (NaN) image"
+
+
+def test_a_hub_id_is_loaded_with_the_class_its_index_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+    from diffusers import StableDiffusionXLPipeline
+
+    from trainer.loading import _pipeline_class
+
+    index = tmp_path / "model_index.json"
+    index.write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}), encoding="utf-8")
+    asked: list[tuple[str, str]] = []
+
+    def download(repo_id: str, filename: str, **kwargs: Any) -> str:
+        asked.append((repo_id, filename))
+        return str(index)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert _pipeline_class("stabilityai/stable-diffusion-xl-base-1.0") is StableDiffusionXLPipeline
+    assert asked == [("stabilityai/stable-diffusion-xl-base-1.0", "model_index.json")]
+
+    def offline(repo_id: str, filename: str, **kwargs: Any) -> str:
+        raise OSError("offline and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    assert _pipeline_class("someone/unknown") is None  # from_pretrained then reports the problem
