@@ -420,3 +420,24 @@ def test_a_hub_id_is_loaded_with_the_class_its_index_names(
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     assert _pipeline_class("someone/unknown") is None  # from_pretrained then reports the problem
+
+
+def test_sdxl_base_trains_at_1024_px_by_default(tmp_path: Path) -> None:
+    """The released SDXL base's configs (as ``tiny.py``'s full size writes them), no weights."""
+    from trainer.run import inspect_base_model
+    from trainer.tiny import _configs
+
+    configs = _configs("sdxl", "full", 49408)
+    classes = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL"}
+    for name, config in (("unet", configs.unet), ("vae", configs.vae), ("scheduler", configs.scheduler)):
+        (tmp_path / name).mkdir()
+        body = {"_class_name": classes.get(name), **config} if name in classes else config
+        (tmp_path / name / ("scheduler_config.json" if name == "scheduler" else "config.json")).write_text(
+            json.dumps(body), encoding="utf-8"
+        )
+    (tmp_path / "model_index.json").write_text(
+        json.dumps({"_class_name": "StableDiffusionXLPipeline"}), encoding="utf-8"
+    )
+    info = inspect_base_model(str(tmp_path))
+    assert (info.architecture, info.resolution, info.prediction_type) == ("sdxl", 1024, "epsilon")
+    assert info.describe() == "SDXL (epsilon, 1024 px)"
