@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +104,14 @@ def _invoke(args: list[str]) -> str:
     return result.output
 
 
+@dataclass
 class SdxlRun:
-    def __init__(self, path: Path, output: str, calls: list[dict[str, Any]], photos: Path) -> None:
-        self.path, self.output, self.calls, self.photos = path, output, calls, photos
+    """The shared SDXL LoRA run: its folder, what it printed, the UNet's training calls, its photos."""
+
+    path: Path
+    output: str
+    calls: list[dict[str, Any]]
+    photos: Path
 
 
 @pytest.fixture(scope="module")
