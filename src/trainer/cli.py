@@ -554,8 +554,10 @@ def serve(
         from trainer.serve import serve as serve_model
 
         base, lora = resolve_run_model(model)
+        # A LoRA run is drawn with the VAE it trained with (a full run saved it in its model).
+        vae = RunRecord.read(Path(model) / "run.json").vae if lora is not None else None
         served_id = model_id or default_model_id(model)
-        serve_model(base, host=host, port=port, model_id=served_id, config=config, lora=lora)
+        serve_model(base, host=host, port=port, model_id=served_id, config=config, lora=lora, vae=vae)
 
 
 # -- tiny-model -----------------------------------------------------------------------------------

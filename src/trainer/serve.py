@@ -222,12 +222,14 @@ class ModelServer:
         max_queue: Requests allowed to wait for the worker; more get 503 overloaded.
         loader: Builds the pipeline (default: ``load_pipeline(model, device=, config=, lora=)``).
         lora: A LoRA adapter loaded into ``model`` (a run's ``lora/`` folder or an adapter file).
+        vae: A VAE used instead of the model's own (e.g. the fp16-safe one a LoRA run trained with).
     """
 
     model: Path | str
     model_id: str
     config: Path | None = None
     lora: Path | None = None
+    vae: str | None = None
     device: str | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     loader: Callable[[], Any] | None = None
@@ -283,6 +285,7 @@ class ModelServer:
                     config=self.config,
                     local_files_only=self.config is not None,
                     lora=self.lora,
+                    vae=self.vae,
                 )
             self.sha = _model_sha(self.model, pipe)
             self.compute_type = _compute_type(pipe.device)
@@ -410,6 +413,7 @@ def create_app(
     max_queue: int = DEFAULT_MAX_QUEUE,
     loader: Callable[[], Any] | None = None,
     lora: Path | None = None,
+    vae: str | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``model``; it starts loading when the app starts (lifespan).
 
@@ -422,6 +426,7 @@ def create_app(
         loader: Replaces the default loader (``trainer.loading.load_pipeline``); it must return a
             text-to-image pipeline.
         lora: A LoRA adapter to load into ``model`` (requests may then set ``lora_scale``).
+        vae: A VAE to use instead of the model's own (folder or Hub id).
 
     Returns:
         A FastAPI app: ``POST /``, ``POST /models/{model_id}``, ``GET /health``.
@@ -437,6 +442,7 @@ def create_app(
         max_queue=max_queue,
         loader=loader,
         lora=lora,
+        vae=vae,
     )
 
     @contextlib.asynccontextmanager
@@ -561,6 +567,7 @@ def serve(
     model_id: str | None = None,
     config: Path | None = None,
     lora: Path | None = None,
+    vae: str | None = None,
 ) -> None:
     """Serve ``model`` over the text-to-image protocol until interrupted (runs uvicorn).
 
@@ -574,6 +581,7 @@ def serve(
         model_id: Id answered at ``/models/{model_id}``; default :func:`default_model_id`.
         config: For a single file: the diffusers folder describing its architecture.
         lora: A LoRA adapter to load into ``model`` (a run's ``lora/`` folder or an adapter file).
+        vae: A VAE to use instead of the model's own (folder or Hub id).
 
     Raises:
         ValueError: an invalid ``model_id``.
@@ -583,7 +591,7 @@ def serve(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    app = create_app(model, model_id=model_id, config=config, lora=lora)
+    app = create_app(model, model_id=model_id, config=config, lora=lora, vae=vae)
     served_id = app.state.server.model_id
     if not _is_loopback(host):
         logger.warning("Listening on %s: anyone who can reach this port can generate images (no auth).", host)

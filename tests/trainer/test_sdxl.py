@@ -86,6 +86,14 @@ class UNetCalls:
         monkeypatch.setattr(UNet2DConditionModel, "forward", forward)
 
 
+def _fp16_safe_vae(base: Path, out: Path) -> Path:
+    """The base model's VAE as a folder of its own whose config says it is safe in fp16."""
+    shutil.copytree(base / "vae", out)
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    (out / "config.json").write_text(json.dumps({**config, "force_upcast": False}), encoding="utf-8")
+    return out
+
+
 def _mixed_photos(folder: Path) -> Path:
     """Two tall (80x96) and two wide (120x70) photos."""
     make_photos(folder, 2, size=(80, 96))
@@ -271,6 +279,17 @@ def test_serve_an_sdxl_lora_run(sdxl_lora_run: SdxlRun) -> None:
 
 
 @pytest.mark.slow
+def test_serve_with_the_vae_a_run_trained_with(tiny_sdxl: Path, tmp_path: Path) -> None:
+    from trainer.serve import create_app
+
+    vae_dir = _fp16_safe_vae(tiny_sdxl, tmp_path / "vae-fp16-fix")
+    app_ = create_app(tiny_sdxl, model_id="me/sdxl", device="cpu", vae=str(vae_dir))
+    with running(app_) as url:
+        wait_ready(url)
+    assert app_.state.server.pipe.vae.config.force_upcast is False
+
+
+@pytest.mark.slow
 def test_export_merge_fuses_the_sdxl_adapter(sdxl_lora_run: SdxlRun, tiny_sdxl: Path, tmp_path: Path) -> None:
     from diffusers import StableDiffusionXLPipeline
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
@@ -358,11 +377,7 @@ def test_the_sdxl_vae_stays_in_fp32_unless_it_is_fp16_safe(
         "class_dir": record.concepts[0].class_dir,
     }
     if fp16_safe_vae:
-        vae_dir = tmp_path / "vae-fp16-fix"
-        shutil.copytree(tiny_sdxl / "vae", vae_dir)
-        config = json.loads((vae_dir / "config.json").read_text(encoding="utf-8"))
-        (vae_dir / "config.json").write_text(json.dumps({**config, "force_upcast": False}), encoding="utf-8")
-        options["vae"] = vae_dir
+        options["vae"] = _fp16_safe_vae(tiny_sdxl, tmp_path / "vae-fp16-fix")
     from accelerate.state import AcceleratorState
 
     # accelerate keeps one mixed-precision setting per process: start and end with a fresh state.
@@ -447,3 +462,27 @@ def test_sdxl_base_trains_at_1024_px_by_default(tmp_path: Path) -> None:
     info = inspect_base_model(str(tmp_path))
     assert (info.architecture, info.resolution, info.prediction_type) == ("sdxl", 1024, "epsilon")
     assert info.describe() == "SDXL (epsilon, 1024 px)"
+
+
+@pytest.mark.slow
+def test_sdtrain_serve_passes_a_lora_runs_vae(
+    sdxl_lora_run: SdxlRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainer.serve
+
+    run = tmp_path / "run"
+    (run / LORA_DIR).mkdir(parents=True)
+    shutil.copy(sdxl_lora_run.path / LORA_DIR / LORA_WEIGHTS, run / LORA_DIR / LORA_WEIGHTS)
+    record = json.loads((sdxl_lora_run.path / "run.json").read_text(encoding="utf-8"))
+    (run / "run.json").write_text(json.dumps({**record, "vae": "me/sdxl-vae-fp16-fix"}), encoding="utf-8")
+    served: list[dict[str, Any]] = []
+
+    def serve(model: str, **kwargs: Any) -> None:
+        served.append({"model": model, **kwargs})
+
+    monkeypatch.setattr(trainer.serve, "serve", serve)
+
+    _invoke(["serve", str(run)])
+    (call,) = served
+    assert call["model"] == record["base_model"] and call["lora"] == run / LORA_DIR
+    assert call["vae"] == "me/sdxl-vae-fp16-fix"
