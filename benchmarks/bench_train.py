@@ -1,18 +1,23 @@
-"""Benchmark of the DreamBooth training loop: time per step and peak memory, per setting.
+"""Benchmark of the DreamBooth training loop: time per step, peak memory and trainable parameters.
 
-CPU (default): the tiny model (``trainer.tiny``) at 64 px, batch 1 with prior preservation, with and
-without cached latents and gradient checkpointing. Reports the median step time and the process's
-peak RSS.
+CPU (default): the tiny models (``trainer.tiny``) at 64 px, batch 1 with prior preservation. On the
+tiny SD 1 model: LoRA with and without cached latents and gradient checkpointing, and a full
+fine-tune; on the tiny SDXL model: LoRA. Reports the median step time, the process's peak RSS and
+the number of trained parameters, then LoRA beside full and SDXL beside SD 1 with their ratios.
 
-GPU (``--gpu``): the SD 1.5 architecture with random weights (``build_random_pipeline(size="full")``)
-at 512 px, fp16 and bf16 mixed precision, with and without gradient checkpointing and text-encoder
-training, plus 8-bit AdamW when bitsandbytes is installed. Reports it/s and
-``torch.cuda.max_memory_allocated``. Needs a CUDA GPU (and ~6 GB of disk for the random model).
+GPU (``--gpu``): the SD 1.5 and SDXL base architectures with random weights
+(``build_random_pipeline(size="full")``), LoRA at 512 px (SD 1.5) and 1024 px (SDXL), fp16 and bf16
+mixed precision, with and without gradient checkpointing, plus 8-bit AdamW when bitsandbytes is
+installed (skipped with a message otherwise), and one SD 1.5 full fine-tune for the LoRA/full ratio.
+Reports it/s and ``torch.cuda.max_memory_allocated``. Needs a CUDA GPU and ~20 GB of disk for the
+two random models. Sized to finish in under 8 minutes on an H100/H200 with the default 15 steps
+(estimated, not yet timed; every setting has a time limit, ``--setting-timeout``).
 
-Every setting runs in a fresh process (``--child``), so peak memory is that setting's alone.
+Every setting runs in a fresh process (``--child``), so peak memory is that setting's alone. The
+class images are synthetic pictures like the photos (what they show does not change a step's cost).
 
     .venv/bin/python benchmarks/bench_train.py                 # CPU, about a minute
-    .venv/bin/python benchmarks/bench_train.py --gpu --steps 30
+    .venv/bin/python benchmarks/bench_train.py --gpu
     .venv/bin/python benchmarks/bench_train.py --repeat 3 --json results.json   # noisy machines
 """
 
@@ -37,9 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 2  # the first steps pay for lazy initialisation: left out of the median
 
 
-def _photos(folder: Path, count: int, size: int) -> Path:
+def _photos(folder: Path, count: int, size: int, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for i in range(count):
         image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(60, 200, 3)))
         draw = ImageDraw.Draw(image)
@@ -52,43 +57,66 @@ def _photos(folder: Path, count: int, size: int) -> Path:
     return folder
 
 
+# The base models and the training size of each on the CPU (tiny) and on a GPU (full size).
+RESOLUTION = {("sd1", False): 64, ("sdxl", False): 64, ("sd1", True): 512, ("sdxl", True): 1024}
+ARCHITECTURE_NAME = {"sd1": "SD 1.5", "sdxl": "SDXL"}
+
+
+def _setting(name: str, variant: str, method: str, **options: Any) -> dict[str, Any]:
+    return {"name": name, "variant": variant, "method": method, **options}
+
+
 def _settings(gpu: bool) -> list[dict[str, Any]]:
     if not gpu:
         return [
-            {"name": "cached latents", "cache_latents": True, "gradient_checkpointing": False},
-            {"name": "no latent cache", "cache_latents": False, "gradient_checkpointing": False},
-            {
-                "name": "cached latents + gradient checkpointing",
-                "cache_latents": True,
-                "gradient_checkpointing": True,
-            },
-            {
-                "name": "no cache + gradient checkpointing",
-                "cache_latents": False,
-                "gradient_checkpointing": True,
-            },
+            _setting("SD 1 LoRA, cached latents", "sd1", "lora", cache_latents=True),
+            _setting("SD 1 LoRA, no latent cache", "sd1", "lora", cache_latents=False),
+            _setting(
+                "SD 1 LoRA, cached latents + gradient checkpointing",
+                "sd1",
+                "lora",
+                cache_latents=True,
+                gradient_checkpointing=True,
+            ),
+            _setting(
+                "SD 1 LoRA, no cache + gradient checkpointing",
+                "sd1",
+                "lora",
+                cache_latents=False,
+                gradient_checkpointing=True,
+            ),
+            _setting("SD 1 full, cached latents", "sd1", "full", cache_latents=True),
+            _setting("SDXL LoRA, cached latents", "sdxl", "lora", cache_latents=True),
         ]
-    settings = []
-    for precision in ("fp16", "bf16"):
-        for checkpointing in (False, True):
-            for text_encoder in (False, True):
-                name = precision + (" + grad ckpt" if checkpointing else "")
-                name += " + text encoder" if text_encoder else ""
-                settings.append(
-                    {
-                        "name": name,
-                        "mixed_precision": precision,
-                        "gradient_checkpointing": checkpointing,
-                        "train_text_encoder": text_encoder,
-                    }
-                )
     import importlib.util
 
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        name = "fp16 + grad ckpt + 8-bit Adam"
-        settings.append(
-            {"name": name, "mixed_precision": "fp16", "gradient_checkpointing": True, "use_8bit_adam": True}
-        )
+    eight_bit = importlib.util.find_spec("bitsandbytes") is not None
+    if not eight_bit:
+        print("bitsandbytes is not installed: the 8-bit AdamW settings are skipped "
+              "(`pip install bitsandbytes` to include them)", file=sys.stderr)  # fmt: skip
+    settings = []
+    for variant in ("sd1", "sdxl"):
+        arch = ARCHITECTURE_NAME[variant]
+        for precision in ("fp16", "bf16"):
+            for checkpointing in (False, True):
+                name = f"{arch} LoRA {precision}" + (" + grad ckpt" if checkpointing else "")
+                settings.append(
+                    _setting(
+                        name, variant, "lora", mixed_precision=precision, gradient_checkpointing=checkpointing
+                    )
+                )
+        if eight_bit:
+            settings.append(
+                _setting(
+                    f"{arch} LoRA fp16 + grad ckpt + 8-bit AdamW",
+                    variant,
+                    "lora",
+                    mixed_precision="fp16",
+                    gradient_checkpointing=True,
+                    use_8bit_adam=True,
+                )
+            )
+    settings.append(_setting("SD 1.5 full fp16", "sd1", "full", mixed_precision="fp16"))
     return settings
 
 
@@ -102,7 +130,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
-    options = {k: v for k, v in spec["options"].items() if k != "name"}
+    options = {k: v for k, v in spec["options"].items() if k not in ("name", "variant")}
     config = build_config(
         base_model=spec["base"],
         instance_dir=Path(spec["photos"]),
@@ -128,6 +156,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "steps_measured": len(times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": result.peak_gpu_memory / 2**20 if result.peak_gpu_memory else None,
+        "trainable_parameters": result.trainable_parameters,
+        "resolution": prepared.record.resolution,
     }
 
 
@@ -135,8 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--gpu", action="store_true", help="SD 1.5 architecture at 512 px on CUDA")
-    parser.add_argument("--steps", type=int, default=None, help="steps per setting (CPU 12, GPU 30)")
+    parser.add_argument(
+        "--gpu", action="store_true", help="SD 1.5 (512 px) and SDXL (1024 px) architectures on CUDA"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="steps per setting (CPU 12, GPU 15)")
+    parser.add_argument(
+        "--setting-timeout", type=float, default=None, help="seconds allowed per setting (CPU 600, GPU 100)"
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads on the CPU (0: torch's default)"
     )
@@ -158,58 +193,57 @@ def main(argv: list[str] | None = None) -> int:
         print("--gpu needs a CUDA GPU and torch.cuda.is_available() is False here; run without --gpu for "
               "the CPU benchmark.", file=sys.stderr)  # fmt: skip
         return 2
-    from trainer.class_images import ensure_class_images
     from trainer.tiny import build_random_pipeline
 
-    steps = args.steps or (30 if args.gpu else 12)
+    steps = args.steps or (15 if args.gpu else 12)
+    timeout = args.setting_timeout or (100.0 if args.gpu else 600.0)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     size = "full" if args.gpu else "tiny"
-    base = work / f"base-sd1-{size}"
-    if not (base / "model_index.json").exists():
-        print(f"building a random SD 1.5-architecture pipeline ({size}) in {base}", file=sys.stderr)
-        build_random_pipeline(base, variant="sd1", size=size)
-    resolution = 512 if args.gpu else 64
-    photos = _photos(work / f"photos-{resolution}", 4, resolution)
-    class_dir = work / f"class-{resolution}"
-    num_class_images = 4
-    ensure_class_images(
-        [("a photo of a toy", class_dir)],
-        base_model=str(base),
-        num_images=num_class_images,
-        resolution=resolution,
-        batch_size=2,
-        num_inference_steps=2,
-    )
+    settings = _settings(args.gpu)
+    started_all = time.perf_counter()
+    data: dict[str, tuple[Path, Path, Path]] = {}  # variant: base model, photos, class images
+    for variant in dict.fromkeys(s["variant"] for s in settings):
+        base = work / f"base-{variant}-{size}"
+        if not (base / "model_index.json").exists():
+            print(f"building a random {variant} pipeline ({size}) in {base}", file=sys.stderr)
+            build_random_pipeline(base, variant=variant, size=size)  # type: ignore[arg-type]
+        resolution = RESOLUTION[variant, args.gpu]
+        photos = _photos(work / f"photos-{resolution}", 4, resolution)
+        class_dir = _photos(work / f"class-{resolution}", 4, resolution, seed=1)
+        data[variant] = (base, photos, class_dir)
 
     device = (
         torch.cuda.get_device_name()
         if args.gpu
         else f"CPU, {args.threads or torch.get_num_threads()} thread(s)"
     )
-    print(f"{device}; {resolution} px, batch 1 + prior preservation, {steps} steps per setting "
+    print(f"{device}; batch 1 + prior preservation, {steps} steps per setting "
           f"(median of the last {steps - WARMUP_STEPS})", file=sys.stderr)  # fmt: skip
     runs: list[dict[str, Any]] = []
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
     if not args.gpu and args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
-    settings = _settings(args.gpu)
     # Interleaved repeats: on a shared machine a burst of load then hits every setting alike.
     for i, options in [(i, o) for _ in range(args.repeat) for i, o in enumerate(settings)]:
+        base, photos, class_dir = data[options["variant"]]
         spec = {
             "base": str(base),
             "photos": str(photos),
             "class_dir": str(class_dir),
-            "num_class_images": num_class_images,
+            "num_class_images": 4,
             "out": str(work / f"out-{i}"),
             "steps": steps,
             "threads": 0 if args.gpu else args.threads,
-            "options": options,
+            "options": {**options, "resolution": RESOLUTION[options["variant"], args.gpu]},
         }
         started = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True, env=env
-        )
+        command = [sys.executable, __file__, "--child", json.dumps(spec)]
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"{options['name']}: over its {timeout:.0f} s limit, skipped", file=sys.stderr)
+            continue
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
             print(f"{options['name']}: failed ({proc.returncode})\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -217,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(line.removeprefix("RESULT "))
         result["wall_s"] = time.perf_counter() - started
         runs.append(result)
-        print(f"  {result['name']}: {result['median_step_s'] * 1000:.0f} ms/step", file=sys.stderr)
+        print(f"  {result['name']}: {result['median_step_s'] * 1000:.0f} ms/step "
+              f"({result['wall_s']:.0f} s)", file=sys.stderr)  # fmt: skip
     results = []
     for options in settings:
         mine = [r for r in runs if r["name"] == options["name"]]
@@ -226,22 +261,79 @@ def main(argv: list[str] | None = None) -> int:
             results.append({**best, "runs": len(mine), "peak_rss_mb": max(r["peak_rss_mb"] for r in mine)})
 
     best = f", best of {args.repeat} interleaved runs" if args.repeat > 1 else ""
-    print(f"\n{device}, {resolution} px, batch 1 with prior preservation (2 images per step){best}\n")
-    if args.gpu:
-        print(
-            "| setting | it/s | ms/step | peak GPU memory (max_memory_allocated) |\n| --- | --- | --- | --- |"
-        )
-        for r in results:
-            print(f"| {r['name']} | {1 / r['median_step_s']:.2f} | {r['median_step_s'] * 1000:.0f} | "
-                  f"{r['peak_gpu_mb'] / 1024:.1f} GiB |")  # fmt: skip
-    else:
-        print("| setting | ms/step (median) | it/s | peak RSS |\n| --- | --- | --- | --- |")
-        for r in results:
-            print(f"| {r['name']} | {r['median_step_s'] * 1000:.0f} | {1 / r['median_step_s']:.2f} | "
-                  f"{r['peak_rss_mb']:.0f} MB |")  # fmt: skip
+    print(f"\n{device}, batch 1 with prior preservation (2 images per step){best}, "
+          f"{time.perf_counter() - started_all:.0f} s in all\n")  # fmt: skip
+    memory = "peak GPU memory" if args.gpu else "peak RSS"
+    print(f"| setting | px | ms/step (median) | it/s | {memory} | trained parameters |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in results:
+        print(f"| {r['name']} | {r['resolution']} | {r['median_step_s'] * 1000:.0f} | "
+              f"{1 / r['median_step_s']:.2f} | {_memory(r, args.gpu)} | "
+              f"{r['trainable_parameters']:,} |")  # fmt: skip
+    comparisons = _comparisons(results, args.gpu)
+    if comparisons:
+        print("\n| comparison | A | B | A / B |\n| --- | ---: | ---: | ---: |")
+        for label, a, b, ratio in comparisons:
+            print(f"| {label} | {a} | {b} | {ratio} |")
     if args.json:
         args.json.write_text(json.dumps({"device": device, "results": results}, indent=2))
     return 0 if results else 1
+
+
+def _memory(result: dict[str, Any], gpu: bool) -> str:
+    if gpu:
+        return f"{result['peak_gpu_mb'] / 1024:.1f} GiB" if result["peak_gpu_mb"] else "-"
+    return f"{result['peak_rss_mb']:.0f} MB"
+
+
+def _comparisons(results: list[dict[str, Any]], gpu: bool) -> list[tuple[str, str, str, str]]:
+    """LoRA beside a full fine-tune (SD 1), and SDXL LoRA beside SD 1 LoRA, with their ratios."""
+    by_name = {r["name"]: r for r in results}
+    if gpu:
+        lora, full = by_name.get("SD 1.5 LoRA fp16"), by_name.get("SD 1.5 full fp16")
+        sdxl = by_name.get("SDXL LoRA fp16")
+        memory_key, memory_label = "peak_gpu_mb", "peak GPU memory (MiB)"
+    else:
+        lora, full = by_name.get("SD 1 LoRA, cached latents"), by_name.get("SD 1 full, cached latents")
+        sdxl = by_name.get("SDXL LoRA, cached latents")
+        memory_key, memory_label = "peak_rss_mb", "peak RSS (MB)"
+    rows = []
+    if lora and full:
+        rows.append(
+            (
+                "step time (ms): full / LoRA",
+                f"{full['median_step_s'] * 1000:.0f}",
+                f"{lora['median_step_s'] * 1000:.0f}",
+                f"{full['median_step_s'] / lora['median_step_s']:.2f}x",
+            )
+        )
+        if full[memory_key] and lora[memory_key]:
+            rows.append(
+                (
+                    f"{memory_label}: full / LoRA",
+                    f"{full[memory_key]:.0f}",
+                    f"{lora[memory_key]:.0f}",
+                    f"{full[memory_key] / lora[memory_key]:.2f}x",
+                )
+            )
+        rows.append(
+            (
+                "trained parameters: full / LoRA",
+                f"{full['trainable_parameters']:,}",
+                f"{lora['trainable_parameters']:,}",
+                f"{full['trainable_parameters'] / lora['trainable_parameters']:.0f}x",
+            )
+        )
+    if lora and sdxl:
+        rows.append(
+            (
+                "step time (ms): SDXL LoRA / SD 1 LoRA",
+                f"{sdxl['median_step_s'] * 1000:.0f}",
+                f"{lora['median_step_s'] * 1000:.0f}",
+                f"{sdxl['median_step_s'] / lora['median_step_s']:.2f}x",
+            )
+        )
+    return rows
 
 
 if __name__ == "__main__":

@@ -434,6 +434,7 @@ class PngText:
     PARAMETERS = "parameters"
     """The generation parameters, as sorted JSON."""
     STEPS = "steps"
+    GUIDANCE_SCALE = "guidance_scale"
     MODEL = "model"
 
 

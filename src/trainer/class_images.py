@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdclient.protocol import PngText
 from trainer._console import console, progress_bar
 from trainer._fs import atomic_write_bytes
 from trainer.sample import png_bytes
@@ -68,6 +69,7 @@ def ensure_class_images(
     seed: int = 0,
     pipeline: StableDiffusionPipeline | None = None,
     device: str | None = None,
+    vae: str | Path | None = None,
 ) -> list[ClassImagesResult]:
     """Make sure every class folder holds ``num_images`` images, generating only the missing ones.
 
@@ -83,6 +85,7 @@ def ensure_class_images(
         seed: Image ``i`` uses seed ``seed + i``.
         pipeline: An already loaded pipeline to use instead of loading ``base_model``.
         device: Where to generate; default CUDA, then MPS, then the CPU.
+        vae: A VAE to generate with instead of the base model's (the run's ``--vae``).
 
     Returns:
         One result per distinct folder, in order.
@@ -104,7 +107,7 @@ def ensure_class_images(
                 from trainer.loading import load_pipeline
 
                 console.print(f"Loading {base_model} to generate class images")
-                pipeline = load_pipeline(base_model, device=device)
+                pipeline = load_pipeline(base_model, device=device, vae=vae)
             new = _generate(
                 pipeline,
                 prompt,
@@ -165,7 +168,7 @@ def _generate(
                 ).images
             for i, image in zip(indices, images, strict=True):
                 path = class_dir / f"{i:05d}.png"
-                text = {"prompt": prompt, "seed": str(seed + i), "steps": str(steps)}
+                text = {PngText.PROMPT: prompt, PngText.SEED: str(seed + i), PngText.STEPS: str(steps)}
                 atomic_write_bytes(path, png_bytes(image, text))
                 written.append(path)
             progress.advance(task, n)

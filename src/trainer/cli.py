@@ -416,12 +416,12 @@ def sample(
         text = prompt or (record.sample_prompt if record else None)
         if not text:
             raise ConfigError("Give --prompt (only a run folder has a default prompt).")
-        from trainer.loading import load_pipeline, resolve_run_model
+        from trainer.loading import load_run_pipeline, resolve_run_model
         from trainer.sample import generate_samples
 
         base, lora = resolve_run_model(model)
         result = generate_samples(
-            load_pipeline(base, lora=lora) if lora is not None else base,
+            load_run_pipeline(model) if lora is not None else base,  # a LoRA run: base + adapter (+ --vae)
             output or (run_dir / "samples" if record else Path("samples")),
             prompt=text,
             negative_prompt=negative_prompt
@@ -574,6 +574,8 @@ def serve(
         from trainer.serve import serve as serve_model
 
         base, lora = resolve_run_model(model)
+        # A LoRA run is drawn with the VAE it trained with (a full run saved it in its model).
+        vae = RunRecord.read(Path(model) / "run.json").vae if lora is not None else None
         served_id = model_id or default_model_id(model)
         limits = ServeLimits(
             max_megapixel_steps=max_megapixel_steps,
@@ -581,7 +583,9 @@ def serve(
             max_body_bytes=max_body_bytes,
             request_timeout_s=request_timeout,
         )
-        serve_model(base, host=host, port=port, model_id=served_id, config=config, lora=lora, limits=limits)
+        serve_model(
+            base, host=host, port=port, model_id=served_id, config=config, lora=lora, vae=vae, limits=limits
+        )
 
 
 # -- tiny-model -----------------------------------------------------------------------------------

@@ -323,8 +323,8 @@ class RunConfig(BaseModel):
     )
     vae: str | None = Field(
         default=None,
-        description="Another VAE (folder or Hub id), e.g. an fp16-safe SDXL VAE; the base model's "
-        "VAE runs in fp32 otherwise.",
+        description="Another VAE (folder or Hub id), e.g. an fp16-safe 'fp16-fix' SDXL VAE; "
+        "otherwise SDXL's own VAE runs in fp32 (it overflows in fp16).",
         json_schema_extra=_cli(SPEED, show="the base model's"),
     )
 

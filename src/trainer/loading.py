@@ -19,6 +19,7 @@ __all__ = [
     "default_dtype",
     "load_pipeline",
     "load_run_pipeline",
+    "load_vae",
     "resolve_run_model",
 ]
 
@@ -55,6 +56,7 @@ def load_pipeline(
     config: str | Path | None = None,
     local_files_only: bool = False,
     lora: str | Path | None = None,
+    vae: str | Path | None = None,
 ) -> StableDiffusionPipeline:
     """Load a text-to-image pipeline and move it to ``device``.
 
@@ -70,6 +72,8 @@ def load_pipeline(
         lora: A LoRA adapter to load into the pipeline: a folder holding
             ``pytorch_lora_weights.safetensors`` (a run's ``lora/``) or a ``.safetensors`` file in the
             diffusers or kohya format.
+        vae: A VAE to use instead of the model's own (a VAE folder or Hub id such as an "fp16-fix"
+            SDXL VAE, or a pipeline folder with a ``vae/``).
 
     Returns:
         The pipeline, with the safety checker off and SDPA attention (diffusers' default).
@@ -80,12 +84,14 @@ def load_pipeline(
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipeline_cls: Any = _pipeline_class(model) or StableDiffusionPipeline  # untyped loaders
+    pipeline_cls: Any = _pipeline_class(model, local_files_only) or StableDiffusionPipeline  # untyped
     dev = torch.device(device) if device is not None else default_device()
     torch_dtype = dtype if dtype is not None else default_dtype(dev)
     path = Path(model)
     common: dict[str, Any] = {"dtype": torch_dtype}
     try:
+        if vae is not None:
+            common["vae"] = load_vae(vae, torch_dtype)
         if path.is_file():
             if path.suffix not in SINGLE_FILE_SUFFIXES:
                 raise ModelLoadError(
@@ -133,18 +139,39 @@ def load_pipeline(
     return loaded
 
 
-def _pipeline_class(model: str | Path) -> Any:
+def _pipeline_class(model: str | Path, local_files_only: bool = False) -> Any:
     """The pipeline class a diffusers folder (or Hub repo) names in ``model_index.json``, if SDXL."""
+    import json
+
     from diffusers import StableDiffusionXLPipeline
 
     path = Path(model)
     index = path / "model_index.json"
-    if path.is_dir() and index.is_file():
-        import json
+    if not path.exists() and str(model).count("/") == 1 and not str(model).startswith((".", "~", "/")):
+        from huggingface_hub import hf_hub_download
 
+        try:  # a Hub id: its index is a small file (cached like the rest of the snapshot)
+            index = Path(hf_hub_download(str(model), "model_index.json", local_files_only=local_files_only))
+        except Exception:  # offline, gated, missing: from_pretrained reports it properly
+            return None
+    if index.is_file():
         name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
         return StableDiffusionXLPipeline if name == "StableDiffusionXLPipeline" else None
     return None
+
+
+def load_vae(vae: str | Path, dtype: torch.dtype | None = None) -> Any:
+    """A VAE on its own: a VAE folder or Hub id (such as an "fp16-fix" SDXL VAE), or a pipeline
+    folder holding a ``vae/``.
+
+    Raises:
+        OSError: it cannot be found or read.
+    """
+    from diffusers import AutoencoderKL
+
+    loader: Any = AutoencoderKL  # untyped
+    in_pipeline = (Path(vae) / "vae" / "config.json").is_file()
+    return loader.from_pretrained(str(vae), subfolder="vae" if in_pipeline else None, dtype=dtype)
 
 
 def _load_lora(pipe: Any, lora: Path) -> None:
@@ -186,6 +213,13 @@ def resolve_run_model(model: str | Path) -> tuple[str, Path | None]:
 
 
 def load_run_pipeline(run_dir: str | Path, **kwargs: Any) -> StableDiffusionPipeline:
-    """Load what a run made (see :func:`resolve_run_model`); ``kwargs`` go to :func:`load_pipeline`."""
+    """Load what a run made (see :func:`resolve_run_model`); ``kwargs`` go to :func:`load_pipeline`.
+
+    A LoRA run trained with ``--vae`` draws with that VAE too (a full run saved it in its model).
+    """
     model, lora = resolve_run_model(run_dir)
+    if lora is not None and "vae" not in kwargs:
+        from trainer.config import RunRecord
+
+        kwargs["vae"] = RunRecord.read(Path(run_dir) / "run.json").vae
     return load_pipeline(model, lora=lora, **kwargs)

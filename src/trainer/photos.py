@@ -3,7 +3,9 @@
 Every file in a photo folder is opened and fully decoded before anything trains, and every problem
 (not an image, corrupt, unsupported format, too small) is reported at once, by name, with the fix.
 Usable photos are normalised the same way for checking and for training: EXIF orientation applied,
-converted to RGB (transparency on white), then resized and centre-cropped with Pillow.
+converted to RGB (transparency on white), then resized and centre-cropped with Pillow. Where a photo
+was cropped is kept (:class:`CropGeometry`): SDXL is conditioned on each photo's original size and
+crop corner.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from trainer.errors import PhotoError
 
 __all__ = [
     "SUPPORTED_FORMATS",
+    "CropGeometry",
     "Photo",
     "PhotoCheck",
     "PhotoProblem",
     "check_photo_folder",
     "check_photos",
+    "crop_geometry",
     "load_photo",
+    "load_photo_with_geometry",
     "prepare_image",
     "to_rgb",
 ]
@@ -128,19 +133,68 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+@dataclass(frozen=True)
+class CropGeometry:
+    """How a photo became a training image, in the terms SDXL is conditioned on.
+
+    Attributes:
+        original_size: ``(height, width)`` of the upright photo before resizing.
+        resized_size: ``(height, width)`` after the shorter side was scaled to the resolution.
+        crop_top_left: ``(top, left)`` of the crop, in the resized image's pixels.
+        target_size: ``(height, width)`` of the training image.
+    """
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+
+    @property
+    def time_ids(self) -> tuple[int, int, int, int, int, int]:
+        """SDXL's ``add_time_ids``: original size, crop top-left, target size (heights first)."""
+        return (*self.original_size, *self.crop_top_left, *self.target_size)
+
+
+def crop_geometry(width: int, height: int, resolution: int) -> CropGeometry:
+    """Where :func:`prepare_image` resizes and crops a ``width`` x ``height`` image.
+
+    >>> crop_geometry(80, 96, 64).time_ids
+    (96, 80, 6, 0, 64, 64)
+    """
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    return CropGeometry((height, width), (new_h, new_w), (top, left), (resolution, resolution))
+
+
 def prepare_image(image: Image.Image, resolution: int) -> Image.Image:
     """Resize the shorter side to ``resolution`` (Lanczos) and centre-crop to a square.
 
-    The input should already be upright RGB (see :func:`to_rgb`, ``ImageOps.exif_transpose``).
+    The input should already be upright RGB (see :func:`to_rgb`, ``ImageOps.exif_transpose``);
+    :func:`crop_geometry` says where the crop falls.
     """
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if new_size != image.size:
-        image = image.resize(new_size, Image.Resampling.LANCZOS)
-    left = (new_size[0] - resolution) // 2
-    top = (new_size[1] - resolution) // 2
+    geometry = crop_geometry(*image.size, resolution)
+    new_h, new_w = geometry.resized_size
+    if (new_w, new_h) != image.size:
+        image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    top, left = geometry.crop_top_left
     return image.crop((left, top, left + resolution, top + resolution))
+
+
+def load_photo_with_geometry(path: Path, resolution: int) -> tuple[Image.Image, CropGeometry]:
+    """Open a photo and return it upright, RGB, ``resolution`` x ``resolution``, and how it was cropped.
+
+    Raises:
+        PhotoError: the file cannot be read (it changed since it was checked).
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            upright = to_rgb(ImageOps.exif_transpose(im))
+            return prepare_image(upright, resolution), crop_geometry(*upright.size, resolution)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        problem = PhotoProblem(path, f"cannot be read ({exc})", "re-copy or remove the file")
+        raise PhotoError(_message([problem], total=1, folder=path.parent), [(path, problem.reason)]) from exc
 
 
 def load_photo(path: Path, resolution: int) -> Image.Image:
@@ -149,14 +203,7 @@ def load_photo(path: Path, resolution: int) -> Image.Image:
     Raises:
         PhotoError: the file cannot be read (it changed since it was checked).
     """
-    try:
-        with Image.open(path) as im:
-            im.load()
-            upright = ImageOps.exif_transpose(im)
-            return prepare_image(to_rgb(upright), resolution)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        problem = PhotoProblem(path, f"cannot be read ({exc})", "re-copy or remove the file")
-        raise PhotoError(_message([problem], total=1, folder=path.parent), [(path, problem.reason)]) from exc
+    return load_photo_with_geometry(path, resolution)[0]
 
 
 def _check_file(path: Path, resolution: int) -> Photo | PhotoProblem:

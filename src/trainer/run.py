@@ -245,7 +245,7 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
     if info.prediction_type not in ("epsilon", "v_prediction"):
         raise ConfigError(
             f"{config.base_model} predicts {info.prediction_type!r}; only epsilon and v_prediction "
-            "models (SD 1.x, SD 2.x) can be fine-tuned."
+            "models (SD 1.x, SD 2.x, SDXL) can be fine-tuned."
         )
     console.print(f"Base model: {info.describe()}; training a {config.method} fine-tune")
     resolution = config.resolution or info.resolution
@@ -294,6 +294,7 @@ def make_class_images(record: RunRecord) -> list[ClassImagesResult]:
         batch_size=record.class_batch_size,
         num_inference_steps=record.class_image_steps,
         seed=record.seed,
+        vae=record.vae,
     )
 
 

@@ -1,9 +1,10 @@
 """Sample images from a trained model: PNGs that remember how they were made, plus a grid.
 
 Each PNG carries its ``prompt``, ``negative_prompt``, ``seed``, ``steps``, ``guidance_scale``,
-``model`` and all of them as JSON in ``parameters`` as PNG text chunks (``sdclient``'s
-``GeneratedImage.save`` uses the same keys). Image ``i`` uses seed ``seed + i``; the generator runs
-on the CPU so the same seed gives the same picture on any machine.
+``model`` and all of them as JSON in ``parameters`` as PNG text chunks, under the key names of
+``sdclient.protocol.PngText`` (which ``sdclient``'s ``GeneratedImage.save`` writes too). Image ``i``
+uses seed ``seed + i``; the generator runs on the CPU so the same seed gives the same picture on any
+machine.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image, PngImagePlugin
 
+from sdclient.protocol import PngText
 from trainer._console import console, progress_bar
 from trainer._fs import atomic_write_bytes
 
@@ -142,19 +144,19 @@ def generate_samples(
                 "height": image.height,
             }
             text = {
-                "prompt": prompt,
-                "negative_prompt": negative_prompt or "",
-                "seed": str(image_seed),
-                "steps": str(num_inference_steps),
-                "guidance_scale": str(guidance_scale),
-                "model": model_name,
-                "parameters": json.dumps(parameters),
+                PngText.PROMPT: prompt,
+                PngText.NEGATIVE_PROMPT: negative_prompt or "",
+                PngText.SEED: str(image_seed),
+                PngText.STEPS: str(num_inference_steps),
+                PngText.GUIDANCE_SCALE: str(guidance_scale),
+                PngText.MODEL: model_name,
+                PngText.PARAMETERS: json.dumps(parameters),
             }
             path = atomic_write_bytes(out_dir / f"sample-{i:02d}.png", png_bytes(image, text))
             paths.append(path)
             images.append(image)
             progress.advance(task)
-    grid_text = {"prompt": prompt, "seed": str(seed), "model": model_name}
+    grid_text = {PngText.PROMPT: prompt, PngText.SEED: str(seed), PngText.MODEL: model_name}
     grid = atomic_write_bytes(out_dir / "grid.png", png_bytes(make_grid(images), grid_text))
     console.print(f"Saved {num_images} samples and a grid in {out_dir}")
     return SampleResult(paths, grid)

@@ -274,12 +274,14 @@ class ModelServer:
         loader: Builds the pipeline (default: ``load_pipeline(model, device=, config=, lora=)``).
         lora: A LoRA adapter loaded into ``model`` (a run's ``lora/`` folder or an adapter file).
         limits: What one request may cost.
+        vae: A VAE used instead of the model's own (e.g. the fp16-safe one a LoRA run trained with).
     """
 
     model: Path | str
     model_id: str
     config: Path | None = None
     lora: Path | None = None
+    vae: str | None = None
     device: str | None = None
     max_queue: int = DEFAULT_MAX_QUEUE
     loader: Callable[[], Any] | None = None
@@ -340,6 +342,7 @@ class ModelServer:
                     config=self.config,
                     local_files_only=self.config is not None,
                     lora=self.lora,
+                    vae=self.vae,
                 )
             self.sha = _model_sha(self.model, pipe)
             self.compute_type = _compute_type(pipe.device)
@@ -602,6 +605,7 @@ def create_app(
     loader: Callable[[], Any] | None = None,
     lora: Path | None = None,
     limits: ServeLimits | None = None,
+    vae: str | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``model``; it starts loading when the app starts (lifespan).
 
@@ -615,6 +619,7 @@ def create_app(
             text-to-image pipeline.
         lora: A LoRA adapter to load into ``model`` (requests may then set ``lora_scale``).
         limits: What one request may cost (default :class:`ServeLimits`).
+        vae: A VAE to use instead of the model's own (folder or Hub id).
 
     Returns:
         A FastAPI app: ``POST /``, ``POST /models/{model_id}``, ``GET /health``.
@@ -631,6 +636,7 @@ def create_app(
         loader=loader,
         lora=lora,
         limits=limits or ServeLimits(),
+        vae=vae,
     )
 
     @contextlib.asynccontextmanager
@@ -753,6 +759,7 @@ def serve(
     config: Path | None = None,
     lora: Path | None = None,
     limits: ServeLimits | None = None,
+    vae: str | None = None,
 ) -> None:
     """Serve ``model`` over the text-to-image protocol until interrupted (runs uvicorn).
 
@@ -767,6 +774,7 @@ def serve(
         config: For a single file: the diffusers folder describing its architecture.
         lora: A LoRA adapter to load into ``model`` (a run's ``lora/`` folder or an adapter file).
         limits: What one request may cost (default :class:`ServeLimits`).
+        vae: A VAE to use instead of the model's own (folder or Hub id).
 
     Raises:
         ValueError: an invalid ``model_id``.
@@ -776,7 +784,7 @@ def serve(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
-    app = create_app(model, model_id=model_id, config=config, lora=lora, limits=limits)
+    app = create_app(model, model_id=model_id, config=config, lora=lora, vae=vae, limits=limits)
     server: ModelServer = app.state.server
     served_id = server.model_id
     if not is_loopback(host):

@@ -13,6 +13,13 @@ The loop is written out step by step, in the manner of diffusers' ``train_dreamb
    atomically, keeping the newest ``checkpoints_total_limit``; SIGINT/SIGTERM save one and stop;
 5. at the end save the pipeline in diffusers layout at ``OUT/model`` (atomically).
 
+SDXL (``architecture == "sdxl"``) has two text encoders: the UNet attends to both encoders'
+penultimate hidden states side by side and also takes the second encoder's pooled, projected
+embedding plus six "time ids" per image: the photo's original height and width, the top-left corner
+of its crop and the target size (taken from each photo's own resize and crop, see
+:class:`trainer.photos.CropGeometry`). Its VAE overflows in fp16, so it stays in fp32 unless its
+config says otherwise (``force_upcast: false``, as an "fp16-fix" VAE given with ``--vae`` has).
+
 Because the data order and all randomness are restored from a checkpoint, a resumed run ends with
 the same weights as one that was never interrupted (same seed, same machine, within float tolerance).
 
@@ -51,8 +58,8 @@ from trainer.checkpoints import (
 )
 from trainer.config import TEXT_ENCODER_LORA_TARGETS, RunRecord
 from trainer.errors import MissingDependency, TrainingError, TrainingInterrupted
-from trainer.lora_files import LORA_DIR, save_lora_weights
-from trainer.photos import load_photo
+from trainer.lora_files import LORA_DIR, TEXT_ENCODER_NAMES, pipeline_class, save_lora_weights
+from trainer.photos import CropGeometry, load_photo_with_geometry
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +70,7 @@ __all__ = [
     "add_lora_adapters",
     "batch_positions",
     "dreambooth_loss",
+    "encode_prompt",
     "preflight",
     "train",
     "training_target",
@@ -222,13 +230,38 @@ def preflight(record: RunRecord) -> None:
             )
 
 
-def _pixels(paths: Sequence[Path], resolution: int) -> torch.Tensor:
-    """Photos as a float tensor in [-1, 1], shape (n, 3, resolution, resolution)."""
+def _pixels(paths: Sequence[Path], resolution: int) -> tuple[torch.Tensor, list[CropGeometry]]:
+    """Photos as a float tensor in [-1, 1], shape (n, 3, resolution, resolution), and how each was
+    resized and cropped."""
     import torch
 
-    arrays = [np.asarray(load_photo(p, resolution), dtype=np.float32) for p in paths]
+    loaded = [load_photo_with_geometry(p, resolution) for p in paths]
+    arrays = [np.asarray(image, dtype=np.float32) for image, _ in loaded]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return batch / 127.5 - 1.0
+    return batch / 127.5 - 1.0, [geometry for _, geometry in loaded]
+
+
+def encode_prompt(
+    text_encoders: Sequence[Any], token_ids: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The UNet's text conditioning: ``(encoder_hidden_states, pooled embedding or None)``.
+
+    One encoder (SD 1.x / 2.x): its last hidden state, no pooled embedding. Two (SDXL): the
+    penultimate hidden states of both, concatenated on the feature axis, and the second encoder's
+    projected pooled output (``CLIPTextModelWithProjection``'s ``text_embeds``).
+    """
+    import torch
+
+    if len(text_encoders) == 1:
+        hidden: torch.Tensor = text_encoders[0](token_ids[0])[0]
+        return hidden, None
+    states = []
+    pooled: torch.Tensor | None = None
+    for encoder, ids in zip(text_encoders, token_ids, strict=True):
+        output = encoder(ids, output_hidden_states=True)
+        pooled = output[0]  # the last encoder's wins: SDXL's UNet takes bigG's projection
+        states.append(output.hidden_states[-2])
+    return torch.cat(states, dim=-1), pooled
 
 
 def _tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
@@ -267,25 +300,36 @@ def _enable_xformers(unet: Any) -> None:
         ) from exc
 
 
-def _save_pipeline(record: RunRecord, unet: Any, text_encoder: Any | None, out: Path) -> Path:
-    """Save the fine-tuned pipeline in diffusers layout at ``out`` (atomically)."""
-    from diffusers import StableDiffusionPipeline
+def _load_vae(record: RunRecord) -> Any:
+    """The base model's VAE, or ``--vae``'s (a VAE folder/repo, or a pipeline with a ``vae/``)."""
+    from diffusers import AutoencoderKL
 
+    from trainer.loading import load_vae
+
+    if record.vae is None:
+        return _load_part(AutoencoderKL, record.base_model, "vae")
+    return load_vae(record.vae)
+
+
+def _save_pipeline(record: RunRecord, unet: Any, text_encoders: Sequence[Any], out: Path) -> Path:
+    """Save the fine-tuned pipeline in diffusers layout at ``out`` (atomically).
+
+    ``text_encoders`` are the trained ones (none, or all of the model's); a ``--vae`` replaces the
+    base model's VAE in the saved pipeline too.
+    """
     components: dict[str, Any] = {"unet": unet}
-    if text_encoder is not None:
-        components["text_encoder"] = text_encoder
-    pipeline_cls: Any = StableDiffusionPipeline
-    pipeline = pipeline_cls.from_pretrained(
-        record.base_model,
-        **components,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    components.update(zip(TEXT_ENCODER_NAMES, text_encoders, strict=False))
+    if record.vae is not None:
+        components["vae"] = _load_vae(record)
+    if record.architecture != "sdxl":
+        components.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline = pipeline_class(record.architecture).from_pretrained(record.base_model, **components)
     tmp = temp_sibling(out)
     try:
         pipeline.save_pretrained(tmp, safe_serialization=True)
-        _copy_missing_tokenizer_files(record.base_model, tmp / "tokenizer")
+        for name in ("tokenizer", "tokenizer_2"):
+            if (tmp / name).is_dir():
+                _copy_missing_tokenizer_files(record.base_model, tmp / name)
         publish_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -294,15 +338,14 @@ def _save_pipeline(record: RunRecord, unet: Any, text_encoder: Any | None, out: 
 
 def _copy_missing_tokenizer_files(base_model: str, tokenizer_dir: Path) -> None:
     """Keep the classic ``vocab.json``/``merges.txt`` beside ``tokenizer.json`` (older loaders need them)."""
-    source = Path(base_model) / "tokenizer"
+    name = tokenizer_dir.name
+    source = Path(base_model) / name
     if not source.is_dir():
         try:
             from huggingface_hub import snapshot_download
 
-            source = Path(
-                snapshot_download(base_model, allow_patterns=["tokenizer/*"], local_files_only=True)
-            )
-            source = source / "tokenizer"
+            source = Path(snapshot_download(base_model, allow_patterns=[f"{name}/*"], local_files_only=True))
+            source = source / name
         except Exception:  # not in the local cache: the saved tokenizer.json is enough
             return
     for item in source.iterdir():
@@ -335,9 +378,9 @@ def train(
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from trainer.loading import ModelLoadError
 
@@ -360,10 +403,16 @@ def train(
 
     # -- 1. Load the base model's parts --------------------------------------------------------
     base = record.base_model
+    sdxl = record.architecture == "sdxl"
     try:
-        tokenizer = _load_part(CLIPTokenizer, base, "tokenizer")
-        text_encoder = _load_part(CLIPTextModel, base, "text_encoder")
-        vae = _load_part(AutoencoderKL, base, "vae")
+        # SDXL: CLIP ViT-L and OpenCLIP bigG (with the projection of its pooled output), each with
+        # its own tokenizer; SD 1.x / 2.x: one CLIP encoder.
+        tokenizers = [_load_part(CLIPTokenizer, base, "tokenizer")]
+        text_encoders = [_load_part(CLIPTextModel, base, "text_encoder")]
+        if sdxl:
+            tokenizers.append(_load_part(CLIPTokenizer, base, "tokenizer_2"))
+            text_encoders.append(_load_part(CLIPTextModelWithProjection, base, "text_encoder_2"))
+        vae = _load_vae(record)
         unet = _load_part(UNet2DConditionModel, base, "unet")
         # DDPM's noise schedule is the one every SD model was trained with; the base model's own
         # scheduler config supplies the betas and, above all, the prediction type.
@@ -381,18 +430,20 @@ def train(
     # With LoRA every base weight is frozen and only the adapters train (in fp32).
     lora = record.method == "lora"
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(record.mixed_precision, torch.float32)
+    # SDXL's VAE overflows in fp16 (NaN latents, black images): it stays in fp32 unless its config
+    # says it is safe in half precision (an "fp16-fix" VAE given with --vae).
+    vae_dtype = torch.float32 if sdxl and vae.config.get("force_upcast", True) else weight_dtype
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(record.train_text_encoder and not lora)
-    vae.to(device)
-    text_encoder.to(device)
-    if weight_dtype != torch.float32:
-        vae.to(dtype=weight_dtype)
-        if lora or not record.train_text_encoder:
+    vae.to(device, dtype=vae_dtype)
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(record.train_text_encoder and not lora)
+        text_encoder.to(device)
+        if weight_dtype != torch.float32 and (lora or not record.train_text_encoder):
             text_encoder.to(dtype=weight_dtype)
     if lora:
         unet.requires_grad_(False)
         unet.to(device, dtype=weight_dtype)
-        add_lora_adapters(record, unet, [text_encoder] if record.train_text_encoder else [])
+        add_lora_adapters(record, unet, text_encoders if record.train_text_encoder else [])
 
     if record.attention == "xformers":
         _enable_xformers(unet)
@@ -400,12 +451,13 @@ def train(
         # Recompute activations in the backward pass: ~30% slower, a fraction of the memory.
         unet.enable_gradient_checkpointing()
         if record.train_text_encoder:
-            # transformers 5 renamed it; 4.x only has the old name.
-            enable = getattr(text_encoder, "activation_checkpointing_enable", None)
-            (enable or text_encoder.gradient_checkpointing_enable)()
+            for text_encoder in text_encoders:
+                # transformers 5 renamed it; 4.x only has the old name.
+                enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+                (enable or text_encoder.gradient_checkpointing_enable)()
 
     # -- 2. Optimizer and learning-rate schedule ----------------------------------------------------
-    trained = [unet, text_encoder] if record.train_text_encoder else [unet]
+    trained = [unet, *text_encoders] if record.train_text_encoder else [unet]
     params_to_optimize = [p for model in trained for p in model.parameters() if p.requires_grad]
     optimizer = _select_optimizer(record)(
         params_to_optimize,
@@ -421,14 +473,11 @@ def train(
         num_warmup_steps=record.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=record.max_train_steps * accelerator.num_processes,
     )
+    *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
+    trained_models: tuple[Any, ...] = tuple(prepared)
+    unet = trained_models[0]
     if record.train_text_encoder:
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
-            unet, text_encoder, optimizer, lr_scheduler
-        )
-        trained_models: tuple[Any, ...] = (unet, text_encoder)
-    else:
-        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-        trained_models = (unet,)
+        text_encoders = list(trained_models[1:])
     if lora:
         save_adapters_only(accelerator)  # checkpoints of megabytes, not of the whole UNet
     rng = TrainingRNG(record.seed + accelerator.process_index, device)
@@ -450,28 +499,31 @@ def train(
 
     # -- 4. Caches: prompts to embeddings, photos to latent distributions ---------------------------
     prompts = sorted({p for c in record.concepts for p in (c.instance_prompt, c.class_prompt) if p})
-    token_ids = {p: _tokenize(tokenizer, [p]).to(device) for p in prompts}
-    cached_embeddings: dict[str, torch.Tensor] = {}
+    # Per prompt, its token ids for each tokenizer.
+    token_ids = {p: [_tokenize(t, [p]).to(device) for t in tokenizers] for p in prompts}
+    cached_embeddings: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     if not record.train_text_encoder:
         with torch.no_grad():
             for p in prompts:
-                cached_embeddings[p] = text_encoder(token_ids[p])[0]
+                cached_embeddings[p] = encode_prompt(text_encoders, token_ids[p])
 
     all_images = [path for path, _ in data.instance] + [p for images in data.class_images for p in images]
     latent_cache: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
+    geometries: dict[Path, CropGeometry] = {}  # how each photo was resized and cropped (SDXL's time ids)
     if record.cache_latents and global_step < record.max_train_steps:
         with torch.no_grad():
             unique = list(dict.fromkeys(all_images))
             for i in range(0, len(unique), _LATENT_BATCH):
                 chunk = unique[i : i + _LATENT_BATCH]
-                dist = vae.encode(
-                    _pixels(chunk, record.resolution).to(device, dtype=weight_dtype)
-                ).latent_dist
+                pixels, chunk_geometry = _pixels(chunk, record.resolution)
+                dist = vae.encode(pixels.to(device, dtype=vae_dtype)).latent_dist
                 for j, path in enumerate(chunk):
                     latent_cache[path] = (dist.mean[j], dist.std[j])
+                    geometries[path] = chunk_geometry[j]
     if record.cache_latents and not record.train_text_encoder:
         # Nothing else needs the encoders: give their memory back to the UNet.
-        text_encoder.to("cpu")
+        for text_encoder in text_encoders:
+            text_encoder.to("cpu")
         vae.to("cpu")
         gc.collect()
         if torch.cuda.is_available():
@@ -486,21 +538,27 @@ def train(
             std = torch.stack([latent_cache[p][1] for p in paths])
         else:
             with torch.no_grad():
-                dist = vae.encode(
-                    _pixels(paths, record.resolution).to(device, dtype=weight_dtype)
-                ).latent_dist
+                pixels, batch_geometry = _pixels(paths, record.resolution)
+                dist = vae.encode(pixels.to(device, dtype=vae_dtype)).latent_dist
+            geometries.update(zip(paths, batch_geometry, strict=True))
             mean, std = dist.mean, dist.std
         sample = mean + std * torch.randn(
             mean.shape, generator=rng.generator, device=device, dtype=mean.dtype
         )
         return sample * scaling_factor
 
-    def encode_prompts(batch_prompts: list[str]) -> torch.Tensor:
+    def encode_prompts(batch_prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompts' hidden states (and pooled embeddings for SDXL), cached or encoded now."""
         if cached_embeddings:
-            return torch.cat([cached_embeddings[p] for p in batch_prompts])
-        ids = torch.cat([token_ids[p] for p in batch_prompts])
-        hidden: torch.Tensor = text_encoder(ids)[0]
-        return hidden
+            hidden = torch.cat([cached_embeddings[p][0] for p in batch_prompts])
+            pooled = [e for p in batch_prompts if (e := cached_embeddings[p][1]) is not None]
+            return hidden, torch.cat(pooled) if pooled else None
+        ids = [torch.cat([token_ids[p][k] for p in batch_prompts]) for k in range(len(tokenizers))]
+        return encode_prompt(text_encoders, ids)
+
+    def time_ids(paths: list[Path]) -> torch.Tensor:
+        """SDXL's size and crop conditioning of each image: (orig h, orig w, top, left, h, w)."""
+        return torch.tensor([geometries[p].time_ids for p in paths], device=device, dtype=torch.float32)
 
     num_instances = len(data.instance)
 
@@ -574,10 +632,17 @@ def train(
                 ).long()
                 # Add noise to the latents according to the noise magnitude at each timestep.
                 noisy_model_input = noise_scheduler.add_noise(model_input, noise, timesteps)
-                # The text conditioning.
-                encoder_hidden_states = encode_prompts(batch_prompts)
+                # The text conditioning (SDXL: plus the pooled embedding and the size/crop ids).
+                encoder_hidden_states, pooled = encode_prompts(batch_prompts)
+                added_cond = {"text_embeds": pooled, "time_ids": time_ids(paths)} if sdxl else None
                 # Predict the noise (or velocity) residual.
-                model_pred = unet(noisy_model_input, timesteps, encoder_hidden_states, return_dict=False)[0]
+                model_pred = unet(
+                    noisy_model_input,
+                    timesteps,
+                    encoder_hidden_states,
+                    added_cond_kwargs=added_cond,
+                    return_dict=False,
+                )[0]
                 # The target depends on the prediction type (noise for epsilon, velocity for v).
                 target = training_target(noise_scheduler, model_input, noise, timesteps)
 
@@ -621,13 +686,13 @@ def train(
     peak = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
     accelerator.wait_for_everyone()
     model_dir = None
-    trained_te = unwrap(accelerator, text_encoder) if record.train_text_encoder else None
+    trained_te = [unwrap(accelerator, te) for te in text_encoders] if record.train_text_encoder else []
     if save_model and accelerator.is_main_process and lora:
         model_dir = save_lora_weights(
             output_dir / LORA_DIR,
             architecture=record.architecture,
             unet=unwrap(accelerator, unet),
-            text_encoders=[trained_te] if trained_te is not None else [],
+            text_encoders=trained_te,
         )
         console.print(f"Saved the LoRA adapter in {model_dir}")
     elif save_model and accelerator.is_main_process:
