@@ -507,13 +507,16 @@ def export(
     ),
 )
 def publish(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (model/, export/, samples/, run.json).")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run folder (run.json, samples/, and model/ + export/ or lora/).")
+    ],
     repo_id: Annotated[
         str | None, typer.Argument(help="owner/name.", show_default="run.json's hub_repo")
     ] = None,
     private: Annotated[bool, typer.Option("--private/--public", help="Visibility of a new repo.")] = True,
 ) -> None:
-    """Upload a run (model, single file, samples, model card) to a Hugging Face Hub repo."""
+    """Upload a run to a Hugging Face Hub repo: a full fine-tune (model, single file, samples, card)
+    or a LoRA run as an adapter of its base (adapter files at the root, samples, card)."""
     with _errors():
         record = RunRecord.read(run_dir / "run.json")
         repo = repo_id or record.hub_repo
