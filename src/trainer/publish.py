@@ -6,6 +6,7 @@ A full fine-tune:
 ```
 <repo>/model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/   (OUT/model/)
 <repo>/<repo-name>.safetensors                                               (OUT/export/*)
+<repo>/<repo-name>.yaml                       (SD 2.x: the original config A1111 reads beside it)
 <repo>/samples/*.png                                                         (OUT/samples/)
 <repo>/README.md                                                             (the model card)
 ```
@@ -240,7 +241,11 @@ def build_model_card(run_dir: Path, repo_id: str) -> ModelCard:
             body += [f"Prompt: `{info.sample_prompt}` (each PNG records its prompt and seed).", ""]
     body += ["## Training", "", "| setting | value |", "| --- | --- |"]
     body += [f"| {k} | {v} |" for k, v in _settings(info)]
-    body += ["", *_usage(repo_id, example_prompt, [_single_file_name(p, repo_id) for p in single])]
+    with_config = bool(single) and single[0].with_suffix(".yaml").is_file()
+    body += [
+        "",
+        *_usage(repo_id, example_prompt, [_single_file_name(p, repo_id) for p in single], with_config),
+    ]
     note = " (inferred from the architecture: check the base model's card)" if inferred else ""
     body += [
         "",
@@ -436,7 +441,7 @@ def _settings(info: _RunInfo) -> list[tuple[str, str]]:
     return [(k, "yes" if v is True else "no" if v is False else str(v)) for k, v in rows if v is not None]
 
 
-def _usage(repo_id: str, prompt: str, single_files: list[str]) -> list[str]:
+def _usage(repo_id: str, prompt: str, single_files: list[str], with_config: bool = False) -> list[str]:
     literal = json.dumps(prompt)  # a valid Python string literal, whatever the prompt holds
     lines = [
         "## Use it",
@@ -460,6 +465,14 @@ def _usage(repo_id: str, prompt: str, single_files: list[str]) -> list[str]:
             f'diffusers: `StableDiffusionPipeline.from_single_file("https://huggingface.co/{repo_id}/blob/main/{file}")`.',
             "",
         ]
+        if with_config:
+            config = Path(file).with_suffix(".yaml").name
+            lines += [
+                f"Download `{config}` too and keep it beside `{file}`: AUTOMATIC1111 reads it to know that "
+                "this SD 2.x model predicts v. ComfyUI guesses that from the weights; if its images look "
+                "washed out or noisy, add a `ModelSamplingDiscrete` node set to `v_prediction`.",
+                "",
+            ]
     lines += [
         "With `sdclient`, from a dedicated Inference Endpoint running this repo or a local server "
         f"(`sdtrain serve {repo_id} --model-id {repo_id}`):",
@@ -503,6 +516,12 @@ def planned_uploads(run_dir: Path, repo_id: str) -> list[tuple[Path, str]]:
             "%s has no single file: run `sdtrain export %s` to include one.", run_dir / "export", run_dir
         )
     uploads += [(path, _single_file_name(path, repo_id)) for path in single]
+    # An SD 2.x file's .yaml (what A1111 reads to know it is v-prediction) goes up under the same name.
+    uploads += [
+        (path.with_suffix(".yaml"), Path(_single_file_name(path, repo_id)).with_suffix(".yaml").as_posix())
+        for path in single
+        if path.with_suffix(".yaml").is_file()
+    ]
     uploads += [(path, f"samples/{path.name}") for path in _samples(run_dir)]
     return uploads
 

@@ -474,3 +474,16 @@ def test_published_adapter_loads_with_load_lora_weights(
     after = pipe.unet.state_dict()
     assert set(after) == set(before)
     assert any(not torch.equal(before[k], after[k]) for k in before), "the adapter moved the UNet's weights"
+
+
+def test_an_sd2_single_file_goes_up_with_its_yaml(hub: FakeHub, tiny_sd2: Path, tmp_path: Path) -> None:
+    run = make_run(tiny_sd2, tmp_path / "sd2", variant="sd2")
+    assert (run / "export" / "model.yaml").is_file()
+
+    publish_run(run, "me/two", token=WRITE_TOKEN, api=HfApi(endpoint=hub.url))
+
+    files = hub.commits("me/two")[0]["files"]
+    assert files["two.yaml"] == (run / "export" / "model.yaml").read_bytes()
+    assert "two.safetensors" in files
+    text = ModelCard(files["README.md"].decode()).text
+    assert "Download `two.yaml` too and keep it beside `two.safetensors`" in text
