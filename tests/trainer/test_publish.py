@@ -487,3 +487,56 @@ def test_an_sd2_single_file_goes_up_with_its_yaml(hub: FakeHub, tiny_sd2: Path, 
     assert "two.safetensors" in files
     text = ModelCard(files["README.md"].decode()).text
     assert "Download `two.yaml` too and keep it beside `two.safetensors`" in text
+
+
+def test_the_publish_command_uploads_a_lora_run(
+    hub: FakeHub, lora_run_dir: Path, monkeypatch: pytest.MonkeyPatch, no_saved_token: None
+) -> None:
+    from typer.testing import CliRunner
+
+    from trainer.cli import app
+
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    result = CliRunner().invoke(app, ["publish", str(lora_run_dir), "me/cli-lora", "--public"])
+
+    assert result.exit_code == 0, result.output
+    assert hub.repos["me/cli-lora"]["private"] is False
+    files = hub.commits("me/cli-lora")[0]["files"]
+    assert {"pytorch_lora_weights.safetensors", "cli-lora_kohya.safetensors", "README.md"} <= set(files)
+    assert not any(p.startswith(("unet/", "lora/", "checkpoints/")) for p in files)
+
+
+def test_an_sdxl_lora_card(tmp_path: Path) -> None:
+    """The card of an SDXL LoRA (no training needed: the card reads run.json and the samples)."""
+    from trainer.publish import build_model_card
+
+    run = tmp_path / "xl"
+    (run / "samples").mkdir(parents=True)
+    _sample(run / "samples" / "sample-00.png", "a photo of sks toy in snow", 1)
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "method": "lora",
+                "architecture": "sdxl",
+                "base_model": "stabilityai/stable-diffusion-xl-base-1.0",
+                "concepts": [{"instance_prompt": "a photo of sks toy"}],
+                "lora_rank": 16,
+                "lora_alpha": 16,
+                "sample_prompt": "a photo of sks toy in snow",
+            }
+        )
+    )
+
+    card = build_model_card(run, "me/xl-toy")
+
+    data = card.data.to_dict()
+    assert data["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert data["base_model_relation"] == "adapter"
+    assert {"lora", "stable-diffusion-xl", "stable-diffusion-xl-diffusers"} <= set(data["tags"])
+    assert "stable-diffusion" not in data["tags"]
+    assert data["license"] == LICENSE_SD2  # SDXL's CreativeML Open RAIL++-M, as SD 2.x
+    assert data["widget"] == [
+        {"text": "a photo of sks toy in snow", "output": {"url": "samples/sample-00.png"}}
+    ]
+    assert "StableDiffusionXLPipeline.from_pretrained" in card.text
+    assert "providers such as fal-ai pick up LoRAs of the bases they host" in card.text
