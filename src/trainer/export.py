@@ -489,10 +489,31 @@ def verify_single_file(path: Path, model_dir: Path, *, half: bool = False) -> No
         model_dir: The diffusers folder it was exported from.
         half: The checkpoint was exported with ``half=True`` (compare against float16 casts).
 
+    SD 2.x files may carry the base's extra OpenCLIP tensors (``base_single_file=``); those have
+    no counterpart in the folder and are left out of the comparison.
+
     Raises:
         ExportVerificationError: some tensors differ; ``.problems`` lists them.
     """
-    _verify(_read_checkpoint(Path(path)), load_model_parts(Path(model_dir)), half)
+    parts = load_model_parts(Path(model_dir))
+    checkpoint = _read_checkpoint(Path(path))
+    if parts.architecture == "sd2":
+        checkpoint = _without_openclip_extras(checkpoint, parts.text_encoder_config["num_hidden_layers"])
+    _verify(checkpoint, parts, half)
+
+
+def _without_openclip_extras(checkpoint: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """``checkpoint`` less the OpenCLIP tensors diffusers' SD 2.x text encoder has no place for."""
+    prefix = _keymaps.OPENCLIP_PREFIX
+    extra_layers = re.compile(rf"{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
+
+    def extra(key: str) -> bool:
+        if key in (f"{prefix}text_projection", f"{prefix}logit_scale"):
+            return True
+        match = extra_layers.match(key)
+        return match is not None and int(match[1]) >= layers
+
+    return {k: v for k, v in checkpoint.items() if not extra(k)}
 
 
 _MODELSPEC_ARCHITECTURES = {
