@@ -126,6 +126,51 @@ def test_full_size_sd21_config_is_v2_inference_v() -> None:
     assert "parameterization" not in epsilon["model"]["params"]  # v2-inference.yaml
 
 
+def test_diffusers_reads_the_full_size_sd21_config_back() -> None:
+    """diffusers' own config builders turn the written config into SD 2.1's diffusers configs."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from trainer.export import to_original_state_dict
+    from trainer.tiny import _SCHEDULER_SD2, _configs
+
+    configs = _configs("sd2", "full", 49408)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**configs.unet)
+        vae = AutoencoderKL(**configs.vae)
+        text = CLIPTextModel(CLIPTextConfig(**configs.text_encoder))
+    parts = ModelParts(
+        unet=unet.state_dict(),
+        unet_config=dict(unet.config),
+        vae=vae.state_dict(),
+        vae_config=dict(vae.config),
+        text_encoder={k.removeprefix("text_model."): v for k, v in text.state_dict().items()},
+        text_encoder_config=text.config.to_dict(),
+        prediction_type="v_prediction",
+        scheduler_config=dict(_SCHEDULER_SD2),
+    )
+    checkpoint = to_original_state_dict(parts)
+    config = original_config(parts)
+
+    unet_config = sfu.create_unet_diffusers_config_from_ldm(config, checkpoint)  # type: ignore[no-untyped-call]
+    for key in (
+        "block_out_channels",
+        "down_block_types",
+        "up_block_types",
+        "layers_per_block",
+        "cross_attention_dim",
+        "attention_head_dim",
+        "use_linear_projection",
+        "in_channels",
+        "out_channels",
+    ):
+        assert _plain(unet_config[key]) == _plain(unet.config[key]), key
+    vae_config = sfu.create_vae_diffusers_config_from_ldm(config, checkpoint)  # type: ignore[no-untyped-call]
+    for key in ("block_out_channels", "latent_channels", "layers_per_block", "scaling_factor"):
+        assert _plain(vae_config[key]) == _plain(vae.config[key]), key
+
+
 def test_base_single_file_tensors_are_copied_bit_exactly(
     tiny_sd2: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
