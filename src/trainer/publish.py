@@ -180,6 +180,10 @@ def build_model_card(run_dir: Path, repo_id: str) -> ModelCard:
     ``library_name: diffusers``, ``pipeline_tag: text-to-image`` (InferenceClient requires it),
     ``tags``, ``instance_prompt`` and a ``widget`` showing the first sample.
 
+    A LoRA run (run.json's ``method: lora``) gets an adapter's card instead: ``base_model`` with
+    ``base_model_relation: adapter``, the ``lora`` tags, a ``widget`` entry per sample, and usage
+    for diffusers (``load_lora_weights``), Inference Providers and A1111 / ComfyUI.
+
     Args:
         run_dir: The run folder (``run.json``, ``model/``, ``samples/``, ``export/``).
         repo_id: The repo the card is for (used in the snippets).
