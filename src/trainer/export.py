@@ -24,6 +24,8 @@ SD 2.x files get two more things, because other tools need them:
   deviation of ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` exceeds 0.09. The ``v_pred``
   key it looks for marks SDXL models only. The export logs a warning when that guess would be
   wrong; ComfyUI's ``ModelSamplingDiscrete`` node (sampling: ``v_prediction``) then fixes it.
+  diffusers reads the UNet and VAE shapes from the ``.yaml`` (``original_config=``), not its
+  ``parameterization``: its scheduler comes from ``config=`` (or a guess without one).
 - The OpenCLIP tensors that released SD 2.x checkpoints carry and diffusers' text encoder does
   not: the 24th (last) transformer layer (SD 2.x conditions on the penultimate one, so diffusers
   keeps 23), ``text_projection`` and ``logit_scale``. They are copied, as stored, from the base
