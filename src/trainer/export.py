@@ -738,8 +738,8 @@ def openclip_extras(base_single_file: Path, state: Mapping[str, torch.Tensor]) -
 MISSING_OPENCLIP_WARNING = (
     "%s has no final OpenCLIP layer, text_projection or logit_scale (diffusers' SD 2.x text encoder does "
     "not keep them). diffusers, A1111 and ComfyUI load it and make the same images (SD 2.x conditions on "
-    "the penultimate layer; A1111 and ComfyUI report the keys as missing). Pass the base model's own "
-    "single file (--base-single-file) to copy them in."
+    "the penultimate layer; A1111 and ComfyUI report the keys as missing). To copy them in from the base "
+    "model's own single file: sdtrain export ... --base-single-file BASE.safetensors"
 )
 
 
