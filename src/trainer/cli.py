@@ -443,7 +443,8 @@ def sample(
     epilog=(
         "Examples:\n\n  sdtrain export runs/me          (writes runs/me/export/model.safetensors, fp16)\n\n"
         "  sdtrain export runs/me/model --output sd-me.safetensors --full\n\n"
-        "  sdtrain export --merge runs/me-lora    (base + adapter fused, one file)"
+        "  sdtrain export --merge runs/me-lora    (base + adapter fused, one file)\n\n"
+        "  sdtrain export runs/me-sd21 --base-single-file v2-1_768-ema-pruned.safetensors"
     ),
 )
 def export(
@@ -472,8 +473,19 @@ def export(
         typer.Option(help="With --merge: the base to fuse into.", show_default="run.json's base_model"),
     ] = None,
     lora_scale: Annotated[float, typer.Option(help="With --merge: how much of the adapter to fuse.")] = 1.0,
+    base_single_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="SD 2.x: the base model's own single file, to copy the text-encoder tensors diffusers "
+            "drops (last OpenCLIP layer, text_projection, logit_scale) from.",
+            show_default="left out, with a warning",
+        ),
+    ] = None,
 ) -> None:
-    """Export a fine-tuned model to one original-layout checkpoint (A1111, ComfyUI)."""
+    """Export a fine-tuned model to one original-layout checkpoint (A1111, ComfyUI).
+
+    SD 2.x models also get FILE.yaml beside the checkpoint (the original inference config, which
+    tells A1111 the model is v-prediction)."""
     _quiet_libraries()
     with _errors():
         if merge:
@@ -486,8 +498,9 @@ def export(
                 lora_scale=lora_scale,
                 half=half,
                 verify=verify,
+                base_single_file=base_single_file,
             )
-            console.print(f"[green]Exported[/] {path} (adapter fused into its base)")
+            console.print(f"[green]Exported[/] {path} (adapter fused into its base){_config_note(path)}")
             return
         model_dir = Path(_model_dir(str(model)))
         if output is None:
@@ -496,8 +509,15 @@ def export(
             output = model / "export" / "model.safetensors"
         from trainer.export import export_single_file
 
-        path = export_single_file(model_dir, output, half=half, verify=verify)
-        console.print(f"[green]Exported[/] {path}")
+        path = export_single_file(
+            model_dir, output, half=half, verify=verify, base_single_file=base_single_file
+        )
+        console.print(f"[green]Exported[/] {path}{_config_note(path)}")
+
+
+def _config_note(checkpoint: Path) -> str:
+    config = checkpoint.with_suffix(".yaml")
+    return f" and {config} (its config, for A1111: keep them together)" if config.is_file() else ""
 
 
 @app.command(
@@ -508,13 +528,16 @@ def export(
     ),
 )
 def publish(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder (model/, export/, samples/, run.json).")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="Run folder (run.json, samples/, and model/ + export/ or lora/).")
+    ],
     repo_id: Annotated[
         str | None, typer.Argument(help="owner/name.", show_default="run.json's hub_repo")
     ] = None,
     private: Annotated[bool, typer.Option("--private/--public", help="Visibility of a new repo.")] = True,
 ) -> None:
-    """Upload a run (model, single file, samples, model card) to a Hugging Face Hub repo."""
+    """Upload a run to a Hugging Face Hub repo: a full fine-tune (model, single file, samples, card)
+    or a LoRA run as an adapter of its base (adapter files at the root, samples, card)."""
     with _errors():
         record = RunRecord.read(run_dir / "run.json")
         repo = repo_id or record.hub_repo

@@ -13,6 +13,28 @@ The export checks itself: diffusers' own single-file converters
 (``diffusers.loaders.single_file_utils``, what ``from_single_file`` runs) read the written file
 back, and every tensor must equal the folder's, bit for bit.
 
+SD 2.x files get two more things, because other tools need them:
+
+- ``<file>.yaml`` beside the checkpoint: the original inference config (``v2-inference-v.yaml``
+  for a v-prediction model, with ``parameterization: "v"``; ``v2-inference.yaml`` for an epsilon
+  one), its sizes taken from the model's configs. AUTOMATIC1111 loads a ``.yaml`` of the
+  checkpoint's name before guessing; without one, it guesses v-prediction by running the UNet
+  once on a test input. ComfyUI reads no ``.yaml`` (only its deprecated ``CheckpointLoader`` node
+  takes a config): it guesses from a weight, calling an SD 2.x model v-prediction when the standard
+  deviation of ``output_blocks.11.1.transformer_blocks.0.norm1.bias`` exceeds 0.09. The ``v_pred``
+  key it looks for marks SDXL models only. The export logs a warning when that guess would be
+  wrong; ComfyUI's ``ModelSamplingDiscrete`` node (sampling: ``v_prediction``) then fixes it.
+  diffusers reads the UNet and VAE shapes from the ``.yaml`` (``original_config=``), not its
+  ``parameterization``: its scheduler comes from ``config=`` (or a guess without one).
+- The OpenCLIP tensors that released SD 2.x checkpoints carry and diffusers' text encoder does
+  not: the 24th (last) transformer layer (SD 2.x conditions on the penultimate one, so diffusers
+  keeps 23), ``text_projection`` and ``logit_scale``. They are copied, as stored, from the base
+  model's own single file (``base_single_file=``, ``sdtrain export --base-single-file``). Without
+  one they are left out and a warning says so: diffusers, A1111 and ComfyUI load the file and make
+  the same images (the missing tensors are not used to condition SD 2.x; A1111 and ComfyUI report
+  them as missing keys), but tools that need the whole OpenCLIP model, such as merges with released
+  checkpoints that expect the same keys, do not get it.
+
 ```python
 from trainer.export import export_merged, export_single_file
 
@@ -49,8 +71,11 @@ __all__ = [
     "TextEncoderLayout",
     "export_merged",
     "export_single_file",
+    "config_path",
     "load_model_parts",
     "merge_lora",
+    "openclip_extras",
+    "original_config",
     "parts_from_pipeline",
     "restore_diffusers_state_dicts",
     "text_encoder_layout",
@@ -109,6 +134,7 @@ class ModelParts:
     text_encoder_2: dict[str, torch.Tensor] | None = None
     text_encoder_2_config: dict[str, Any] | None = None
     prediction_type: str = "epsilon"
+    scheduler_config: dict[str, Any] | None = None
 
     @property
     def architecture(self) -> Architecture:
@@ -188,9 +214,8 @@ def load_model_parts(model_dir: Path) -> ModelParts:
 
     second = (model_dir / "text_encoder_2").is_dir()
     scheduler_config = model_dir / "scheduler" / "scheduler_config.json"
-    prediction = "epsilon"
-    if scheduler_config.is_file():
-        prediction = _read_json(scheduler_config).get("prediction_type", "epsilon")
+    scheduler = _read_json(scheduler_config) if scheduler_config.is_file() else None
+    prediction = (scheduler or {}).get("prediction_type", "epsilon")
     return ModelParts(
         unet=_load_weights(model_dir / "unet"),
         unet_config=_read_json(model_dir / "unet" / "config.json"),
@@ -201,6 +226,7 @@ def load_model_parts(model_dir: Path) -> ModelParts:
         text_encoder_2=text("text_encoder_2") if second else None,
         text_encoder_2_config=_read_json(model_dir / "text_encoder_2" / "config.json") if second else None,
         prediction_type=prediction,
+        scheduler_config=scheduler,
     )
 
 
@@ -221,6 +247,7 @@ def parts_from_pipeline(pipe: Any) -> ModelParts:
         text_encoder_2=text(second) if second is not None else None,
         text_encoder_2_config=second.config.to_dict() if second is not None else None,
         prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")),
+        scheduler_config=dict(pipe.scheduler.config),
     )
 
 
@@ -464,10 +491,31 @@ def verify_single_file(path: Path, model_dir: Path, *, half: bool = False) -> No
         model_dir: The diffusers folder it was exported from.
         half: The checkpoint was exported with ``half=True`` (compare against float16 casts).
 
+    SD 2.x files may carry the base's extra OpenCLIP tensors (``base_single_file=``); those have
+    no counterpart in the folder and are left out of the comparison.
+
     Raises:
         ExportVerificationError: some tensors differ; ``.problems`` lists them.
     """
-    _verify(_read_checkpoint(Path(path)), load_model_parts(Path(model_dir)), half)
+    parts = load_model_parts(Path(model_dir))
+    checkpoint = _read_checkpoint(Path(path))
+    if parts.architecture == "sd2":
+        checkpoint = _without_openclip_extras(checkpoint, parts.text_encoder_config["num_hidden_layers"])
+    _verify(checkpoint, parts, half)
+
+
+def _without_openclip_extras(checkpoint: Mapping[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """``checkpoint`` less the OpenCLIP tensors diffusers' SD 2.x text encoder has no place for."""
+    prefix = _keymaps.OPENCLIP_PREFIX
+    extra_layers = re.compile(rf"{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
+
+    def extra(key: str) -> bool:
+        if key in (f"{prefix}text_projection", f"{prefix}logit_scale"):
+            return True
+        match = extra_layers.match(key)
+        return match is not None and int(match[1]) >= layers
+
+    return {k: v for k, v in checkpoint.items() if not extra(k)}
 
 
 _MODELSPEC_ARCHITECTURES = {
@@ -496,6 +544,222 @@ def _metadata(parts: ModelParts, title: str) -> dict[str, str]:
     }
 
 
+# ComfyUI's SD 2.x v-prediction guess (comfy/supported_models.py, SD20.model_type).
+COMFYUI_V_KEY = f"{_keymaps.UNET_PREFIX}output_blocks.11.1.transformer_blocks.0.norm1.bias"
+COMFYUI_V_THRESHOLD = 0.09
+
+
+def original_config(parts: ModelParts) -> dict[str, Any]:
+    """The original (CompVis / Stability AI) inference config of an SD 2.x model.
+
+    For the released SD 2.x architectures this is ``v2-inference-v.yaml`` (v-prediction) or
+    ``v2-inference.yaml`` (epsilon); the sizes come from the model's configs, so a tiny or otherwise
+    resized model gets a config that describes it.
+
+    Raises:
+        ExportError: the UNet's attention heads cannot be written as the original config's
+            ``num_head_channels`` / ``num_heads``.
+    """
+    unet, vae = parts.unet_config, parts.vae_config
+    scheduler = parts.scheduler_config or {}
+    channels = list(unet["block_out_channels"])
+    base = channels[0]
+    heads = unet.get("attention_head_dim") or 8
+    heads = list(heads) if isinstance(heads, list | tuple) else [heads] * len(channels)
+    head_channels = {c // h for c, h in zip(channels, heads, strict=True)}
+    head_params: dict[str, Any]
+    if unet.get("use_linear_projection") and len(head_channels) == 1:
+        head_params = {"num_head_channels": head_channels.pop()}
+    elif len(set(heads)) == 1:
+        head_params = {"num_heads": heads[0]}
+    else:
+        raise ExportError(
+            f"Cannot write an original config for attention heads {heads} over channels {channels}."
+        )
+    depth = unet.get("transformer_layers_per_block", 1)
+    vae_channels = list(vae["block_out_channels"])
+    params: dict[str, Any] = {}
+    if parts.prediction_type == "v_prediction":
+        params["parameterization"] = "v"
+    params |= {
+        "linear_start": scheduler.get("beta_start", 0.00085),
+        "linear_end": scheduler.get("beta_end", 0.012),
+        "num_timesteps_cond": 1,
+        "log_every_t": 200,
+        "timesteps": scheduler.get("num_train_timesteps", 1000),
+        "first_stage_key": "jpg",
+        "cond_stage_key": "txt",
+        "image_size": unet.get("sample_size", 64),
+        "channels": unet.get("in_channels", 4),
+        "cond_stage_trainable": False,
+        "conditioning_key": "crossattn",
+        "monitor": "val/loss_simple_ema",
+        "scale_factor": vae.get("scaling_factor", 0.18215),
+        "use_ema": False,
+        "unet_config": {
+            "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+            "params": {
+                "use_checkpoint": True,
+                "use_fp16": True,
+                "image_size": 32,
+                "in_channels": unet.get("in_channels", 4),
+                "out_channels": unet.get("out_channels", 4),
+                "model_channels": base,
+                "attention_resolutions": [
+                    2**i for i, kind in enumerate(unet["down_block_types"]) if kind.startswith("CrossAttn")
+                ],
+                "num_res_blocks": unet.get("layers_per_block", 2),
+                "channel_mult": [c // base for c in channels],
+                **head_params,
+                "use_spatial_transformer": True,
+                "use_linear_in_transformer": bool(unet.get("use_linear_projection")),
+                "transformer_depth": depth if isinstance(depth, int) else list(depth),
+                "context_dim": unet["cross_attention_dim"],
+                "legacy": False,
+            },
+        },
+        "first_stage_config": {
+            "target": "ldm.models.autoencoder.AutoencoderKL",
+            "params": {
+                "embed_dim": vae.get("latent_channels", 4),
+                "monitor": "val/rec_loss",
+                "ddconfig": {
+                    "double_z": True,
+                    "z_channels": vae.get("latent_channels", 4),
+                    "resolution": 256,
+                    "in_channels": vae.get("in_channels", 3),
+                    "out_ch": vae.get("out_channels", 3),
+                    "ch": vae_channels[0],
+                    "ch_mult": [c // vae_channels[0] for c in vae_channels],
+                    "num_res_blocks": vae.get("layers_per_block", 2),
+                    "attn_resolutions": [],
+                    "dropout": 0.0,
+                },
+                "lossconfig": {"target": "torch.nn.Identity"},
+            },
+        },
+        "cond_stage_config": {
+            "target": "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder",
+            "params": {"freeze": True, "layer": "penultimate"},
+        },
+    }
+    return {
+        "model": {
+            "base_learning_rate": 1.0e-4,
+            "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+            "params": params,
+        }
+    }
+
+
+def config_path(checkpoint: Path) -> Path:
+    """Where the ``.yaml`` of an SD 2.x single file goes: beside it, with the same name."""
+    return Path(checkpoint).with_suffix(".yaml")
+
+
+def _write_original_config(parts: ModelParts, checkpoint: Path) -> Path:
+    import yaml
+
+    from trainer._fs import atomic_write_text
+
+    kind = "v-prediction" if parts.prediction_type == "v_prediction" else "epsilon"
+    header = (
+        f"# The original inference config of {checkpoint.name} (SD 2.x, {kind}), written by sdtrain.\n"
+        "# AUTOMATIC1111 loads it because it has the checkpoint's name: keep the two together.\n"
+    )
+    text = yaml.safe_dump(original_config(parts), sort_keys=False, default_flow_style=None)
+    return atomic_write_text(config_path(checkpoint), header + text)
+
+
+def _read_prefixed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint whose keys start with ``prefix`` (safetensors: only those are read)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist: give the base model's own single file (.safetensors).")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(prefix)}
+        except SafetensorError as exc:
+            raise ExportError(f"{path} is not a readable safetensors file ({exc}).") from None
+    try:
+        state = _read_checkpoint(path)
+    except Exception as exc:  # a pickle holds anything; weights_only refuses what is not tensors
+        raise ExportError(
+            f"{path} could not be read as a weights-only checkpoint ({exc}); "
+            "use the base's .safetensors file."
+        ) from None
+    return {k: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def openclip_extras(base_single_file: Path, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The OpenCLIP text-encoder tensors of an SD 2.x base's single file that ``state`` lacks.
+
+    For the released SD 2.x files: ``transformer.resblocks.23.*`` (the last layer),
+    ``text_projection`` and ``logit_scale``, under ``cond_stage_model.model.``. They are returned
+    as stored in the file (dtype included).
+
+    Args:
+        base_single_file: The base model's original-layout checkpoint.
+        state: The converted state dict of the fine-tuned model.
+
+    Raises:
+        ExportError: the file has no SD 2.x text encoder, or its text encoder has other shapes than
+            the model's (it is not this model's base).
+    """
+    prefix = _keymaps.OPENCLIP_PREFIX
+    base = _read_prefixed(Path(base_single_file), prefix)
+    if not base:
+        raise ExportError(
+            f"{base_single_file} has no SD 2.x text encoder ({prefix}*): give the single file of the SD 2.x "
+            "model this one was fine-tuned from."
+        )
+    ours = {k: v for k, v in state.items() if k.startswith(prefix)}
+    problems = [f"{k}: missing there" for k in sorted(set(ours) - set(base))]
+    problems += [
+        f"{k}: shape {tuple(base[k].shape)} there, {tuple(v.shape)} here"
+        for k, v in sorted(ours.items())
+        if k in base and base[k].shape != v.shape
+    ]
+    if problems:
+        listed = "\n  ".join(problems[:_MAX_LISTED])
+        raise ExportError(
+            f"{base_single_file} is not a single file of this model's base (its text encoder "
+            f"differs):\n  {listed}"
+        )
+    extras = {k: v.contiguous() for k, v in sorted(base.items()) if k not in ours}
+    logger.info(
+        "Copied %d text-encoder tensors from %s: %s", len(extras), base_single_file, ", ".join(extras)
+    )
+    return extras
+
+
+MISSING_OPENCLIP_WARNING = (
+    "%s has no final OpenCLIP layer, text_projection or logit_scale (diffusers' SD 2.x text encoder does "
+    "not keep them). diffusers, A1111 and ComfyUI load it and make the same images (SD 2.x conditions on "
+    "the penultimate layer; A1111 and ComfyUI report the keys as missing). To copy them in from the base "
+    "model's own single file: sdtrain export ... --base-single-file BASE.safetensors"
+)
+
+
+def _check_comfyui_guess(state: Mapping[str, torch.Tensor], parts: ModelParts, out_path: Path) -> None:
+    """Warn when ComfyUI's weight-based guess would take this SD 2.x file for the other prediction type."""
+    tensor = state.get(COMFYUI_V_KEY)
+    guessed_v = tensor is not None and float(tensor.float().std(unbiased=False)) > COMFYUI_V_THRESHOLD
+    if guessed_v != (parts.prediction_type == "v_prediction"):
+        logger.warning(
+            "ComfyUI will take %s for a%s model (it guesses SD 2.x models from %s): add a "
+            "ModelSamplingDiscrete node with sampling '%s' after loading it.",
+            out_path.name,
+            " v-prediction" if guessed_v else "n epsilon",
+            COMFYUI_V_KEY.removeprefix(_keymaps.UNET_PREFIX)
+            if tensor is not None
+            else "a weight this model lacks",
+            "v_prediction" if parts.prediction_type == "v_prediction" else "eps",
+        )
+
+
 def _contiguous(state: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in state}
 
@@ -505,12 +769,35 @@ def _check_suffix(out_path: Path) -> None:
         raise ExportError(f"{out_path}: the checkpoint must end in .safetensors or .ckpt.")
 
 
-def _write(parts: ModelParts, out_path: Path, *, title: str, half: bool, verify: bool, source: str) -> Path:
-    """Convert, write to a partial file, verify it, then move it into place."""
+def _write(
+    parts: ModelParts,
+    out_path: Path,
+    *,
+    title: str,
+    half: bool,
+    verify: bool,
+    source: str,
+    base_single_file: Path | None = None,
+) -> Path:
+    """Convert, write to a partial file, verify it, then move it into place (SD 2.x: and its .yaml)."""
     import torch
     from safetensors.torch import save_file
 
+    sd2 = parts.architecture == "sd2"
+    if base_single_file is not None and not sd2:
+        raise ExportError(
+            "--base-single-file is for SD 2.x models (their OpenCLIP text encoder); "
+            f"this is {parts.architecture}."
+        )
     state = _contiguous(to_original_state_dict(parts, half=half).items())
+    extras: dict[str, torch.Tensor] = {}
+    if sd2:
+        _check_comfyui_guess(state, parts, out_path)
+        if base_single_file is not None:
+            extras = openclip_extras(base_single_file, state)
+        else:
+            logger.warning(MISSING_OPENCLIP_WARNING, out_path.name)
+        state.update(extras)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.stem}.partial{out_path.suffix}")
     try:
@@ -521,10 +808,17 @@ def _write(parts: ModelParts, out_path: Path, *, title: str, half: bool, verify:
             torch.save({"state_dict": state}, tmp)
         del state
         if verify:
-            _verify(_read_checkpoint(tmp), parts, half)
+            written = _read_checkpoint(tmp)
+            copied = {k: written[k] for k in extras if k in written}
+            problems = compare_state_dicts("base single file", copied, extras)
+            if problems:
+                raise ExportVerificationError(problems)
+            _verify({k: v for k, v in written.items() if k not in extras}, parts, half)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
+    if sd2:
+        _write_original_config(parts, out_path)
     logger.info(
         "Exported %s to %s (%.1f MB%s%s)",
         source,
@@ -536,12 +830,19 @@ def _write(parts: ModelParts, out_path: Path, *, title: str, half: bool, verify:
     return out_path
 
 
-def export_single_file(model_dir: Path, out_path: Path, *, half: bool = False, verify: bool = True) -> Path:
+def export_single_file(
+    model_dir: Path,
+    out_path: Path,
+    *,
+    half: bool = False,
+    verify: bool = True,
+    base_single_file: Path | None = None,
+) -> Path:
     """Write a diffusers Stable Diffusion folder as one original-layout checkpoint.
 
     The file loads in tools that take original checkpoints, and in diffusers with
     ``StableDiffusionPipeline.from_single_file(path, config=model_dir)``
-    (``StableDiffusionXLPipeline`` for SDXL).
+    (``StableDiffusionXLPipeline`` for SDXL). An SD 2.x file gets its ``.yaml`` beside it.
 
     Args:
         model_dir: A diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``,
@@ -552,20 +853,32 @@ def export_single_file(model_dir: Path, out_path: Path, *, half: bool = False, v
             complete (and verified).
         half: Store floating-point tensors as float16 (half the size).
         verify: Convert the written file back with diffusers' converters and require every tensor
-            to be bit-identical to the folder's (after the float16 cast with ``half``).
+            to be bit-identical to the folder's (after the float16 cast with ``half``), and the
+            copied base tensors to the base file's.
+        base_single_file: SD 2.x only: the base model's own single file, to copy the OpenCLIP
+            tensors diffusers does not keep (last layer, ``text_projection``, ``logit_scale``) from.
 
     Returns:
         ``out_path``.
 
     Raises:
-        ExportError: the folder is not a convertible pipeline, or ``out_path`` has another suffix.
+        ExportError: the folder is not a convertible pipeline, ``out_path`` has another suffix, or
+            ``base_single_file`` is not an SD 2.x file of this model's architecture.
         ExportVerificationError: the round trip changed some tensors (nothing is written then).
     """
     model_dir, out_path = Path(model_dir), Path(out_path)
     _check_suffix(out_path)
     parts = load_model_parts(model_dir)
     title = model_dir.parent.name if model_dir.name == "model" else model_dir.name
-    return _write(parts, out_path, title=title, half=half, verify=verify, source=str(model_dir))
+    return _write(
+        parts,
+        out_path,
+        title=title,
+        half=half,
+        verify=verify,
+        source=str(model_dir),
+        base_single_file=Path(base_single_file) if base_single_file is not None else None,
+    )
 
 
 def merge_lora(
@@ -625,6 +938,7 @@ def export_merged(
     half: bool = False,
     verify: bool = True,
     local_files_only: bool = False,
+    base_single_file: Path | None = None,
 ) -> Path:
     """Fuse a LoRA run's adapter into its base and write the result as one original-layout file.
 
@@ -640,6 +954,7 @@ def export_merged(
         half: Store floating-point tensors as float16.
         verify: Require diffusers' converters to read back the fused tensors bit for bit.
         local_files_only: Never reach the network for a Hub id base.
+        base_single_file: SD 2.x only: the base's own single file (see :func:`export_single_file`).
 
     Returns:
         ``out_path``.
@@ -658,7 +973,15 @@ def export_merged(
     parts = parts_from_pipeline(pipe)
     del pipe
     source = f"{run_dir / LORA_DIR} fused into {base_model}"
-    return _write(parts, out_path, title=run_dir.resolve().name, half=half, verify=verify, source=source)
+    return _write(
+        parts,
+        out_path,
+        title=run_dir.resolve().name,
+        half=half,
+        verify=verify,
+        source=source,
+        base_single_file=Path(base_single_file) if base_single_file is not None else None,
+    )
 
 
 def _run_base_model(run_dir: Path) -> str:

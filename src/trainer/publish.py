@@ -1,13 +1,29 @@
 """Publish a training run to the Hugging Face Hub: one repo, one commit, with a model card.
 
-What goes up (and nothing else: no checkpoints, no class images, no ``run.json`` with local paths):
+What goes up (and nothing else: no checkpoints, no class images, no ``run.json`` with local paths).
+A full fine-tune:
 
 ```
 <repo>/model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/   (OUT/model/)
 <repo>/<repo-name>.safetensors                                               (OUT/export/*)
+<repo>/<repo-name>.yaml                       (SD 2.x: the original config A1111 reads beside it)
 <repo>/samples/*.png                                                         (OUT/samples/)
 <repo>/README.md                                                             (the model card)
 ```
+
+A LoRA run (``method: lora`` in run.json), as an adapter of its base model:
+
+```
+<repo>/pytorch_lora_weights.safetensors     (OUT/lora/: diffusers, ``pipe.load_lora_weights(repo)``)
+<repo>/<repo-name>_kohya.safetensors        (OUT/lora/pytorch_lora_weights_kohya.safetensors: A1111, ComfyUI)
+<repo>/samples/*.png                        (OUT/samples/, the card's widget gallery)
+<repo>/README.md                            (the model card)
+```
+
+The LoRA card's metadata carries ``base_model`` with ``base_model_relation: adapter`` (the Hub then
+lists the repo among the base's adapters and tags it ``base_model:adapter:<base>``), the ``lora``
+and ``template:sd-lora`` tags, ``instance_prompt`` (the trigger words) and a ``widget`` entry per
+sample. A merged export (``sdtrain export --merge``) is not uploaded with the adapter.
 
 The card is also written to ``OUT/README.md``. The token comes from the argument, else
 ``HF_TOKEN`` / ``hf auth login`` (``huggingface_hub.get_token()``); it is never written anywhere.
@@ -30,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from trainer.errors import TrainerError
+from trainer.lora_files import LORA_WEIGHTS
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
@@ -50,6 +67,14 @@ logger = logging.getLogger(__name__)
 LICENSE_SD1 = "creativeml-openrail-m"
 LICENSE_SD2 = "openrail++"
 TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "dreambooth"]
+# The tags diffusers' own LoRA training scripts give their cards (template:sd-lora: the Hub's LoRA
+# gallery template), then the family's.
+LORA_TAGS = ["text-to-image", "diffusers", "lora", "template:sd-lora", "dreambooth"]
+FAMILY_TAGS = {
+    "sd1": ["stable-diffusion", "stable-diffusion-diffusers"],
+    "sd2": ["stable-diffusion", "stable-diffusion-diffusers"],
+    "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
+}
 TOKENS_URL = "https://huggingface.co/settings/tokens"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MAX_SAMPLES_SHOWN = 8
@@ -84,6 +109,16 @@ class _RunInfo(BaseModel):
     mixed_precision: str | None = None
     with_prior_preservation: bool | None = None
     num_class_images: int | None = None
+    method: str | None = None  # records from before LoRA runs are full fine-tunes
+    architecture: str | None = None
+    lora_rank: int | None = None
+    lora_alpha: int | None = None
+    lora_dropout: float | None = None
+    lora_target_modules: list[str] | None = None
+
+    @property
+    def is_lora(self) -> bool:
+        return self.method == "lora"
 
 
 def _read_run(run_dir: Path) -> _RunInfo:
@@ -145,6 +180,10 @@ def build_model_card(run_dir: Path, repo_id: str) -> ModelCard:
     ``library_name: diffusers``, ``pipeline_tag: text-to-image`` (InferenceClient requires it),
     ``tags``, ``instance_prompt`` and a ``widget`` showing the first sample.
 
+    A LoRA run (run.json's ``method: lora``) gets an adapter's card instead: ``base_model`` with
+    ``base_model_relation: adapter``, the ``lora`` tags, a ``widget`` entry per sample, and usage
+    for diffusers (``load_lora_weights``), Inference Providers and A1111 / ComfyUI.
+
     Args:
         run_dir: The run folder (``run.json``, ``model/``, ``samples/``, ``export/``).
         repo_id: The repo the card is for (used in the snippets).
@@ -155,6 +194,8 @@ def build_model_card(run_dir: Path, repo_id: str) -> ModelCard:
     from huggingface_hub import ModelCard, ModelCardData
 
     info = _read_run(run_dir)
+    if info.is_lora:
+        return _lora_model_card(run_dir, repo_id, info)
     model_dir = run_dir / "model"
     license_id, inferred = _license(info, model_dir)
     samples = [p for p in _samples(run_dir) if p.stem != "grid"]
@@ -204,7 +245,11 @@ def build_model_card(run_dir: Path, repo_id: str) -> ModelCard:
             body += [f"Prompt: `{info.sample_prompt}` (each PNG records its prompt and seed).", ""]
     body += ["## Training", "", "| setting | value |", "| --- | --- |"]
     body += [f"| {k} | {v} |" for k, v in _settings(info)]
-    body += ["", *_usage(repo_id, example_prompt, [_single_file_name(p, repo_id) for p in single])]
+    with_config = bool(single) and single[0].with_suffix(".yaml").is_file()
+    body += [
+        "",
+        *_usage(repo_id, example_prompt, [_single_file_name(p, repo_id) for p in single], with_config),
+    ]
     note = " (inferred from the architecture: check the base model's card)" if inferred else ""
     body += [
         "",
@@ -215,6 +260,154 @@ def build_model_card(run_dir: Path, repo_id: str) -> ModelCard:
         "",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def _lora_model_card(run_dir: Path, repo_id: str, info: _RunInfo) -> ModelCard:
+    """The card of a LoRA run: an adapter of ``info.base_model``, with a widget gallery."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    on_hub = bool(_HUB_ID.fullmatch(info.base_model))
+    if not on_hub:
+        logger.warning(
+            "The base model %s is not a Hub id: the card cannot name it as base_model, so the Hub will "
+            "not list this adapter under its base (and no Inference Provider will pick it up).",
+            info.base_model,
+        )
+    architecture = info.architecture or "sd1"
+    # No model folder to look at: the family comes from run.json (SDXL's license is Open RAIL++-M too).
+    inferred = not info.base_model_license
+    license_id = info.base_model_license or (LICENSE_SD1 if architecture == "sd1" else LICENSE_SD2)
+    samples = [p for p in _samples(run_dir) if p.stem != "grid"][:_MAX_SAMPLES_SHOWN]
+    grid = run_dir / "samples" / "grid.png"
+    prompts = [c.instance_prompt for c in info.concepts]
+    example_prompt = info.sample_prompt or prompts[0]
+    widget = [
+        {"text": _sample_prompt(path, example_prompt), "output": {"url": f"samples/{path.name}"}}
+        for path in samples
+    ]
+    data = ModelCardData(
+        base_model=info.base_model if on_hub else None,
+        base_model_relation="adapter" if on_hub else None,
+        license=license_id,
+        library_name="diffusers",
+        pipeline_tag="text-to-image",
+        tags=[*LORA_TAGS, *FAMILY_TAGS.get(architecture, [])],
+        instance_prompt=prompts[0] if len(prompts) == 1 else prompts,
+        widget=widget or None,
+    )
+    name = repo_id.split("/")[-1]
+    base = info.base_model
+    link = f"[{base}](https://huggingface.co/{base})" if on_hub else f"`{base}`"
+    body = [
+        f"# {name}",
+        "",
+        f"A DreamBooth LoRA adapter for {link}, trained with `sdtrain` on photos of the subject below. "
+        "It is small and needs its base model to make images.",
+        "",
+        "## Trigger words",
+        "",
+        *[
+            f"- `{c.instance_prompt}`" + (f" (class: `{c.class_prompt}`)" if c.class_prompt else "")
+            for c in info.concepts
+        ],
+        "",
+        f"Put them in your prompt, e.g. `{example_prompt}`.",
+        "",
+    ]
+    if samples or grid.is_file():
+        body += ["## Samples", ""]
+        body += [" ".join(f"![{p.stem}](samples/{p.name})" for p in samples or [grid]), ""]
+        if info.sample_prompt:
+            body += [f"Prompt: `{info.sample_prompt}` (each PNG records its prompt and seed).", ""]
+    body += [
+        "## Files",
+        "",
+        "| file | for |",
+        "| --- | --- |",
+        f"| `{LORA_WEIGHTS}` | diffusers (`pipe.load_lora_weights`), the Hub and Inference Providers |",
+        f"| `{_kohya_name(repo_id)}` | AUTOMATIC1111, ComfyUI, Forge (kohya's key names) |",
+        "",
+    ]
+    body += ["## Training", "", "| setting | value |", "| --- | --- |"]
+    body += [f"| {k} | {v} |" for k, v in _settings(info)]
+    body += ["", *_lora_usage(repo_id, info, example_prompt, on_hub)]
+    note = " (inferred from the architecture: check the base model's card)" if inferred else ""
+    body += [
+        "",
+        "## License",
+        "",
+        f"`{license_id}`, inherited from the base model{note}. Its use restrictions apply to this adapter "
+        "and to the images made with it.",
+        "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def _lora_usage(repo_id: str, info: _RunInfo, prompt: str, on_hub: bool) -> list[str]:
+    literal = json.dumps(prompt)  # a valid Python string literal, whatever the prompt holds
+    pipeline = "StableDiffusionXLPipeline" if info.architecture == "sdxl" else "StableDiffusionPipeline"
+    base = info.base_model if on_hub else "<the base model>"
+    kohya = _kohya_name(repo_id)
+    lines = [
+        "## Use it",
+        "",
+        "With diffusers, on top of the base model:",
+        "",
+        "```python",
+        "import torch",
+        f"from diffusers import {pipeline}",
+        "",
+        f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe.load_lora_weights("{repo_id}")',
+        f"image = pipe({literal}, num_inference_steps=30).images[0]",
+        'image.save("image.png")',
+        "```",
+        "",
+        (
+            "Through Inference Providers, once a provider serves this adapter (providers such as fal-ai "
+            "pick up LoRAs of the bases they host, SDXL and FLUX.1-dev, from this card's adapter "
+            'metadata; the model page shows them under "Inference Providers"):'
+            if info.architecture == "sdxl"
+            else "Through Inference Providers, if one serves this adapter (they host LoRAs of SDXL and "
+            "FLUX.1-dev; SD 1.x / 2.x adapters are usually served from a dedicated Inference Endpoint "
+            "instead, see below):"
+        ),
+        "",
+        "```python",
+        "from huggingface_hub import InferenceClient",
+        "",
+        'client = InferenceClient(provider="fal-ai")  # token: HF_TOKEN or `hf auth login`',
+        f'image = client.text_to_image({literal}, model="{repo_id}")',
+        'image.save("image.png")',
+        "```",
+        "",
+        "or with `sdclient`, which finds the provider itself:",
+        "",
+        "```python",
+        "import asyncio",
+        "from sdclient import SDClient",
+        "",
+        "async def main() -> None:",
+        f'    async with SDClient("{repo_id}") as client:',
+        f"        image = await client.generate({literal}, seed=42)",
+        '        image.save("image.png")',
+        "",
+        "asyncio.run(main())",
+        "```",
+        "",
+        "When no provider serves it, run the base with the adapter on a dedicated Inference Endpoint "
+        "or locally: `sdtrain serve RUN_DIR` (the training run folder) serves the base model with this "
+        "adapter.",
+        "",
+        f"In AUTOMATIC1111 / Forge: put `{kohya}` in `models/Lora` and add "
+        f"`<lora:{kohya.removesuffix('.safetensors')}:1>` to the prompt. In ComfyUI: put it in "
+        "`models/loras` and load it with a `LoraLoader` node after the base checkpoint.",
+    ]
+    return lines
+
+
+def _kohya_name(repo_id: str) -> str:
+    return f"{repo_id.split('/')[-1]}_kohya.safetensors"
 
 
 def _intro(info: _RunInfo) -> str:
@@ -229,6 +422,16 @@ def _settings(info: _RunInfo) -> list[tuple[str, str]]:
         ("steps", info.max_train_steps),
         ("resolution", f"{info.resolution} px" if info.resolution else None),
         ("learning rate", info.learning_rate),
+        ("method", "LoRA" if info.is_lora else "full fine-tune" if info.method == "full" else None),
+        ("LoRA rank", info.lora_rank if info.is_lora else None),
+        ("LoRA alpha", info.lora_alpha if info.is_lora else None),
+        ("LoRA dropout", info.lora_dropout if info.is_lora else None),
+        (
+            "LoRA target modules",
+            ", ".join(f"`{m}`" for m in info.lora_target_modules)
+            if info.is_lora and info.lora_target_modules
+            else None,
+        ),
         ("text encoder trained", info.train_text_encoder),
         ("prediction type", info.prediction_type),
         ("mixed precision", info.mixed_precision),
@@ -242,7 +445,7 @@ def _settings(info: _RunInfo) -> list[tuple[str, str]]:
     return [(k, "yes" if v is True else "no" if v is False else str(v)) for k, v in rows if v is not None]
 
 
-def _usage(repo_id: str, prompt: str, single_files: list[str]) -> list[str]:
+def _usage(repo_id: str, prompt: str, single_files: list[str], with_config: bool = False) -> list[str]:
     literal = json.dumps(prompt)  # a valid Python string literal, whatever the prompt holds
     lines = [
         "## Use it",
@@ -266,6 +469,14 @@ def _usage(repo_id: str, prompt: str, single_files: list[str]) -> list[str]:
             f'diffusers: `StableDiffusionPipeline.from_single_file("https://huggingface.co/{repo_id}/blob/main/{file}")`.',
             "",
         ]
+        if with_config:
+            config = Path(file).with_suffix(".yaml").name
+            lines += [
+                f"Download `{config}` too and keep it beside `{file}`: AUTOMATIC1111 reads it to know that "
+                "this SD 2.x model predicts v. ComfyUI guesses that from the weights; if its images look "
+                "washed out or noisy, add a `ModelSamplingDiscrete` node set to `v_prediction`.",
+                "",
+            ]
     lines += [
         "With `sdclient`, from a dedicated Inference Endpoint running this repo or a local server "
         f"(`sdtrain serve {repo_id} --model-id {repo_id}`):",
@@ -289,8 +500,10 @@ def planned_uploads(run_dir: Path, repo_id: str) -> list[tuple[Path, str]]:
     """``(local file, path in repo)`` for everything a publish uploads, README.md excluded.
 
     Raises:
-        PublishError: the run has no diffusers model.
+        PublishError: the run has no diffusers model (full fine-tune) or no adapter (LoRA run).
     """
+    if (run_dir / "run.json").is_file() and _read_run(run_dir).is_lora:
+        return _lora_uploads(run_dir, repo_id)
     model_dir = run_dir / "model"
     if not (model_dir / "model_index.json").is_file():
         raise PublishError(
@@ -307,8 +520,38 @@ def planned_uploads(run_dir: Path, repo_id: str) -> list[tuple[Path, str]]:
             "%s has no single file: run `sdtrain export %s` to include one.", run_dir / "export", run_dir
         )
     uploads += [(path, _single_file_name(path, repo_id)) for path in single]
+    # An SD 2.x file's .yaml (what A1111 reads to know it is v-prediction) goes up under the same name.
+    uploads += [
+        (path.with_suffix(".yaml"), Path(_single_file_name(path, repo_id)).with_suffix(".yaml").as_posix())
+        for path in single
+        if path.with_suffix(".yaml").is_file()
+    ]
     uploads += [(path, f"samples/{path.name}") for path in _samples(run_dir)]
     return uploads
+
+
+def _lora_uploads(run_dir: Path, repo_id: str) -> list[tuple[Path, str]]:
+    """A LoRA run's files: both adapter files at the repo root, then the samples."""
+    from trainer.lora_files import KOHYA_WEIGHTS, LORA_DIR, write_kohya_file
+
+    lora_dir = run_dir / LORA_DIR
+    weights = lora_dir / LORA_WEIGHTS
+    if not weights.is_file():
+        raise PublishError(
+            f"{weights} is missing: train first (`sdtrain run --method lora`), then publish the run folder."
+        )
+    kohya = lora_dir / KOHYA_WEIGHTS
+    if not kohya.is_file():
+        logger.info("Writing the kohya file %s (the run stopped before its export step)", kohya)
+        write_kohya_file(lora_dir, architecture=_read_run(run_dir).architecture or "sd1")
+    merged = _single_files(run_dir)
+    if merged:
+        logger.info(
+            "Not uploading %s: the repo holds the adapter; publish a merged model as a repo of its own.",
+            ", ".join(str(p) for p in merged),
+        )
+    uploads = [(weights, LORA_WEIGHTS), (kohya, _kohya_name(repo_id))]
+    return uploads + [(path, f"samples/{path.name}") for path in _samples(run_dir)]
 
 
 def _http_error(exc: Exception, repo_id: str) -> PublishError:
@@ -368,6 +611,7 @@ def publish_run(
         raise PublishError(f"Invalid repo id {repo_id!r}: use owner/name, e.g. me/sd-me ({exc}).") from None
     uploads = planned_uploads(run_dir, repo_id)
     card = build_model_card(run_dir, repo_id)
+    lora = _read_run(run_dir).is_lora
 
     token = token or (api.token if api is not None and isinstance(api.token, str) else None) or get_token()
     if not token:
@@ -390,8 +634,12 @@ def publish_run(
         api.create_commit(
             url.repo_id,
             operations,
-            commit_message="Upload DreamBooth model (sdtrain)",
-            commit_description="Diffusers folder, single-file checkpoint, samples and model card.",
+            commit_message=f"Upload DreamBooth {'LoRA adapter' if lora else 'model'} (sdtrain)",
+            commit_description=(
+                "LoRA adapter (diffusers and kohya files), samples and model card."
+                if lora
+                else "Diffusers folder, single-file checkpoint, samples and model card."
+            ),
             repo_type="model",
             token=token,
         )

@@ -22,6 +22,7 @@ from huggingface_hub import HfApi, ModelCard  # noqa: E402
 from PIL import Image, PngImagePlugin  # noqa: E402
 
 from trainer.export import export_single_file  # noqa: E402
+from trainer.lora_files import KOHYA_WEIGHTS, LORA_WEIGHTS  # noqa: E402
 from trainer.publish import LICENSE_SD1, LICENSE_SD2, PublishError, publish_run  # noqa: E402
 
 # Fake tokens, written in two parts so that no secret scanner takes them for real ones.
@@ -368,3 +369,174 @@ def test_publishes_a_real_training_run(hub: FakeHub, trained_run: Path, tmp_path
         == json.loads((run / "run.json").read_text())["concepts"][0]["instance_prompt"]
     )
     assert card.data.to_dict()["widget"][0]["output"]["url"] in files
+
+
+# -- LoRA runs --------------------------------------------------------------------------------------
+
+HUB_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+@pytest.fixture
+def lora_run_dir(lora_run: Path, tmp_path: Path) -> Path:
+    """A copy of the shared LoRA run whose run.json names a Hub base (the tiny base is local)."""
+    run = shutil.copytree(lora_run, tmp_path / "lora-run")
+    record = json.loads((run / "run.json").read_text())
+    record["base_model"] = HUB_BASE
+    (run / "run.json").write_text(json.dumps(record))
+    return run
+
+
+def test_lora_run_is_published_as_an_adapter(hub: FakeHub, lora_run_dir: Path) -> None:
+    publish_run(lora_run_dir, "me/sks-lora", token=WRITE_TOKEN, api=HfApi(endpoint=hub.url))
+
+    (commit,) = hub.commits("me/sks-lora")
+    files = commit["files"]
+    samples = sorted(p.name for p in (lora_run_dir / "samples").glob("*.png"))
+    assert set(files) == {
+        "pytorch_lora_weights.safetensors",
+        "sks-lora_kohya.safetensors",
+        "README.md",
+        *(f"samples/{name}" for name in samples),
+    }
+    lora = lora_run_dir / "lora"
+    assert files["pytorch_lora_weights.safetensors"] == (lora / LORA_WEIGHTS).read_bytes()
+    assert files["sks-lora_kohya.safetensors"] == (lora / KOHYA_WEIGHTS).read_bytes()
+    assert "adapter" in commit["message"].lower()
+
+
+def test_lora_card_metadata(hub: FakeHub, lora_run_dir: Path) -> None:
+    publish_run(lora_run_dir, "me/sks-lora", token=WRITE_TOKEN, api=HfApi(endpoint=hub.url))
+
+    readme = hub.commits("me/sks-lora")[0]["files"]["README.md"].decode()
+    card = ModelCard(readme)  # parse what the Hub received
+    data = card.data.to_dict()
+    record = json.loads((lora_run_dir / "run.json").read_text())
+    assert data["base_model"] == HUB_BASE
+    assert data["base_model_relation"] == "adapter"
+    assert {"lora", "text-to-image", "diffusers", "template:sd-lora", "stable-diffusion"} <= set(data["tags"])
+    assert data["pipeline_tag"] == "text-to-image"
+    assert data["library_name"] == "diffusers"
+    assert data["license"] == "creativeml-openrail-m"
+    assert data["instance_prompt"] == record["concepts"][0]["instance_prompt"]
+    samples = sorted(p.name for p in (lora_run_dir / "samples").glob("*.png") if p.stem != "grid")
+    assert samples, "the shared LoRA run has samples"
+    assert data["widget"] == [
+        {"text": record["sample_prompt"], "output": {"url": f"samples/{name}"}} for name in samples
+    ]
+    files = hub.commits("me/sks-lora")[0]["files"]
+    assert all(entry["output"]["url"] in files for entry in data["widget"])
+    text = card.text
+    assert f'from_pretrained("{HUB_BASE}"' in text and 'pipe.load_lora_weights("me/sks-lora")' in text
+    assert 'InferenceClient(provider="fal-ai")' in text and 'model="me/sks-lora"' in text
+    assert 'SDClient("me/sks-lora")' in text
+    assert "`sks-lora_kohya.safetensors` | AUTOMATIC1111, ComfyUI" in text
+    assert f"| LoRA rank | {record['lora_rank']} |" in text
+    assert f"| LoRA alpha | {record['lora_alpha']} |" in text
+    assert str(lora_run_dir) not in text
+
+
+def test_lora_run_with_a_local_base_and_no_kohya_file(
+    hub: FakeHub, lora_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = shutil.copytree(lora_run, tmp_path / "run")
+    (run / "lora" / "pytorch_lora_weights_kohya.safetensors").unlink()
+    export = run / "export"
+    export.mkdir(exist_ok=True)
+    (export / "model.safetensors").write_bytes(b"merged")  # as `sdtrain export --merge` leaves it
+
+    publish_run(run, "me/local", token=WRITE_TOKEN, api=HfApi(endpoint=hub.url))
+
+    files = hub.commits("me/local")[0]["files"]
+    assert (run / "lora" / "pytorch_lora_weights_kohya.safetensors").is_file(), "written again"
+    assert "local_kohya.safetensors" in files and "local.safetensors" not in files
+    data = ModelCard(files["README.md"].decode()).data.to_dict()
+    # A local base is no Hub id: neither base_model nor a relation (the Hub would reject them).
+    assert data.get("base_model") is None and data.get("base_model_relation") is None
+    assert "not a Hub id" in caplog.text
+
+
+def test_published_adapter_loads_with_load_lora_weights(
+    hub: FakeHub, lora_run_dir: Path, tiny_sd1: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    publish_run(lora_run_dir, "me/sks-lora", token=WRITE_TOKEN, api=HfApi(endpoint=hub.url))
+    repo = tmp_path / "repo"  # the repo as a download of it would lay it out
+    for path, content in hub.commits("me/sks-lora")[0]["files"].items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_bytes(content)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    pipe.load_lora_weights(str(repo))  # no weight_name: the root file is found by its standard name
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    after = pipe.unet.state_dict()
+    assert set(after) == set(before)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the adapter moved the UNet's weights"
+
+
+def test_an_sd2_single_file_goes_up_with_its_yaml(hub: FakeHub, tiny_sd2: Path, tmp_path: Path) -> None:
+    run = make_run(tiny_sd2, tmp_path / "sd2", variant="sd2")
+    assert (run / "export" / "model.yaml").is_file()
+
+    publish_run(run, "me/two", token=WRITE_TOKEN, api=HfApi(endpoint=hub.url))
+
+    files = hub.commits("me/two")[0]["files"]
+    assert files["two.yaml"] == (run / "export" / "model.yaml").read_bytes()
+    assert "two.safetensors" in files
+    text = ModelCard(files["README.md"].decode()).text
+    assert "Download `two.yaml` too and keep it beside `two.safetensors`" in text
+
+
+def test_the_publish_command_uploads_a_lora_run(
+    hub: FakeHub, lora_run_dir: Path, monkeypatch: pytest.MonkeyPatch, no_saved_token: None
+) -> None:
+    from typer.testing import CliRunner
+
+    from trainer.cli import app
+
+    monkeypatch.setenv("HF_TOKEN", WRITE_TOKEN)
+    result = CliRunner().invoke(app, ["publish", str(lora_run_dir), "me/cli-lora", "--public"])
+
+    assert result.exit_code == 0, result.output
+    assert hub.repos["me/cli-lora"]["private"] is False
+    files = hub.commits("me/cli-lora")[0]["files"]
+    assert {"pytorch_lora_weights.safetensors", "cli-lora_kohya.safetensors", "README.md"} <= set(files)
+    assert not any(p.startswith(("unet/", "lora/", "checkpoints/")) for p in files)
+
+
+def test_an_sdxl_lora_card(tmp_path: Path) -> None:
+    """The card of an SDXL LoRA (no training needed: the card reads run.json and the samples)."""
+    from trainer.publish import build_model_card
+
+    run = tmp_path / "xl"
+    (run / "samples").mkdir(parents=True)
+    _sample(run / "samples" / "sample-00.png", "a photo of sks toy in snow", 1)
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "method": "lora",
+                "architecture": "sdxl",
+                "base_model": "stabilityai/stable-diffusion-xl-base-1.0",
+                "concepts": [{"instance_prompt": "a photo of sks toy"}],
+                "lora_rank": 16,
+                "lora_alpha": 16,
+                "sample_prompt": "a photo of sks toy in snow",
+            }
+        )
+    )
+
+    card = build_model_card(run, "me/xl-toy")
+
+    data = card.data.to_dict()
+    assert data["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert data["base_model_relation"] == "adapter"
+    assert {"lora", "stable-diffusion-xl", "stable-diffusion-xl-diffusers"} <= set(data["tags"])
+    assert "stable-diffusion" not in data["tags"]
+    assert data["license"] == LICENSE_SD2  # SDXL's CreativeML Open RAIL++-M, as SD 2.x
+    assert data["widget"] == [
+        {"text": "a photo of sks toy in snow", "output": {"url": "samples/sample-00.png"}}
+    ]
+    assert "StableDiffusionXLPipeline.from_pretrained" in card.text
+    assert "providers such as fal-ai pick up LoRAs of the bases they host" in card.text
