@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from sdclient.protocol import HUB_ID
 from trainer.errors import TrainerError
 from trainer.lora_files import LORA_WEIGHTS
 
@@ -76,7 +76,13 @@ FAMILY_TAGS = {
     "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
 }
 TOKENS_URL = "https://huggingface.co/settings/tokens"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _is_hub_repo(name: str) -> bool:
+    """Whether a base model names a Hub repo (``owner/name``), not a local folder."""
+    return "/" in name and bool(HUB_ID.fullmatch(name)) and not Path(name).exists()
+
+
 _MAX_SAMPLES_SHOWN = 8
 
 
@@ -212,7 +218,7 @@ def build_model_card(run_dir: Path, repo_id: str) -> ModelCard:
             }
         ]
     data = ModelCardData(
-        base_model=info.base_model if _HUB_ID.fullmatch(info.base_model) else None,
+        base_model=info.base_model if _is_hub_repo(info.base_model) else None,
         license=license_id,
         library_name="diffusers",
         pipeline_tag="text-to-image",
@@ -248,7 +254,7 @@ def build_model_card(run_dir: Path, repo_id: str) -> ModelCard:
     with_config = bool(single) and single[0].with_suffix(".yaml").is_file()
     body += [
         "",
-        *_usage(repo_id, example_prompt, [_single_file_name(p, repo_id) for p in single], with_config),
+        *_usage(repo_id, info, example_prompt, [_single_file_name(p, repo_id) for p in single], with_config),
     ]
     note = " (inferred from the architecture: check the base model's card)" if inferred else ""
     body += [
@@ -266,7 +272,7 @@ def _lora_model_card(run_dir: Path, repo_id: str, info: _RunInfo) -> ModelCard:
     """The card of a LoRA run: an adapter of ``info.base_model``, with a widget gallery."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    on_hub = bool(_HUB_ID.fullmatch(info.base_model))
+    on_hub = _is_hub_repo(info.base_model)
     if not on_hub:
         logger.warning(
             "The base model %s is not a Hub id: the card cannot name it as base_model, so the Hub will "
@@ -412,7 +418,7 @@ def _kohya_name(repo_id: str) -> str:
 
 def _intro(info: _RunInfo) -> str:
     base = info.base_model
-    link = f"[{base}](https://huggingface.co/{base})" if _HUB_ID.fullmatch(base) else f"`{base}`"
+    link = f"[{base}](https://huggingface.co/{base})" if _is_hub_repo(base) else f"`{base}`"
     return f"A DreamBooth fine-tune of {link}, trained with `sdtrain` on photos of the subject below."
 
 
@@ -445,8 +451,11 @@ def _settings(info: _RunInfo) -> list[tuple[str, str]]:
     return [(k, "yes" if v is True else "no" if v is False else str(v)) for k, v in rows if v is not None]
 
 
-def _usage(repo_id: str, prompt: str, single_files: list[str], with_config: bool = False) -> list[str]:
+def _usage(
+    repo_id: str, info: _RunInfo, prompt: str, single_files: list[str], with_config: bool = False
+) -> list[str]:
     literal = json.dumps(prompt)  # a valid Python string literal, whatever the prompt holds
+    pipeline = "StableDiffusionXLPipeline" if info.architecture == "sdxl" else "StableDiffusionPipeline"
     lines = [
         "## Use it",
         "",
@@ -454,9 +463,9 @@ def _usage(repo_id: str, prompt: str, single_files: list[str], with_config: bool
         "",
         "```python",
         "import torch",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline}",
         "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")',
+        f'pipe = {pipeline}.from_pretrained("{repo_id}", torch_dtype=torch.float16).to("cuda")',
         f"image = pipe({literal}, num_inference_steps=50, guidance_scale=7.5).images[0]",
         'image.save("image.png")',
         "```",
@@ -466,7 +475,7 @@ def _usage(repo_id: str, prompt: str, single_files: list[str], with_config: bool
         file = single_files[0]
         lines += [
             f"`{file}` is the same model as one original-layout checkpoint (AUTOMATIC1111, ComfyUI); in "
-            f'diffusers: `StableDiffusionPipeline.from_single_file("https://huggingface.co/{repo_id}/blob/main/{file}")`.',
+            f'diffusers: `{pipeline}.from_single_file("https://huggingface.co/{repo_id}/blob/main/{file}")`.',
             "",
         ]
         if with_config:

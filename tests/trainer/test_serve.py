@@ -24,7 +24,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from PIL import Image  # noqa: E402
 
 from trainer.loading import load_pipeline  # noqa: E402
-from trainer.serve import DEFAULT_MAX_QUEUE, create_app, default_model_id, folder_sha  # noqa: E402
+from trainer.serve import DEFAULT_MAX_QUEUE, ServeLimits, create_app, default_model_id, folder_sha  # noqa: E402
 
 MODEL_ID = "test/tiny-sd1"
 FAST = {"num_inference_steps": 2}
@@ -383,3 +383,122 @@ def test_default_model_ids(tmp_path: Path) -> None:
     assert default_model_id("owner/name") == "owner/name"
     with pytest.raises(ValueError, match="at most one '/'"):
         create_app(run / "model", model_id="a/b/c")
+
+
+# -- limits: one request cannot wedge the server -------------------------------------------------
+
+
+class SlowSteps:
+    """Wraps a pipeline's UNet so that each denoising step takes ``step_s`` and is counted."""
+
+    def __init__(self, pipe: Any, step_s: float) -> None:
+        self.calls = 0
+        self.step_s = step_s
+        pipe.unet.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: Any, args: Any) -> None:
+        self.calls += 1
+        time.sleep(self.step_s)
+
+
+@pytest.fixture
+def slow_app(tiny_sd1: Path) -> Iterator[tuple[str, SlowSteps, Any]]:
+    """The tiny model with 50 ms denoising steps, a generous budget and a 5 s request timeout."""
+    pipe = load_pipeline(tiny_sd1, device="cpu")
+    slow = SlowSteps(pipe, 0.05)
+    limits = ServeLimits(max_megapixel_steps=1000, request_timeout_s=5.0)
+    app = create_app(tiny_sd1, model_id=MODEL_ID, loader=lambda: pipe, limits=limits)
+    with running(app) as url:
+        wait_ready(url)
+        yield url, slow, app.state.server
+
+
+def test_a_request_over_the_cost_budget_is_refused_naming_the_limit(served: str) -> None:
+    # The tiny model draws 64 px: its default budget is 64 x 64 x 100 steps = 0.4 megapixel-steps.
+    response = post(
+        served, {"inputs": "x", "parameters": {"width": 512, "height": 512, "num_inference_steps": 4}}
+    )
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert "512 x 512 x 4 = 1.0 megapixel-steps" in error and "--max-megapixel-steps" in error
+    assert post(served, {"inputs": "x", "parameters": {"width": 64, "height": 64, **FAST}}).status_code == 200
+
+
+def test_a_prompt_or_a_body_over_the_limits_is_refused(served: str) -> None:
+    long = post(served, {"inputs": "a " * 1500})
+    assert long.status_code == 422 and "--max-prompt-chars" in long.json()["error"]
+    huge = httpx.post(f"{served}/models/{MODEL_ID}", content=b"{" + b" " * 200_000 + b"}", timeout=10)
+    assert huge.status_code == 413 and "--max-body-bytes" in huge.json()["error"]
+
+
+def test_a_client_that_leaves_stops_its_generation(slow_app: tuple[str, SlowSteps, Any]) -> None:
+    url, slow, server = slow_app
+    body = {"inputs": "a toy", "parameters": {"num_inference_steps": 200, "seed": 1}}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/models/{MODEL_ID}", json=body, timeout=0.5)  # the client gives up
+    deadline = time.monotonic() + 5
+    while server.pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.pending == 0, "the generation went on for nobody"
+    assert slow.calls < 60  # stopped at the next step, not after 200 steps (and CFG doubles nothing here)
+    assert post(url, {"inputs": "next", "parameters": FAST}).status_code == 200
+
+
+def test_a_generation_past_the_request_timeout_stops_with_503(slow_app: tuple[str, SlowSteps, Any]) -> None:
+    url, slow, _ = slow_app
+    started = time.monotonic()
+    response = post(url, {"inputs": "a toy", "parameters": {"num_inference_steps": 500}})
+    assert response.status_code == 503
+    assert "longer than this server's 5 s" in response.json()["error"]
+    assert time.monotonic() - started < 8
+    assert slow.calls < 200  # of 500
+
+
+async def test_a_retry_joins_the_generation_in_flight(slow_app: tuple[str, SlowSteps, Any]) -> None:
+    url, slow, _ = slow_app
+    body = {"inputs": "a toy", "parameters": {"num_inference_steps": 4, "seed": 7}}
+    async with httpx.AsyncClient(timeout=30) as http:
+        alone = await http.post(f"{url}/models/{MODEL_ID}", json=body)
+        one_generation, slow.calls = slow.calls, 0
+        first, retry = await asyncio.gather(
+            http.post(f"{url}/models/{MODEL_ID}", json=body), http.post(f"{url}/models/{MODEL_ID}", json=body)
+        )
+    assert alone.status_code == first.status_code == retry.status_code == 200
+    assert first.content == retry.content == alone.content
+    assert slow.calls == one_generation  # one generation for both, not two
+
+
+def test_sigterm_stops_a_long_generation_within_seconds(tiny_sd1: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "trainer.cli", "serve", str(tiny_sd1), "--port", str(port)]
+    command += ["--model-id", MODEL_ID, "--max-megapixel-steps", "100000", "--request-timeout", "600"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            assert time.monotonic() < deadline, "sdtrain serve did not become ready"
+            time.sleep(0.1)
+        body = {"inputs": "a toy", "parameters": {"width": 512, "height": 512, "num_inference_steps": 500}}
+        long = threading.Thread(target=lambda: httpx.post(f"{url}/models/{MODEL_ID}", json=body, timeout=120))
+        long.start()
+        time.sleep(1.0)  # generating now: minutes of steps at 512 px on a CPU
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        assert time.monotonic() - stopped_at < 12, "SIGTERM waited for the generation to finish"
+        long.join(10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
