@@ -662,8 +662,6 @@ class SDClient:
             self._emit(call, "sending")
             return await self._send("POST", route.url, headers, body)
 
-        before_sleep = self._before_sleep(call)
-
         posted = start  # when the answered POST went out: the measured time counts from there
 
         async def attempt() -> GeneratedImage | ImageUrl | Job | ImageBytes | Failed:
@@ -678,14 +676,7 @@ class SDClient:
             data = self._json(response, route.url)
             return self._provider_answer(lambda: adapter.answer(data, route, self.router_url))
 
-        answer = await call_with_retries(
-            attempt,
-            policy=self.retry,
-            deadline=deadline,
-            before_sleep=before_sleep,
-            clock=self._clock,
-            sleep=self._sleep,
-        )
+        answer = await self._with_retries(call, attempt, deadline)
         if isinstance(answer, Job):
             answer, posted = await self._wait_for_job(call, adapter, answer, deadline)
         if isinstance(answer, Failed):
@@ -698,6 +689,17 @@ class SDClient:
             )
         self._set_state("ready")
         return answer
+
+    async def _with_retries(self, call: _Call, attempt: Callable[[], Awaitable[_T]], deadline: float) -> _T:
+        """``attempt`` under the client's retry policy and clock, its re-sends counted in ``call``."""
+        return await call_with_retries(
+            attempt,
+            policy=self.retry,
+            deadline=deadline,
+            before_sleep=self._before_sleep(call),
+            clock=self._clock,
+            sleep=self._sleep,
+        )
 
     def _before_sleep(self, call: _Call) -> Callable[[tenacity.RetryCallState], None]:
         def before_sleep(state: tenacity.RetryCallState) -> None:
@@ -790,14 +792,7 @@ class SDClient:
             call.requests += 1
             return self._json(await self._send("GET", url, headers), url)
 
-        return await call_with_retries(
-            attempt,
-            policy=self.retry,
-            deadline=deadline,
-            before_sleep=self._before_sleep(call),
-            clock=self._clock,
-            sleep=self._sleep,
-        )
+        return await self._with_retries(call, attempt, deadline)
 
     async def _wait_for_job(
         self, call: _Call, adapter: Provider, job: Job, deadline: float
@@ -894,14 +889,7 @@ class SDClient:
                 raise self._status_error(response, image_url=True)
             return self._to_image(response, request, call, start, cold_start_wait, measured_from, route)
 
-        return await call_with_retries(
-            attempt,
-            policy=self.retry,
-            deadline=deadline,
-            before_sleep=self._before_sleep(call),
-            clock=self._clock,
-            sleep=self._sleep,
-        )
+        return await self._with_retries(call, attempt, deadline)
 
     def _to_image(
         self,
