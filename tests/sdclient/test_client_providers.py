@@ -149,7 +149,7 @@ async def test_replicate_waits_then_polls_a_prediction(router: FakeRouter, make:
     image = await make("user/replicate-lora").generate("a fox", seed=1)
     posts = [r for r in router.requests if r.method == "POST"]
     assert posts[0].headers["prefer"] == "wait"
-    assert posts[0].json["input"]["lora_weights"] == f"{router.url}/user/replicate-lora"
+    assert posts[0].json["input"]["lora_weights"] == "https://huggingface.co/user/replicate-lora"
     assert image.width == 64
 
 
