@@ -299,6 +299,11 @@ def generate(
         raise _fail(f"{prefix}{failures[0][1]}")
 
 
+def _seconds(value: float) -> str:
+    """Seconds for the table: a short call must not read as 0 (``0.043``, ``12.5``)."""
+    return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.2g}"
+
+
 def _usage_table(models: dict[str, ModelUsage], total: ModelUsage) -> Table:
     """Counters as rows, one column per model (model ids and URLs are long), plus a total."""
     columns = dict(models)
@@ -312,7 +317,7 @@ def _usage_table(models: dict[str, ModelUsage], total: ModelUsage) -> Table:
         ("requests", [str(u.requests) for u in columns.values()]),
         ("images", [str(u.images) for u in columns.values()]),
         ("prompt characters", [str(u.prompt_characters) for u in columns.values()]),
-        ("compute seconds", [f"{u.compute_seconds:.1f}" for u in columns.values()]),
+        ("compute seconds", [_seconds(u.compute_seconds) for u in columns.values()]),
         (
             "cold starts",
             [f"{u.cold_start_waits} ({u.cold_start_wait_seconds:.0f} s)" for u in columns.values()],

@@ -602,8 +602,10 @@ class SDClient:
                 finally:
                     compute = 0.0
                     if image is not None:
-                        # What the server reported, else the measured time of the answered request.
-                        compute = image.timings.compute_s or image.timings.request_s
+                        # What the server reported (0 for a cache hit), else the measured time
+                        # of the answered request: never 0 s for want of a header.
+                        reported = image.timings.compute_s
+                        compute = reported if reported is not None else image.timings.request_s
                     self._usage.record(
                         self._usage_key(call.route),
                         requests=call.requests,
