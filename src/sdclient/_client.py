@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import random
+import struct
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -911,7 +912,7 @@ class SDClient:
             compute_s = float(compute) if compute is not None else None
         except ValueError:
             compute_s = None
-        image = self._image(
+        return self._image(
             response.content,
             headers.get("content-type"),
             request,
@@ -922,9 +923,8 @@ class SDClient:
             route,
             headers.get(Header.REQUEST_ID),
             compute_s,
-        )
-        return image.model_copy(
-            update={"compute_type": headers.get(Header.COMPUTE_TYPE), "model_sha": headers.get(Header.SHA)}
+            compute_type=headers.get(Header.COMPUTE_TYPE),
+            model_sha=headers.get(Header.SHA),
         )
 
     def _image(
@@ -939,17 +939,26 @@ class SDClient:
         route: Route,
         request_id: str | None,
         compute_s: float | None,
+        *,
+        compute_type: str | None = None,
+        model_sha: str | None = None,
     ) -> GeneratedImage:
-        """Image bytes checked with Pillow: the format and size from the header, completeness by
-        decoding (a body cut short in transit is transient, like a reset)."""
+        """Image bytes checked: the format and size from the header (PNG's and JPEG's read here,
+        the rest by Pillow; no decoding: it would cost more than the rest of a call), completeness
+        from the format's end marker (a body cut short in transit is transient, like a reset)."""
         from PIL import Image, UnidentifiedImageError
 
+        fmt: ImageFormat | None
         try:
-            with Image.open(io.BytesIO(data)) as decoded:
-                fmt = _FORMATS.get(decoded.format or "")
-                width, height = decoded.size
-                if fmt is not None:
-                    decoded.load()
+            sniffed = _sniff(data)
+            if sniffed is not None:
+                fmt, width, height = sniffed
+            else:
+                with Image.open(io.BytesIO(data)) as decoded:
+                    fmt = _FORMATS.get(decoded.format or "")
+                    width, height = decoded.size
+            if fmt is not None and not _is_complete(fmt, data):
+                raise EOFError("image file is truncated: no end marker")
         except UnidentifiedImageError:
             fmt = None
         except (OSError, SyntaxError, ValueError) as exc:
@@ -990,6 +999,8 @@ class SDClient:
             ),
             attempts=call.attempts,
             request_id=request_id,
+            compute_type=compute_type,
+            model_sha=model_sha,
         )
 
     @overload
@@ -1053,6 +1064,47 @@ class SDClient:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (they carry the size): C0-CF except DHT (C4), JPG (C8), DAC (CC).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _sniff(data: bytes) -> tuple[ImageFormat, int, int] | None:
+    """Format, width and height of a PNG or JPEG from its header; ``None``: let Pillow say."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return ("png", width, height) if width and height else None
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, end = 2, len(data)
+    while i + 9 <= end:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif marker in _JPEG_SOF:
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return ("jpeg", width, height) if width and height else None
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+_END_MARKERS: dict[ImageFormat, bytes] = {"png": b"IEND\xaeB`\x82", "jpeg": b"\xff\xd9"}
+_END_SLACK = 64  # bytes some encoders write after the end marker
+
+
+def _is_complete(fmt: ImageFormat, data: bytes) -> bool:
+    """Whether an image ends where its format says: PNG's ``IEND`` chunk, JPEG's EOI marker,
+    WebP's RIFF length."""
+    if fmt == "webp":
+        return len(data) >= 12 and int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return data.rfind(_END_MARKERS[fmt], max(0, len(data) - _END_SLACK)) != -1
 
 
 def _json_bytes(payload: dict[str, Any]) -> bytes:
