@@ -958,7 +958,7 @@ class SDClient:
                     fmt = _FORMATS.get(decoded.format or "")
                     width, height = decoded.size
             if fmt is not None and not _is_complete(fmt, data):
-                raise EOFError("image file is truncated: no end marker")
+                raise OSError("image file is truncated: no end marker")
         except UnidentifiedImageError:
             fmt = None
         except (OSError, SyntaxError, ValueError) as exc:
