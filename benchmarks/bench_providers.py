@@ -18,7 +18,7 @@ Targets (SDClient; PASS/FAIL printed, exit status 1 if any fails):
   - polling requests per job <= Q / interval + 2.
 
 Usage:
-    python benchmarks/bench_providers.py                 # Q = 10 s, 3 rounds (about 2 minutes)
+    python benchmarks/bench_providers.py                 # Q = 10 s, 3 rounds (about 2.5 minutes)
     python benchmarks/bench_providers.py --queue-s 1     # quick
 """
 
