@@ -44,6 +44,7 @@ MODELS = {
     "fal-ai": ("bench/flux-fal", "fal-ai/flux/dev"),
 }
 SIDE = 512
+SEED = 1234  # the same image for both clients: the fake encodes each new one (tens of ms for a PNG)
 
 
 @dataclass
@@ -93,10 +94,10 @@ async def run_provider(router: FakeRouter, provider: str, queue_s: float, rounds
     ):
 
         async def sdclient_call() -> object:
-            return await sd.generate(PROMPT, width=SIDE, height=SIDE)
+            return await sd.generate(PROMPT, width=SIDE, height=SIDE, seed=SEED)
 
         async def hf_call() -> object:
-            return await hf.text_to_image(PROMPT, model=model, width=SIDE, height=SIDE)
+            return await hf.text_to_image(PROMPT, model=model, width=SIDE, height=SIDE, seed=SEED)
 
         calls = {"sdclient": sdclient_call, "hf_async": hf_call}
         for call in calls.values():  # warm up: the Hub's mapping, connections

@@ -806,12 +806,16 @@ class SDClient:
             The answer, and when the job left the queue (as far as the polls saw).
         """
         started = generating_since = self._clock()
+        interval = self.retry.poll_interval
+        # Polls go out one interval after the previous one went out (not after its answer came
+        # back), so the answers' round trips do not add up over a long queue.
+        due = started + interval
         last: Pending | None = None
         done = False
         try:
             while True:
                 now = self._clock()
-                if now + self.retry.poll_interval > deadline:
+                if due > deadline:
                     state = f" ({last.state}, position {last.position})" if last and last.position else ""
                     raise JobTimeout(
                         f"the {adapter.name} job was not done after {now - started:.1f} s{state}; "
@@ -820,7 +824,9 @@ class SDClient:
                         provider=adapter.name,
                         waited_s=now - started,
                     )
-                await self._sleep(self.retry.poll_interval)
+                if due > now:
+                    await self._sleep(due - now)
+                due = max(due, self._clock()) + interval
                 data = await self._get_json(call, job.poll_url, deadline)
                 state_answer = self._provider_answer(functools.partial(adapter.poll, data))
                 if isinstance(state_answer, Pending):
