@@ -8,9 +8,17 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import huggingface_hub
 import pytest
 
 BENCH = Path(__file__).parents[2] / "benchmarks" / "bench_providers.py"
+
+
+@pytest.fixture(autouse=True)
+def _fake_hub_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where the tests run with HF_HUB_OFFLINE=1, huggingface_hub refuses every request; the
+    # benchmark's fake Hub is on 127.0.0.1.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
 def _load() -> ModuleType:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import pytest
 from client_harness import FAST, SENTINEL
 from huggingface_hub import AsyncInferenceClient
@@ -67,6 +68,13 @@ def router() -> Iterator[FakeRouter]:
         for model, provider, provider_id, lora in CASES.values():
             router.add_model(model, provider, provider_id, lora=lora)  # type: ignore[arg-type]
         yield router
+
+
+@pytest.fixture(autouse=True)
+def _fake_hub_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where the tests run with HF_HUB_OFFLINE=1, huggingface_hub refuses every request; the fake
+    # Hub and router here are on 127.0.0.1.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
 @pytest.fixture(autouse=True)
