@@ -15,7 +15,7 @@ Targets (PASS/FAIL printed for each; exit status 1 if any fails):
     come back at most 10 further requests reach the server before the model is ready.
 
 Usage:
-    python benchmarks/bench_client.py            # full run (about two minutes)
+    python benchmarks/bench_client.py            # full run (about 1.5 minutes)
     python benchmarks/bench_client.py --quick    # short run, cold start of 3 s
 """
 

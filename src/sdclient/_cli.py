@@ -35,8 +35,10 @@ from ._client import EventHook, SDClient
 from ._constants import DEFAULT_MAX_RETRIES, DEFAULT_MAX_WAIT_FOR_MODEL
 from ._exceptions import SDClientError
 from ._models import GenerateRequest, GenerationEvent, image_filename
+from ._providers import ProviderName
 from ._usage import ModelUsage, UsageTracker
 from ._version import __version__
+from .protocol import HUB_ENDPOINT, ROUTER_URL
 
 __all__ = ["app", "default_usage_file", "main"]
 
@@ -193,9 +195,18 @@ def generate(
     scheduler: Annotated[str | None, typer.Option(help="Diffusers scheduler class name.")] = None,
     concurrency: Annotated[int, typer.Option(min=1, max=64, help="Requests in flight at once.")] = 4,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Folder for the PNGs.")] = Path("."),
+    provider: Annotated[
+        ProviderName,
+        typer.Option(help="Inference Provider for a Hub id; auto: the first live one the Hub lists."),
+    ] = "auto",
     base_url: Annotated[
-        str | None, typer.Option(help="Base URL for Hub ids (default: the Hugging Face router).")
+        str | None,
+        typer.Option(help="A server of the hf-inference protocol for Hub ids (instead of a provider)."),
     ] = None,
+    router_url: Annotated[str, typer.Option(help="Hugging Face's router.")] = ROUTER_URL,
+    hub_url: Annotated[
+        str, typer.Option(help="The Hub (provider mappings, LoRA weight URLs).")
+    ] = HUB_ENDPOINT,
     token_env: Annotated[
         str | None,
         typer.Option(
@@ -257,8 +268,11 @@ def generate(
     async def run() -> list[tuple[int, Path | SDClientError]]:
         async with SDClient(
             model,
+            provider=provider,
             token=token,
             base_url=base_url,
+            router_url=router_url,
+            hub_url=hub_url,
             timeout=timeout,
             max_wait_for_model=max_wait,
             max_retries=max_retries,
@@ -285,6 +299,11 @@ def generate(
         raise _fail(f"{prefix}{failures[0][1]}")
 
 
+def _seconds(value: float) -> str:
+    """Seconds for the table: a short call must not read as 0 (``0.043``, ``12.5``)."""
+    return f"{value:.1f}" if value >= 1 or value == 0 else f"{value:.2g}"
+
+
 def _usage_table(models: dict[str, ModelUsage], total: ModelUsage) -> Table:
     """Counters as rows, one column per model (model ids and URLs are long), plus a total."""
     columns = dict(models)
@@ -298,7 +317,7 @@ def _usage_table(models: dict[str, ModelUsage], total: ModelUsage) -> Table:
         ("requests", [str(u.requests) for u in columns.values()]),
         ("images", [str(u.images) for u in columns.values()]),
         ("prompt characters", [str(u.prompt_characters) for u in columns.values()]),
-        ("compute seconds", [f"{u.compute_seconds:.1f}" for u in columns.values()]),
+        ("compute seconds", [_seconds(u.compute_seconds) for u in columns.values()]),
         (
             "cold starts",
             [f"{u.cold_start_waits} ({u.cold_start_wait_seconds:.0f} s)" for u in columns.values()],

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import random
+import struct
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -602,8 +603,10 @@ class SDClient:
                 finally:
                     compute = 0.0
                     if image is not None:
-                        # What the server reported, else the measured time of the answered request.
-                        compute = image.timings.compute_s or image.timings.request_s
+                        # What the server reported (0 for a cache hit), else the measured time
+                        # of the answered request: never 0 s for want of a header.
+                        reported = image.timings.compute_s
+                        compute = reported if reported is not None else image.timings.request_s
                     self._usage.record(
                         self._usage_key(call.route),
                         requests=call.requests,
@@ -662,8 +665,6 @@ class SDClient:
             self._emit(call, "sending")
             return await self._send("POST", route.url, headers, body)
 
-        before_sleep = self._before_sleep(call)
-
         posted = start  # when the answered POST went out: the measured time counts from there
 
         async def attempt() -> GeneratedImage | ImageUrl | Job | ImageBytes | Failed:
@@ -678,14 +679,7 @@ class SDClient:
             data = self._json(response, route.url)
             return self._provider_answer(lambda: adapter.answer(data, route, self.router_url))
 
-        answer = await call_with_retries(
-            attempt,
-            policy=self.retry,
-            deadline=deadline,
-            before_sleep=before_sleep,
-            clock=self._clock,
-            sleep=self._sleep,
-        )
+        answer = await self._with_retries(call, attempt, deadline)
         if isinstance(answer, Job):
             answer, posted = await self._wait_for_job(call, adapter, answer, deadline)
         if isinstance(answer, Failed):
@@ -698,6 +692,17 @@ class SDClient:
             )
         self._set_state("ready")
         return answer
+
+    async def _with_retries(self, call: _Call, attempt: Callable[[], Awaitable[_T]], deadline: float) -> _T:
+        """``attempt`` under the client's retry policy and clock, its re-sends counted in ``call``."""
+        return await call_with_retries(
+            attempt,
+            policy=self.retry,
+            deadline=deadline,
+            before_sleep=self._before_sleep(call),
+            clock=self._clock,
+            sleep=self._sleep,
+        )
 
     def _before_sleep(self, call: _Call) -> Callable[[tenacity.RetryCallState], None]:
         def before_sleep(state: tenacity.RetryCallState) -> None:
@@ -790,14 +795,7 @@ class SDClient:
             call.requests += 1
             return self._json(await self._send("GET", url, headers), url)
 
-        return await call_with_retries(
-            attempt,
-            policy=self.retry,
-            deadline=deadline,
-            before_sleep=self._before_sleep(call),
-            clock=self._clock,
-            sleep=self._sleep,
-        )
+        return await self._with_retries(call, attempt, deadline)
 
     async def _wait_for_job(
         self, call: _Call, adapter: Provider, job: Job, deadline: float
@@ -808,12 +806,16 @@ class SDClient:
             The answer, and when the job left the queue (as far as the polls saw).
         """
         started = generating_since = self._clock()
+        interval = self.retry.poll_interval
+        # Polls go out one interval after the previous one went out (not after its answer came
+        # back), so the answers' round trips do not add up over a long queue.
+        due = started + interval
         last: Pending | None = None
         done = False
         try:
             while True:
                 now = self._clock()
-                if now + self.retry.poll_interval > deadline:
+                if due > deadline:
                     state = f" ({last.state}, position {last.position})" if last and last.position else ""
                     raise JobTimeout(
                         f"the {adapter.name} job was not done after {now - started:.1f} s{state}; "
@@ -822,7 +824,9 @@ class SDClient:
                         provider=adapter.name,
                         waited_s=now - started,
                     )
-                await self._sleep(self.retry.poll_interval)
+                if due > now:
+                    await self._sleep(due - now)
+                due = max(due, self._clock()) + interval
                 data = await self._get_json(call, job.poll_url, deadline)
                 state_answer = self._provider_answer(functools.partial(adapter.poll, data))
                 if isinstance(state_answer, Pending):
@@ -894,14 +898,7 @@ class SDClient:
                 raise self._status_error(response, image_url=True)
             return self._to_image(response, request, call, start, cold_start_wait, measured_from, route)
 
-        return await call_with_retries(
-            attempt,
-            policy=self.retry,
-            deadline=deadline,
-            before_sleep=self._before_sleep(call),
-            clock=self._clock,
-            sleep=self._sleep,
-        )
+        return await self._with_retries(call, attempt, deadline)
 
     def _to_image(
         self,
@@ -921,7 +918,7 @@ class SDClient:
             compute_s = float(compute) if compute is not None else None
         except ValueError:
             compute_s = None
-        image = self._image(
+        return self._image(
             response.content,
             headers.get("content-type"),
             request,
@@ -932,9 +929,8 @@ class SDClient:
             route,
             headers.get(Header.REQUEST_ID),
             compute_s,
-        )
-        return image.model_copy(
-            update={"compute_type": headers.get(Header.COMPUTE_TYPE), "model_sha": headers.get(Header.SHA)}
+            compute_type=headers.get(Header.COMPUTE_TYPE),
+            model_sha=headers.get(Header.SHA),
         )
 
     def _image(
@@ -949,17 +945,26 @@ class SDClient:
         route: Route,
         request_id: str | None,
         compute_s: float | None,
+        *,
+        compute_type: str | None = None,
+        model_sha: str | None = None,
     ) -> GeneratedImage:
-        """Image bytes checked with Pillow: the format and size from the header, completeness by
-        decoding (a body cut short in transit is transient, like a reset)."""
+        """Image bytes checked: the format and size from the header (PNG's and JPEG's read here,
+        the rest by Pillow; no decoding: it would cost more than the rest of a call), completeness
+        from the format's end marker (a body cut short in transit is transient, like a reset)."""
         from PIL import Image, UnidentifiedImageError
 
+        fmt: ImageFormat | None
         try:
-            with Image.open(io.BytesIO(data)) as decoded:
-                fmt = _FORMATS.get(decoded.format or "")
-                width, height = decoded.size
-                if fmt is not None:
-                    decoded.load()
+            sniffed = _sniff(data)
+            if sniffed is not None:
+                fmt, width, height = sniffed
+            else:
+                with Image.open(io.BytesIO(data)) as decoded:
+                    fmt = _FORMATS.get(decoded.format or "")
+                    width, height = decoded.size
+            if fmt is not None and not _is_complete(fmt, data):
+                raise OSError("image file is truncated: no end marker")
         except UnidentifiedImageError:
             fmt = None
         except (OSError, SyntaxError, ValueError) as exc:
@@ -1000,6 +1005,8 @@ class SDClient:
             ),
             attempts=call.attempts,
             request_id=request_id,
+            compute_type=compute_type,
+            model_sha=model_sha,
         )
 
     @overload
@@ -1063,6 +1070,47 @@ class SDClient:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers (they carry the size): C0-CF except DHT (C4), JPG (C8), DAC (CC).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _sniff(data: bytes) -> tuple[ImageFormat, int, int] | None:
+    """Format, width and height of a PNG or JPEG from its header; ``None``: let Pillow say."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return ("png", width, height) if width and height else None
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, end = 2, len(data)
+    while i + 9 <= end:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+        elif marker in _JPEG_SOF:
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return ("jpeg", width, height) if width and height else None
+        else:
+            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+_END_MARKERS: dict[ImageFormat, bytes] = {"png": b"IEND\xaeB`\x82", "jpeg": b"\xff\xd9"}
+_END_SLACK = 64  # bytes some encoders write after the end marker
+
+
+def _is_complete(fmt: ImageFormat, data: bytes) -> bool:
+    """Whether an image ends where its format says: PNG's ``IEND`` chunk, JPEG's EOI marker,
+    WebP's RIFF length."""
+    if fmt == "webp":
+        return len(data) >= 12 and int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return data.rfind(_END_MARKERS[fmt], max(0, len(data) - _END_SLACK)) != -1
 
 
 def _json_bytes(payload: dict[str, Any]) -> bytes:

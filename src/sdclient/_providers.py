@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from .protocol import GenerateRequest
+from .protocol import HUB_ENDPOINT, GenerateRequest
 
 __all__ = [
     "PROVIDERS",
@@ -332,7 +332,9 @@ class Replicate(Provider):
         if ":" in route.provider_model:
             payload["version"] = route.provider_model.split(":", 1)[1]
         if route.adapter_weights_path is not None:
-            payload["input"]["lora_weights"] = f"{hub.rstrip('/')}/{route.model}"
+            # Replicate's LoRA models take a Hub repo as a ``huggingface.co/<owner>/<name>`` URL
+            # (not a file URL), whatever Hub the client asks for mappings: as huggingface_hub does.
+            payload["input"]["lora_weights"] = f"{HUB_ENDPOINT}/{route.model}"
         return payload
 
     def _prediction(self, body: dict[str, Any]) -> PollAnswer:

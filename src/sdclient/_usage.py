@@ -58,7 +58,9 @@ class ModelUsage(BaseModel):
     prompt_characters: int = 0
     """Characters of prompt and negative prompt, counted once per call that was sent."""
     compute_seconds: float = 0.0
-    """Sum of the server's ``x-compute-time``: what hosted inference bills by."""
+    """Seconds of generation: the server's ``x-compute-time`` where it reports one (what hosted
+    inference bills by), else the measured time of the answered request (a provider's job from
+    leaving its queue to the image), so an endpoint without the header never counts 0 s."""
     cold_start_waits: int = 0
     """Cold starts waited out (one per loading episode, however many calls shared it)."""
     cold_start_wait_seconds: float = 0.0

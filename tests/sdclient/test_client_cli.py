@@ -172,6 +172,18 @@ def test_usage_prints_a_table(server: InferenceTestServer, tmp_path: Path):
     assert as_json["total"]["requests"] == 2
 
 
+def test_usage_shows_short_compute_times(tmp_path: Path):
+    usage = tmp_path / "usage.sqlite"
+    tracker = UsageTracker(usage)
+    tracker.record("user/fast", requests=1, images=1, compute_seconds=0.043)
+    tracker.record("user/slow", requests=1, images=1, compute_seconds=12.46)
+    tracker.close()
+    result = run("usage", "--file", str(usage))
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stdout.splitlines() if "compute seconds" in line)
+    assert "0.043" in line and "12.5" in line
+
+
 def test_usage_uses_the_default_file(server: InferenceTestServer, tmp_path: Path):
     # conftest points SDCLIENT_USAGE_FILE into tmp_path.
     run("generate", "fox", "-m", server.model_url(MODEL_ID), "-o", str(tmp_path), "-q")

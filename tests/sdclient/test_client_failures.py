@@ -431,6 +431,23 @@ async def test_reset_and_truncated_are_retried(
     assert image.attempts == 2
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+async def test_an_image_cut_short_inside_a_complete_answer_is_retried(
+    server: InferenceTestServer, make_client: MakeClient, fmt: str
+):
+    # The HTTP answer is whole (its Content-Length matches), the image in it is not.
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert("RGB").save(buffer, fmt)
+    half = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    server.enqueue(Reply.status(200, half, f"image/{fmt.lower()}"), Reply.image())
+    image = await make_client().generate("a fox")
+    assert image.attempts == 2
+
+
 @pytest.mark.parametrize("failure", [Reply.reset(), Reply.truncated()])
 async def test_reset_and_truncated_exhausted(
     server: InferenceTestServer, make_client: MakeClient, failure: Reply

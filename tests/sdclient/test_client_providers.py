@@ -156,7 +156,7 @@ async def test_replicate_waits_then_polls_a_prediction(router: FakeRouter, make:
     image = await make("user/replicate-lora").generate("a fox", seed=1)
     posts = [r for r in router.requests if r.method == "POST"]
     assert posts[0].headers["prefer"] == "wait"
-    assert posts[0].json["input"]["lora_weights"] == f"{router.url}/user/replicate-lora"
+    assert posts[0].json["input"]["lora_weights"] == "https://huggingface.co/user/replicate-lora"
     assert image.width == 64
 
 
@@ -200,18 +200,44 @@ async def test_a_job_stuck_in_the_queue_times_out_and_is_cancelled(
     assert router.job(job)["cancelled"] is cancellable
 
 
-async def test_a_caller_who_gives_up_cancels_the_job(router: FakeRouter, make: Any):
-    router.script("fal-ai", JobScript(queue_s=float("inf")))
-    client = make("user/flux-lora")
-    task = asyncio.ensure_future(client.generate("a fox"))
-    for _ in range(200):
-        await asyncio.sleep(0.005)
-        if router.jobs and router.job(router.jobs[0])["polls"] >= 2:
-            break
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert router.job(router.jobs[0])["cancelled"]
+@pytest.mark.parametrize(
+    ("model", "provider", "cancel"),
+    [
+        ("user/flux-lora", "fal-ai", ("PUT", "/fal-ai/fal-ai/flux-lora/requests/{id}/cancel")),
+        ("user/replicate-lora", "replicate", ("POST", "/replicate/v1/predictions/{id}/cancel")),
+    ],
+)
+@pytest.mark.parametrize("how", ["task cancelled", "caller's timeout"])
+async def test_a_caller_who_gives_up_cancels_the_job(
+    router: FakeRouter, make: Any, model: str, provider: str, cancel: tuple[str, str], how: str
+):
+    router.script(provider, JobScript(queue_s=float("inf")))
+    client = make(model)
+
+    async def polled_twice() -> None:
+        for _ in range(400):
+            await asyncio.sleep(0.005)
+            if router.jobs and router.job(router.jobs[0])["polls"] >= 2:
+                return
+
+    if how == "task cancelled":
+        task = asyncio.ensure_future(client.generate("a fox"))
+        await polled_twice()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        watcher = asyncio.ensure_future(polled_twice())
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(None) as scope:
+                watcher.add_done_callback(lambda _: scope.reschedule(asyncio.get_running_loop().time()))
+                await client.generate("a fox")
+    (job,) = router.jobs
+    assert router.job(job)["cancelled"]
+    method, path = cancel
+    (sent,) = [r for r in router.requests if r.path.endswith("/cancel")]
+    assert (sent.method, sent.path) == (method, path.format(id=job))
+    assert sent.authorization == f"Bearer {SENTINEL}"
 
 
 @pytest.mark.parametrize(
@@ -265,3 +291,22 @@ async def test_without_a_reported_compute_time_the_generation_time_is_measured()
     assert image.timings.compute_s is None
     assert 0.2 <= image.timings.request_s <= 0.45
     assert 0.2 <= client.usage.models["fal-ai:user/flux-lora"].compute_seconds <= 0.45
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+async def test_usage_per_provider_counts_requests_images_and_seconds(model: str):
+    # Real time: none of the fake's providers reports a compute time, so the measured one counts.
+    provider, provider_id, lora = MODELS[model]
+    with FakeRouter() as router:
+        router.add_model(model, provider, provider_id, lora=lora)
+        fast_polls = dataclasses.replace(FAST, poll_interval=0.01)
+        async with SDClient(
+            model, token=SENTINEL, router_url=router.url, hub_url=router.url, retry=fast_polls
+        ) as client:
+            image = await client.generate("a fox")
+        sent = [r for r in router.requests if not r.path.startswith("/api/")]
+    usage = client.usage.models[client.route.usage_key if client.route else model]
+    assert usage.images == 1 and usage.requests == len(sent)
+    assert usage.prompt_characters == len("a fox")
+    assert image.timings.compute_s is None
+    assert usage.compute_seconds == pytest.approx(image.timings.request_s) and usage.compute_seconds > 0

@@ -30,6 +30,8 @@ from ._images import render
 __all__ = ["FakeRouter", "JobScript", "RoutedRequest"]
 
 _START_TIMEOUT = 10.0
+_HOLD = "x-fake-hold-s"  # internal: seconds to hold the answer (a synchronous route's job time)
+_MAX_HOLD = 3600.0
 
 Provider = Literal["hf-inference", "fal-ai", "replicate", "wavespeed", "together", "nscale"]
 
@@ -111,7 +113,8 @@ class FakeRouter:
 
     * Hub: ``GET /api/models/{id}`` (``pipeline_tag``, ``tags``, ``inferenceProviderMapping``).
     * hf-inference: ``POST /hf-inference/models/{id}``: the image.
-    * fal-ai: ``POST /fal-ai/{p}`` (``{"images": [{"url"}]}``); with ``?_subdomain=queue``: the
+    * fal-ai: ``POST /fal-ai/{p}`` (``{"images": [{"url"}]}``, answered once the job's queue and
+      run time have passed, in real seconds, like ``fal.run``); with ``?_subdomain=queue``: the
       queue (``request_id``, ``response_url``), ``GET .../requests/{id}/status``,
       ``GET .../requests/{id}``, ``PUT .../requests/{id}/cancel``.
     * replicate: ``POST /replicate/v1/models/{p}/predictions`` or ``/replicate/v1/predictions``
@@ -357,6 +360,9 @@ class FakeRouter:
                     status, payload, content_type, headers = self._image(request)
                 else:
                     status, payload, content_type, headers = self._route(request, body)
+                hold = float((headers or {}).pop(_HOLD, 0.0))
+                if hold > 0:
+                    await asyncio.sleep(hold)
                 keep = request.keep_alive
                 await self._write(
                     writer, status, payload, content_type=content_type, headers=headers, keep_alive=keep
@@ -541,10 +547,11 @@ class FakeRouter:
         job = self._submit(
             "fal-ai", model, body.get("prompt"), {k: v for k, v in body.items() if k != "prompt"}
         )
-        if not queue:
+        if not queue:  # `fal.run` holds the request while the job waits and runs (real seconds)
+            hold = {_HOLD: str(min(job.script.queue_s + job.script.run_s, _MAX_HOLD))}
             if job.script.fail:
-                return 500, {"detail": job.script.fail}, None, None
-            return 200, self._fal_result(job), None, None
+                return 500, {"detail": job.script.fail}, None, hold
+            return 200, self._fal_result(job), None, hold
         response_url = f"https://queue.fal.run/{model}/requests/{job.id}"
         return (
             200,
