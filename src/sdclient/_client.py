@@ -9,7 +9,6 @@ import io
 import json
 import logging
 import random
-import struct
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -949,20 +948,16 @@ class SDClient:
         compute_type: str | None = None,
         model_sha: str | None = None,
     ) -> GeneratedImage:
-        """Image bytes checked: the format and size from the header (PNG's and JPEG's read here,
-        the rest by Pillow; no decoding: it would cost more than the rest of a call), completeness
-        from the format's end marker (a body cut short in transit is transient, like a reset)."""
+        """Image bytes checked: the format and size from the header (Pillow's ``Image.open``, which
+        decodes nothing: a full decode would cost more than the rest of a call), completeness from
+        the format's end marker (a body cut short in transit is transient, like a reset)."""
         from PIL import Image, UnidentifiedImageError
 
         fmt: ImageFormat | None
         try:
-            sniffed = _sniff(data)
-            if sniffed is not None:
-                fmt, width, height = sniffed
-            else:
-                with Image.open(io.BytesIO(data)) as decoded:
-                    fmt = _FORMATS.get(decoded.format or "")
-                    width, height = decoded.size
+            with Image.open(io.BytesIO(data)) as header:
+                fmt = _FORMATS.get(header.format or "")
+                width, height = header.size
             if fmt is not None and not _is_complete(fmt, data):
                 raise OSError("image file is truncated: no end marker")
         except UnidentifiedImageError:
@@ -1070,35 +1065,6 @@ class SDClient:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# JPEG start-of-frame markers (they carry the size): C0-CF except DHT (C4), JPG (C8), DAC (CC).
-_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
-def _sniff(data: bytes) -> tuple[ImageFormat, int, int] | None:
-    """Format, width and height of a PNG or JPEG from its header; ``None``: let Pillow say."""
-    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
-        width, height = struct.unpack(">II", data[16:24])
-        return ("png", width, height) if width and height else None
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, end = 2, len(data)
-    while i + 9 <= end:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            i += 2
-        elif marker in _JPEG_SOF:
-            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
-            return ("jpeg", width, height) if width and height else None
-        else:
-            i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return None
 
 
 _END_MARKERS: dict[ImageFormat, bytes] = {"png": b"IEND\xaeB`\x82", "jpeg": b"\xff\xd9"}

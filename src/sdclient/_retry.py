@@ -208,23 +208,6 @@ async def call_with_retries(
     Raises:
         Exception: The last failure, once retries, the deadline or retryability run out.
     """
-    # The first try runs bare: most calls succeed at once, and tenacity's bookkeeping costs
-    # about as much as the rest of the client's work per call. A retryable failure is handed to
-    # tenacity as its own first attempt's outcome, so the waits, stops and hooks are the same.
-    try:
-        return await attempt()
-    except Exception as exc:
-        if not is_retryable(exc):
-            raise
-        first: Exception | None = exc
-
-    async def replay_then_attempt() -> T:
-        nonlocal first
-        if first is not None:
-            failure, first = first, None
-            raise failure
-        return await attempt()
-
     retrying = AsyncRetrying(
         sleep=sleep or asyncio.sleep,
         retry=tenacity.retry_if_exception(is_retryable),
@@ -233,4 +216,4 @@ async def call_with_retries(
         before_sleep=before_sleep,
         reraise=True,
     )
-    return await retrying(replay_then_attempt)
+    return await retrying(attempt)

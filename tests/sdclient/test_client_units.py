@@ -291,17 +291,12 @@ def test_generated_image_repr_has_no_bytes():
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP"])
 @pytest.mark.parametrize(("mode", "size"), [("RGB", (1, 1)), ("L", (64, 48)), ("RGB", (1023, 77))])
-def test_image_headers_are_read_like_pillow_reads_them(fmt: str, mode: str, size: tuple[int, int]):
-    from sdclient._client import _is_complete, _sniff
+def test_an_image_is_complete_up_to_its_end_marker(fmt: str, mode: str, size: tuple[int, int]):
+    from sdclient._client import _is_complete
 
     buffer = io.BytesIO()
     options = {"progressive": True, "exif": Image.Exif()} if fmt == "JPEG" else {}
     Image.new(mode, size).save(buffer, fmt, **options)
     data = buffer.getvalue()
-    sniffed = _sniff(data)
-    if fmt == "WEBP":
-        assert sniffed is None  # Pillow reads it
-    else:
-        assert sniffed == (fmt.lower(), *size)
     assert _is_complete(fmt.lower(), data)  # type: ignore[arg-type]
     assert not _is_complete(fmt.lower(), data[: len(data) - 20])  # type: ignore[arg-type]
