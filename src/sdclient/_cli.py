@@ -38,7 +38,7 @@ from ._models import GenerateRequest, GenerationEvent, image_filename
 from ._providers import ProviderName
 from ._usage import ModelUsage, UsageTracker
 from ._version import __version__
-from .protocol import HUB_ENDPOINT, ROUTER_URL
+from .protocol import HUB_ENDPOINT, MAX_GUIDANCE_SCALE, MAX_IMAGE_SIDE, MAX_STEPS, MIN_IMAGE_SIDE, ROUTER_URL
 
 __all__ = ["app", "default_usage_file", "main"]
 
@@ -188,10 +188,16 @@ def generate(
         typer.Option(min=0, help="Seed of the first image (the next ones use seed+1, ...); random if unset."),
     ] = None,
     negative_prompt: Annotated[str | None, typer.Option("--negative-prompt", help="What to avoid.")] = None,
-    width: Annotated[int | None, typer.Option(min=8, max=4096, help="Width in pixels.")] = None,
-    height: Annotated[int | None, typer.Option(min=8, max=4096, help="Height in pixels.")] = None,
-    steps: Annotated[int | None, typer.Option(min=1, max=1000, help="Inference steps.")] = None,
-    guidance: Annotated[float | None, typer.Option(min=0.0, help="Guidance scale.")] = None,
+    width: Annotated[
+        int | None, typer.Option(min=MIN_IMAGE_SIDE, max=MAX_IMAGE_SIDE, help="Width in pixels.")
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option(min=MIN_IMAGE_SIDE, max=MAX_IMAGE_SIDE, help="Height in pixels.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(min=1, max=MAX_STEPS, help="Inference steps.")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(min=0.0, max=MAX_GUIDANCE_SCALE, help="Guidance scale.")
+    ] = None,
     scheduler: Annotated[str | None, typer.Option(help="Diffusers scheduler class name.")] = None,
     concurrency: Annotated[int, typer.Option(min=1, max=64, help="Requests in flight at once.")] = 4,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="Folder for the PNGs.")] = Path("."),
