@@ -235,20 +235,10 @@ def build_model_card(run_dir: Path, repo_id: str) -> ModelCard:
         "",
         "## Prompts",
         "",
-        *[
-            f"- `{c.instance_prompt}`" + (f" (class: `{c.class_prompt}`)" if c.class_prompt else "")
-            for c in info.concepts
-        ],
-        "",
-        f"Put the instance prompt's words in your prompt, e.g. `{example_prompt}`.",
-        "",
+        *_prompts_and_samples(
+            info, samples, grid, f"Put the instance prompt's words in your prompt, e.g. `{example_prompt}`."
+        ),
     ]
-    if samples or grid.is_file():
-        body += ["## Samples", ""]
-        shown = samples[:_MAX_SAMPLES_SHOWN] or [grid]
-        body += [" ".join(f"![{p.stem}](samples/{p.name})" for p in shown), ""]
-        if info.sample_prompt:
-            body += [f"Prompt: `{info.sample_prompt}` (each PNG records its prompt and seed).", ""]
     body += ["## Training", "", "| setting | value |", "| --- | --- |"]
     body += [f"| {k} | {v} |" for k, v in _settings(info)]
     with_config = bool(single) and single[0].with_suffix(".yaml").is_file()
@@ -312,19 +302,8 @@ def _lora_model_card(run_dir: Path, repo_id: str, info: _RunInfo) -> ModelCard:
         "",
         "## Trigger words",
         "",
-        *[
-            f"- `{c.instance_prompt}`" + (f" (class: `{c.class_prompt}`)" if c.class_prompt else "")
-            for c in info.concepts
-        ],
-        "",
-        f"Put them in your prompt, e.g. `{example_prompt}`.",
-        "",
+        *_prompts_and_samples(info, samples, grid, f"Put them in your prompt, e.g. `{example_prompt}`."),
     ]
-    if samples or grid.is_file():
-        body += ["## Samples", ""]
-        body += [" ".join(f"![{p.stem}](samples/{p.name})" for p in samples or [grid]), ""]
-        if info.sample_prompt:
-            body += [f"Prompt: `{info.sample_prompt}` (each PNG records its prompt and seed).", ""]
     body += [
         "## Files",
         "",
@@ -449,6 +428,25 @@ def _settings(info: _RunInfo) -> list[tuple[str, str]]:
     elif info.with_prior_preservation is not None:
         rows.append(("prior preservation", "no"))
     return [(k, "yes" if v is True else "no" if v is False else str(v)) for k, v in rows if v is not None]
+
+
+def _prompts_and_samples(info: _RunInfo, samples: list[Path], grid: Path, hint: str) -> list[str]:
+    """The card's list of the run's prompts, then its samples (when there are some)."""
+    lines = [
+        *[
+            f"- `{c.instance_prompt}`" + (f" (class: `{c.class_prompt}`)" if c.class_prompt else "")
+            for c in info.concepts
+        ],
+        "",
+        hint,
+        "",
+    ]
+    if samples or grid.is_file():
+        shown = samples[:_MAX_SAMPLES_SHOWN] or [grid]
+        lines += ["## Samples", "", " ".join(f"![{p.stem}](samples/{p.name})" for p in shown), ""]
+        if info.sample_prompt:
+            lines += [f"Prompt: `{info.sample_prompt}` (each PNG records its prompt and seed).", ""]
+    return lines
 
 
 def _usage(
