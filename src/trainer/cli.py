@@ -195,7 +195,8 @@ def _training_command(until: Literal["train", "publish"]) -> Callable[..., None]
         if result.samples:
             console.print(f"Samples: {result.samples.grid.parent}")
         if result.export_path:
-            console.print(f"Single file: {result.export_path}")
+            for_tools = " (A1111, ComfyUI, Forge)" if result.record.method == "lora" else ""
+            console.print(f"Single file{for_tools}: {result.export_path}")
         if result.hub_url:
             console.print(f"Hub: {result.hub_url}")
 

@@ -247,7 +247,8 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
             f"{config.base_model} predicts {info.prediction_type!r}; only epsilon and v_prediction "
             "models (SD 1.x, SD 2.x, SDXL) can be fine-tuned."
         )
-    console.print(f"Base model: {info.describe()}; training a {config.method} fine-tune")
+    what = "a LoRA adapter" if config.method == "lora" else "a full fine-tune"
+    console.print(f"Base model: {info.describe()}; training {what}")
     resolution = config.resolution or info.resolution
     concepts = config.resolved_concepts()
     checks = check_photos([c.instance_dir for c in concepts], resolution=resolution)
