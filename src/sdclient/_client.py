@@ -39,6 +39,7 @@ from ._exceptions import (
     SDClientError,
     make_status_error,
 )
+from ._logmask import forget_token, mask_token
 from ._models import GeneratedImage, GenerateRequest, GenerationEvent, ImageFormat, ModelStatus, Timings
 from ._providers import (
     PROVIDERS,
@@ -270,6 +271,7 @@ class SDClient:
             self._headers.update(headers)
         if self._token is not None:
             self._headers["Authorization"] = f"Bearer {self._token}"
+            mask_token(self._token)  # in the HTTP libraries' log lines, while this client is open
         self._scale_up = self._scale_up_header(scale_up_timeout)
 
         timeout_obj = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
@@ -334,6 +336,8 @@ class SDClient:
 
     async def aclose(self) -> None:
         """Close the connection pool (unless it was passed in as ``http_client``)."""
+        if not self._closed and self._token is not None:
+            forget_token(self._token)
         self._closed = True
         if self._owns_http:
             await self._http.aclose()
@@ -484,6 +488,27 @@ class SDClient:
 
     def _redact(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
+
+    def _masked(self, response: httpx.Response) -> httpx.Response:
+        """``response`` with every copy of the token in its headers, and in its body unless the
+        body is an image, replaced by ``***``: before anything reads it (errors, the loading
+        message and status, events, request ids, logs), and before any text is cut short."""
+        token = self._token.encode() if self._token else b""
+        if not token:
+            return response
+        raw = response.headers.raw
+        in_headers = any(token in value for _, value in raw)
+        is_image = response.headers.get("content-type", "").lower().startswith("image/")
+        in_body = not is_image and token in response.content
+        if not (in_headers or in_body):
+            return response
+        # httpx has already decoded the body: the new answer carries it as is.
+        dropped = (b"content-length", b"content-encoding", b"transfer-encoding")
+        headers = [(k, v.replace(token, b"***")) for k, v in raw if k.lower() not in dropped]
+        content = response.content.replace(token, b"***") if in_body else response.content
+        return httpx.Response(
+            response.status_code, headers=headers, content=content, request=response.request
+        )
 
     def _emit(self, call: _Call, kind: Any, **fields: Any) -> None:
         if not call.hooks:
@@ -716,13 +741,16 @@ class SDClient:
     async def _send(
         self, method: str, url: str, headers: httpx.Headers | Mapping[str, str], body: bytes | None = None
     ) -> httpx.Response:
-        """One request; transport failures become :class:`APIConnectionError` (the one place)."""
+        """One request; transport failures become :class:`APIConnectionError`, and every answer
+        enters through :meth:`_masked` (the one place for both)."""
         try:
             if self._request_timeout is None:
-                return await self._http.request(method, url, content=body, headers=headers)
-            return await self._http.request(
-                method, url, content=body, headers=headers, timeout=self._request_timeout
-            )
+                response = await self._http.request(method, url, content=body, headers=headers)
+            else:
+                response = await self._http.request(
+                    method, url, content=body, headers=headers, timeout=self._request_timeout
+                )
+            return self._masked(response)
         except httpx.TimeoutException as exc:
             raise APITimeoutError(
                 self._redact(f"{type(exc).__name__}: no answer from {url} in time ({exc or 'timed out'})"),
