@@ -147,7 +147,7 @@ class WebhookSender:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_attempts),
             wait=wait_exponential_jitter(
-                initial=self.backoff_s, max=MAX_BACKOFF_S, jitter=self.backoff_s / 2
+                multiplier=self.backoff_s, max=MAX_BACKOFF_S, jitter=self.backoff_s / 2
             ),
             retry=retry_if_exception_type((httpx.TransportError, _Retryable)),
             reraise=True,
