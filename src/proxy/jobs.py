@@ -93,6 +93,11 @@ class JobManager:
         self.webhooks = webhooks
         self._tasks: set[asyncio.Task[None]] = set()
 
+    @property
+    def running(self) -> int:
+        """Jobs this instance is running (canceled ones until they have wound down)."""
+        return len(self._tasks)
+
     # -- creating ---------------------------------------------------------------------------------
 
     async def create(

@@ -83,26 +83,20 @@ class GenerationResult:
 
     @classmethod
     def from_image(cls, image: sdclient.GeneratedImage) -> GenerationResult:
-        timings = image.timings
+        """The client's image with its `Timings` (the same model) rounded to 0.1 ms."""
+        rounded = {name: round(value, 4) for name, value in image.timings if isinstance(value, float)}
         return cls(
             data=image.data,
             content_type=image.content_type,
             seed=image.seed if image.seed is not None else 0,
-            timings=Timings(
-                total_s=round(timings.total_s, 4),
-                compute_s=None if timings.compute_s is None else round(timings.compute_s, 4),
-                cold_start_wait_s=round(timings.cold_start_wait_s, 4),
-                request_s=round(timings.request_s, 4),
-            ),
+            timings=image.timings.model_copy(update=rounded),
         )
 
     def as_cache_hit(self) -> GenerationResult:
-        """The same image, with timings that say nothing was waited for."""
+        """The same image, with timings that say nothing was waited for (compute time kept)."""
+        waited = {name: 0.0 for name in Timings.model_fields if name != "compute_s"}
         return GenerationResult(
-            self.data,
-            self.content_type,
-            self.seed,
-            Timings(total_s=0.0, compute_s=self.timings.compute_s, cold_start_wait_s=0.0, request_s=0.0),
+            self.data, self.content_type, self.seed, self.timings.model_copy(update=waited)
         )
 
     def to_bytes(self) -> bytes:
@@ -379,7 +373,8 @@ class GenerationService:
                 flight.cancel_pending()
                 self._emit(flight, "generating", {})
 
-        request = sdclient.GenerateRequest.model_validate(body.model_dump())
+        # `body` was validated against the proxy's narrower bounds: handed on as it is, not again.
+        request = sdclient.GenerateRequest.model_construct(**dict(body))
         try:
             async with (
                 self.admission.slot(lambda position: self._emit(flight, "queued", {"position": position})),

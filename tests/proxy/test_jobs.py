@@ -120,7 +120,10 @@ def test_delete_cancels_a_running_or_queued_job_without_charging_it(
             assert client.get(f"/v1/jobs/{job['id']}").json()["status"] == "canceled"
         events = parse_sse(client.get(f"/v1/jobs/{running['id']}/events").text)
         assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "canceled"
-        time.sleep(0.3)  # the canceled generations wind down
+        deadline = time.monotonic() + 5
+        while proxy.app.state.proxy.jobs.running:  # the canceled generations wind down
+            assert time.monotonic() < deadline, "canceled jobs still running"
+            time.sleep(0.02)
         # Neither canceled job was charged: the quota of 2 still has both images.
         made = [client.post("/v1/jobs", json={"prompt": f"again {i}"}).json() for i in range(2)]
         refused = client.post("/v1/jobs", json={"prompt": "one too many"})
