@@ -12,6 +12,7 @@ import httpx
 import pytest
 from proxy_harness import MODEL_ID, RunningProxy, sdproxy_processes
 from redis_harness import RedisServer
+from test_stream import parse_sse
 
 from sdclient.testing import InferenceTestServer, Reply
 
@@ -116,3 +117,30 @@ def test_fail_open_lets_requests_through_while_redis_is_down(
     assert [a.status_code for a in while_down] == [200, 200]  # no quota while Redis is away
     assert back.status_code == 200
     assert full.status_code == 429  # limits apply again once Redis is back
+
+
+def test_a_job_made_on_one_process_is_read_and_canceled_on_the_other(
+    upstream: InferenceTestServer, redis_server: RedisServer
+) -> None:
+    upstream.default = Reply.image(delay=1.5)
+    model = upstream.model_url(MODEL_ID)
+    with sdproxy_processes(2, model, redis_url=redis_server.url, daily_quota=2) as (first, second):
+        with httpx.Client(timeout=30) as client:
+            done = client.post(first + "/v1/jobs", json={"prompt": "kept", "seed": 1}).json()
+            events = client.get(f"{second}/v1/jobs/{done['id']}/events")  # followed from the other
+            view = client.get(f"{second}/v1/jobs/{done['id']}").json()
+            image = client.get(f"{second}/v1/images/{view['result_url'].rsplit('/', 1)[1]}")
+            doomed = client.post(first + "/v1/jobs", json={"prompt": "canceled", "seed": 2}).json()
+            canceled = client.delete(f"{second}/v1/jobs/{doomed['id']}")  # while it runs on the first
+            on_first = client.get(f"{first}/v1/jobs/{doomed['id']}").json()
+            time.sleep(2.0)  # the first process winds the canceled generation down
+            # The canceled job was not charged: one image of the quota of 2 is left.
+            last = client.post(second + "/generate", json={"prompt": "last"})
+            over = client.post(first + "/generate", json={"prompt": "over"})
+    assert [name for name, _ in parse_sse(events.text)][-1] == "image"
+    assert view["status"] == "succeeded" and view["result_url"].startswith(second)  # as read
+    assert image.status_code == 200 and image.headers["x-seed"] == "1"
+    assert canceled.status_code == 200 and canceled.json()["status"] == "canceled"
+    assert on_first["status"] == "canceled"
+    assert last.status_code == 200
+    assert over.status_code == 429 and over.json()["error"]["code"] == "quota_exceeded"
