@@ -207,3 +207,14 @@ async def test_many_jobs_at_once_each_get_their_image(
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
     assert sorted(v["seed"] for v in views) == list(range(8))
+
+
+async def test_concurrent_posts_with_one_idempotency_key_make_one_job(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer
+) -> None:
+    proxy = start_proxy()
+    body = {"prompt": "once", "seed": 3}
+    async with proxy.async_client(headers={"Idempotency-Key": "same"}) as client:
+        answers = await asyncio.gather(*(client.post("/v1/jobs", json=body) for _ in range(5)))
+    assert sorted(a.status_code for a in answers) == [200, 200, 200, 200, 202]
+    assert len({a.json()["id"] for a in answers}) == 1

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from proxy_harness import RunningProxy
 
-from sdclient.testing import InferenceTestServer
+from sdclient.testing import InferenceTestServer, Reply
 
 SECRET = "whsec-0123456789abcdef0123456789"
 
@@ -29,10 +29,11 @@ class Delivery:
 
 @dataclass
 class Receiver:
-    """Answers the first `failures` deliveries with 500, then 204."""
+    """Answers the first `failures` deliveries with `status` (500), then 204."""
 
     url: str
     failures: int
+    status: int = 500
     deliveries: list[Delivery] = field(default_factory=list)
 
     def wait(self, count: int, within: float = 10.0) -> list[Delivery]:
@@ -51,7 +52,7 @@ def receiver() -> Iterator[Receiver]:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             state.deliveries.append(Delivery(dict(self.headers.items()), body, time.time()))
-            self.send_response(500 if len(state.deliveries) <= state.failures else 204)
+            self.send_response(state.status if len(state.deliveries) <= state.failures else 204)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -141,3 +142,21 @@ def test_webhooks_need_a_secret_and_an_http_url(
     assert off.status_code == ftp.status_code == 422
     assert "SDPROXY_WEBHOOK_SECRET" in off.json()["error"]["message"]
     assert "http(s)" in ftp.json()["error"]["message"]
+
+
+def test_a_failed_job_is_delivered_too_and_a_4xx_is_not_retried(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer, receiver: Receiver
+) -> None:
+    upstream.default = Reply.error(400, "width must be 512")
+    receiver.failures = 10**6  # every delivery fails...
+    receiver.status = 410  # ...with a refusal
+    proxy = start_proxy(webhook_secret=SECRET, webhook_allow_private=True, webhook_backoff_s=0.1)
+    with proxy.client() as client:
+        job = client.post("/v1/jobs", json={"prompt": "a fox", "webhook_url": receiver.url}).json()
+        (delivery,) = receiver.wait(1)
+        time.sleep(0.5)
+    payload = json.loads(delivery.body)
+    _check_signature(delivery)
+    assert payload["id"] == job["id"] and payload["status"] == "failed"
+    assert payload["error"]["code"] == "upstream_rejected" and payload["result_url"] is None
+    assert len(receiver.deliveries) == 1  # 410: the receiver refused it, not tried again
