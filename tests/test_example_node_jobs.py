@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -26,7 +27,16 @@ SECRET = "whsec-node-0123456789abcdef0123"
 API_KEY = "node-client-key-0123456789abcdef"
 MODEL_ID = "user/sd-raza"
 
-pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed (the example needs Node 18+)")
+
+@pytest.fixture(autouse=True)
+def _require_node() -> None:
+    """Skip without `node` (fail instead where CI requires every example, as redis_harness does)."""
+    if NODE is not None:
+        return
+    reason = "node is not installed (the example needs Node 18 or later)"
+    if os.environ.get("SDCLIENT_REQUIRE_BROWSER") == "1" or os.environ.get("CI"):
+        pytest.fail(f"the Node example's tests are required here: {reason}")
+    pytest.skip(reason)
 
 
 def _free_port() -> int:

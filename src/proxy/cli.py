@@ -122,9 +122,16 @@ def serve(
 
 
 @app.command()
-def check() -> None:
+def check(
+    model: Annotated[
+        str | None, typer.Option(help=f"As for `serve` [env {ENV_PREFIX}MODEL].", show_default=False)
+    ] = None,
+    provider: Annotated[
+        str | None, typer.Option(help=f"As for `serve` [env {ENV_PREFIX}PROVIDER].", show_default=False)
+    ] = None,
+) -> None:
     """Validate the configuration and print it (secrets shown only as set/unset)."""
-    settings = _load({})
+    settings = _load({"model": model, "provider": provider})
     table = Table(title="sdproxy configuration", show_header=True)
     table.add_column("variable")
     table.add_column("value")

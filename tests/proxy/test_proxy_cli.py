@@ -72,6 +72,12 @@ def test_serve_takes_the_model_and_provider_and_hands_them_to_the_workers(
     assert os.environ["SDPROXY_PROVIDER"] == "fal-ai"
 
 
+def test_check_takes_the_model_as_an_option() -> None:
+    result = runner.invoke(app, ["check", "--model", "http://127.0.0.1:7860/models/demo"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "http://127.0.0.1:7860/models/demo" in result.output
+
+
 def test_serve_refuses_a_provider_for_a_url_and_an_unknown_provider(monkeypatch: pytest.MonkeyPatch) -> None:
     url = "http://127.0.0.1:7860/models/demo"
     for_url = runner.invoke(app, ["serve", "--model", url, "--provider", "fal-ai"], terminal_width=200)
