@@ -68,7 +68,8 @@ def serve(
         int,
         typer.Option(
             min=1,
-            help="Worker processes. Rate limits, quotas, cache, coalescing and the queue are per worker.",
+            help="Worker processes. The queue is per worker; rate limits, quotas, cache and coalescing "
+            f"too, unless {ENV_PREFIX}REDIS_URL points every worker at one Redis.",
         ),
     ] = 1,
     static_dir: Annotated[
