@@ -15,7 +15,11 @@ httpx spends about a millisecond of CPU per request, which on a small machine wo
 as much as the proxy. Load generator, upstream and proxy still share the machine's cores: on a
 2-core machine every figure includes that competition.
 
-Run: `.venv/bin/python benchmarks/bench_proxy.py [--quick]`
+3. Stores (`--store both`): sdproxy with its in-process store and with Redis (a local
+   `redis-server`), beside the floor, with 1 and 4 workers, and two instances sharing one Redis.
+   Target: the Redis store adds <= 1 ms to the p50 of one request on loopback.
+
+Run: `.venv/bin/python benchmarks/bench_proxy.py [--quick] [--store memory|redis|both]`
 """
 
 from __future__ import annotations
@@ -148,17 +152,20 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+STORE_SETTINGS: dict[str, object] = {}
+"""Extra settings of every sdproxy of the overhead and overload scenarios (`--store redis`)."""
+
+
 @contextmanager
-def sdproxy(upstream: str, **settings: object) -> Iterator[tuple[str, psutil.Process]]:
-    """`sdproxy serve` (one worker) in front of `upstream`; yields its URL and its process."""
+def sdproxy(upstream: str, *, workers: int = 1, **settings: object) -> Iterator[tuple[str, psutil.Process]]:
+    """`sdproxy serve` in front of `upstream`; yields its URL and its (main) process."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDPROXY_") and k != "HF_TOKEN"}
     env["SDPROXY_MODEL"] = f"{upstream}/models/{MODEL_ID}"
-    env.update({f"SDPROXY_{k.upper()}": str(v) for k, v in settings.items()})
+    env.update({f"SDPROXY_{k.upper()}": str(v) for k, v in {**STORE_SETTINGS, **settings}.items()})
+    command = [str(BIN / "sdproxy"), "serve", "--port", str(port), "--workers", str(workers)]
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(
-            [str(BIN / "sdproxy"), "serve", "--port", str(port)], env=env, stdout=log, stderr=log
-        )
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 30
@@ -184,13 +191,45 @@ def sdproxy(upstream: str, **settings: object) -> Iterator[tuple[str, psutil.Pro
 
 
 @contextmanager
-def floor_proxy(upstream: str, client: str) -> Iterator[tuple[str, psutil.Process]]:
+def redis_server() -> Iterator[str]:
+    """A `redis-server` on a free loopback port, no persistence; yields its URL."""
+    import shutil
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (apt-get install redis-server)")
+    port = _free_port()
+    command = [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                import socket
+
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@contextmanager
+def floor_proxy(upstream: str, client: str, workers: int = 1) -> Iterator[tuple[str, psutil.Process]]:
     """`_floor_proxy.py` under uvicorn (one worker) sending with `client` (`aiohttp` or `httpx`);
     yields its URL and its process."""
     port = _free_port()
     env = {**os.environ, "FLOOR_UPSTREAM": f"{upstream}/models/{MODEL_ID}", "FLOOR_CLIENT": client}
     command = [sys.executable, "-m", "uvicorn", "_floor_proxy:app", "--app-dir", str(Path(__file__).parent)]
-    command += ["--port", str(port), "--no-access-log", "--log-level", "warning"]
+    command += ["--port", str(port), "--no-access-log", "--log-level", "warning", "--workers", str(workers)]
     process = subprocess.Popen(command, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -318,6 +357,104 @@ def overhead(requests: int, concurrency: int) -> bool:
     return ok_latency and ok_throughput and ok_statuses
 
 
+async def split_loop(
+    urls: list[str], path: str, bodies: list[dict[str, object]], *, requests: int, concurrency: int
+) -> Load:
+    """`closed_loop` with the clients spread evenly over `urls` (instances of one deployment)."""
+    parts = await asyncio.gather(
+        *(
+            closed_loop(
+                url, path, bodies, requests=requests // len(urls), concurrency=concurrency // len(urls)
+            )
+            for url in urls
+        )
+    )
+    load = Load(elapsed_s=max(part.elapsed_s for part in parts))
+    for part in parts:
+        load.latencies_ms += part.latencies_ms
+        load.bytes += part.bytes
+        for status, count in part.statuses.items():
+            load.statuses[status] = load.statuses.get(status, 0) + count
+    return load
+
+
+def store_costs(requests: int, concurrency: int) -> bool:
+    """sdproxy with its in-process store and with Redis, beside the floor forwarder: 1 and 4
+    workers, and two instances (one worker each) sharing one Redis."""
+    print(f"\n== Stores: instant upstream, {SIZE}x{SIZE} JPEG, {concurrency} concurrent clients ==")
+    # Limits on (but never reached) so that each request runs the store's admission as in use:
+    # one token-bucket and one daily-quota check and take, then the delivered-image count.
+    settings: dict[str, object] = {
+        "rate_limit_per_minute": 10**9,
+        "rate_limit_burst": 10**9,
+        "daily_quota": 10**9,
+        "max_concurrency": concurrency,
+        "queue_size": 1000,
+        "cache_max_bytes": 0,
+    }
+    body: list[dict[str, object]] = [{"prompt": PROMPT, "width": SIZE, "height": SIZE}]
+    rows: list[tuple[str, Load, float]] = []
+    with spawn_server(format="jpeg") as upstream, redis_server() as redis_url:
+        redis = {"redis_url": redis_url}
+        with (
+            floor_proxy(upstream, "aiohttp") as (floor, _),
+            floor_proxy(upstream, "aiohttp", workers=4) as (floor_4, _),
+            sdproxy(upstream, **settings) as (memory_1, _),
+            sdproxy(upstream, **settings, **redis) as (redis_1, _),
+            sdproxy(upstream, workers=4, **settings) as (memory_4, _),
+            sdproxy(upstream, workers=4, **settings, **redis) as (redis_4, _),
+            sdproxy(upstream, **settings, **redis, redis_prefix="pair:") as (pair_a, _),
+            sdproxy(upstream, **settings, **redis, redis_prefix="pair:") as (pair_b, _),
+        ):
+            targets = [
+                ("floor (aiohttp), 1 worker", [floor]),
+                ("sdproxy memory, 1 worker", [memory_1]),
+                ("sdproxy redis, 1 worker", [redis_1]),
+                ("floor (aiohttp), 4 workers", [floor_4]),
+                ("sdproxy memory, 4 workers", [memory_4]),
+                ("sdproxy redis, 4 workers", [redis_4]),
+                ("sdproxy redis, 2 instances", [pair_a, pair_b]),
+            ]
+
+            def run(urls: list[str], n: int, clients: int) -> Load:
+                return asyncio.run(split_loop(urls, "/generate", body, requests=n, concurrency=clients))
+
+            for _, urls in targets:  # warm up every worker's connections
+                run(urls, concurrency * 4, concurrency)
+            alone = {name: run(urls[:1], min(300, requests // 4), 1).pct(50) for name, urls in targets}
+            loads = {name: Load() for name, _ in targets}
+            for _ in range(2):  # halves alternated, as in the overhead scenario
+                for name, urls in targets:
+                    part = run(urls, requests // 2, concurrency)
+                    load = loads[name]
+                    load.latencies_ms += part.latencies_ms
+                    load.elapsed_s += part.elapsed_s
+                    for status, count in part.statuses.items():
+                        load.statuses[status] = load.statuses.get(status, 0) + count
+            rows = [(name, loads[name], alone[name]) for name, _ in targets]
+    print(f"{'':28} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'p50 alone':>9}  statuses")
+    for name, load, alone_p50 in rows:
+        print(
+            f"{name:28} {load.throughput:7.0f} {load.pct(50):8.2f} {load.pct(99):8.2f} {alone_p50:9.2f}"
+            f"  {load.statuses}"
+        )
+    by_name = {name: (load, alone_p50) for name, load, alone_p50 in rows}
+    added_alone = by_name["sdproxy redis, 1 worker"][1] - by_name["sdproxy memory, 1 worker"][1]
+    added_loaded = by_name["sdproxy redis, 1 worker"][0].pct(50) - by_name["sdproxy memory, 1 worker"][0].pct(
+        50
+    )
+    ok = added_alone <= 1.0
+    print(
+        f"Redis store vs in-process, 1 worker, one client at a time: {added_alone:+.2f} ms p50 "
+        f"(target <= 1 ms)  {'PASS' if ok else 'FAIL'}"
+    )
+    print(f"Redis store vs in-process, 1 worker, {concurrency} clients: {added_loaded:+.2f} ms p50")
+    ok_statuses = all(set(load.statuses) == {200} for _, load, _ in rows)
+    if not ok_statuses:
+        print("FAIL: some answers were not 200")
+    return ok and ok_statuses
+
+
 def _quantiles(values: list[float]) -> tuple[float, float, float]:
     ordered = sorted(values)
     if not ordered:
@@ -414,11 +551,33 @@ def overload(clients: int, delay: float) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests and clients (about 20 s)")
+    parser.add_argument(
+        "--store",
+        choices=["memory", "redis", "both"],
+        default="memory",
+        help="memory: the overhead and overload scenarios with the in-process store (the default); "
+        "redis: the same with sdproxy on a local redis-server; both: only the store comparison "
+        "(in-process and Redis beside the floor, 1 and 4 workers, 2 instances on one Redis)",
+    )
+    parser.add_argument(
+        "--requests", type=int, help="requests per target in the overhead and stores scenarios"
+    )
     args = parser.parse_args()
     requests, clients, delay = (400, 300, 2.0) if args.quick else (4000, 1000, 5.0)
+    requests = args.requests or requests
     print(f"machine: {os.cpu_count()} CPU cores, shared by the load generator, the upstream and the proxy")
-    ok = overhead(requests, concurrency=32)
-    ok = overload(clients, delay) and ok
+    if args.store == "both":
+        ok = store_costs(requests, concurrency=32)
+        print("\nALL PASS" if ok else "\nSOME FAIL")
+        return 0 if ok else 1
+    if args.store == "redis":
+        with redis_server() as url:
+            STORE_SETTINGS["redis_url"] = url
+            ok = overhead(requests, concurrency=32)
+            ok = overload(clients, delay) and ok
+    else:
+        ok = overhead(requests, concurrency=32)
+        ok = overload(clients, delay) and ok
     print("\nALL PASS" if ok else "\nSOME FAIL")
     return 0 if ok else 1
 

@@ -38,13 +38,22 @@ class AdmissionQueue:
         """Whether a new call would be refused: every slot and every place in line is taken."""
         return self._slots.locked() and self.waiting >= self.queue_size
 
-    def busy_error(self) -> Busy:
-        """The error a refused call gets, with an estimate of when to try again."""
-        self.refused += 1
-        return Busy(
-            "The service is busy: every generation slot and queue place is taken. Try again shortly.",
-            retry_after=self._retry_after(),
-        )
+    def refuse_if_full(self) -> None:
+        """The one busy check: refuse a new call while every slot and queue place is taken.
+
+        `LoadSheddingMiddleware` calls it before a generate request's body is read (a refusal
+        then costs almost nothing), and `slot()` calls it again as the bound itself: requests
+        that passed the middleware together may since have filled the queue.
+
+        Raises:
+            Busy: With an estimate of when to try again.
+        """
+        if self.is_full():
+            self.refused += 1
+            raise Busy(
+                "The service is busy: every generation slot and queue place is taken. Try again shortly.",
+                retry_after=self._retry_after(),
+            )
 
     @asynccontextmanager
     async def slot(self, on_queued: Callable[[int], None] | None = None) -> AsyncIterator[None]:
@@ -57,8 +66,7 @@ class AdmissionQueue:
         Raises:
             Busy: Every slot and every place in the queue is taken.
         """
-        if self.is_full():
-            raise self.busy_error()
+        self.refuse_if_full()
         free = not self._slots.locked()
         if on_queued is not None:
             on_queued(0 if free else self.waiting + 1)

@@ -48,11 +48,28 @@ def serve(
         str, typer.Option(help="Address to listen on; 0.0.0.0 to accept other machines.")
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Hub model id (user/model) or the full URL of an endpoint that speaks the protocol "
+            f"[env {ENV_PREFIX}MODEL].",
+            show_default=False,
+        ),
+    ] = None,
+    provider: Annotated[
+        str | None,
+        typer.Option(
+            help="Who serves a Hub id: auto, hf-inference, fal-ai, replicate, wavespeed, together, nscale "
+            f"[env {ENV_PREFIX}PROVIDER].",
+            show_default=False,
+        ),
+    ] = None,
     workers: Annotated[
         int,
         typer.Option(
             min=1,
-            help="Worker processes. Rate limits, quotas, cache, coalescing and the queue are per worker.",
+            help="Worker processes. The queue is per worker; rate limits, quotas, cache and coalescing "
+            f"too, unless {ENV_PREFIX}REDIS_URL points every worker at one Redis.",
         ),
     ] = 1,
     static_dir: Annotated[
@@ -76,7 +93,13 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the proxy with uvicorn (JSON log lines on stderr)."""
-    overrides: dict[str, Any] = {"static_dir": static_dir, "warmup": warmup, "log_level": log_level}
+    overrides: dict[str, Any] = {
+        "model": model,
+        "provider": provider,
+        "static_dir": static_dir,
+        "warmup": warmup,
+        "log_level": log_level,
+    }
     settings = _load(overrides)
     # Workers build their own app from the environment: pass the options on that way.
     for key, value in overrides.items():
@@ -100,9 +123,16 @@ def serve(
 
 
 @app.command()
-def check() -> None:
+def check(
+    model: Annotated[
+        str | None, typer.Option(help=f"As for `serve` [env {ENV_PREFIX}MODEL].", show_default=False)
+    ] = None,
+    provider: Annotated[
+        str | None, typer.Option(help=f"As for `serve` [env {ENV_PREFIX}PROVIDER].", show_default=False)
+    ] = None,
+) -> None:
     """Validate the configuration and print it (secrets shown only as set/unset)."""
-    settings = _load({})
+    settings = _load({"model": model, "provider": provider})
     table = Table(title="sdproxy configuration", show_header=True)
     table.add_column("variable")
     table.add_column("value")

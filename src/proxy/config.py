@@ -220,7 +220,8 @@ class Settings(BaseSettings):
         if not self.model:
             problems.append(
                 f"{ENV_PREFIX}MODEL is not set: give a Hub model id (user/model) or an endpoint URL "
-                "(https://xxxx.endpoints.huggingface.cloud, http://127.0.0.1:7860/models/demo)"
+                "(https://xxxx.endpoints.huggingface.cloud, http://127.0.0.1:7860/models/demo), "
+                "in the environment or as `sdproxy serve --model ...`"
             )
         elif "://" in self.model:
             parts = urlsplit(self.model)

@@ -43,6 +43,12 @@ IDEMPOTENCY_WAIT_S = 2.0
 """How long a repeated request waits for the first one's job record to appear."""
 
 
+def _canceled_error() -> ProxyError:
+    error = ProxyError("The job was canceled.")
+    error.code = "canceled"
+    return error
+
+
 def _new_id(prefix: str) -> str:
     return prefix + secrets.token_urlsafe(18)  # 144 random bits
 
@@ -92,6 +98,11 @@ class JobManager:
         self.ttl_s = ttl_s
         self.webhooks = webhooks
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def running(self) -> int:
+        """Jobs this instance is running (canceled ones until they have wound down)."""
+        return len(self._tasks)
 
     # -- creating ---------------------------------------------------------------------------------
 
@@ -193,7 +204,14 @@ class JobManager:
         if self.webhooks is not None and record.webhook_url is not None and record.status in TERMINAL:
             await self.webhooks.deliver(record.webhook_url, record.id, self.webhook_payload(record))
 
+    async def _canceled(self, job_id: str) -> bool:
+        """Whether the job was canceled, by any instance (a marker apart from the record, which
+        this instance keeps rewriting while the job runs)."""
+        return await self.store.get(f"jobcanceled:{job_id}") is not None
+
     async def _progress(self, record: JobRecord, name: str, data: dict[str, Any]) -> None:
+        if await self._canceled(record.id):
+            return  # the canceled record stays as it is; the generation is being stopped
         if name == "queued":
             record.position = data["position"]
         elif name == "loading":
@@ -206,11 +224,11 @@ class JobManager:
     async def _settle(
         self, record: JobRecord, generation: asyncio.Task[tuple[GenerationResult, str]], held: Admitted
     ) -> None:
-        current = await self._load(record.id)
-        if generation.cancelled() or (current is not None and current.status == "canceled"):
+        if generation.cancelled() or await self._canceled(record.id):
             await self.limiter.release(held)  # not charged
-            record.status, record.finished_at = "canceled", current.finished_at if current else time.time()
-            record.error = current.error if current else None
+            # Written again: a progress update may have overwritten the canceled record.
+            self._mark_canceled(record)
+            await self._save(record)
             return
         exc = generation.exception()
         if exc is not None:
@@ -243,10 +261,10 @@ class JobManager:
             while not generation.done():
                 await watch.wait(FOLLOW_POLL_S)
                 try:
-                    record = await self._load(job_id)
+                    canceled = await self._canceled(job_id) or await self._load(job_id) is None
                 except ProxyError:
                     continue
-                if record is None or record.status == "canceled":
+                if canceled:
                     generation.cancel()
                     return
 
@@ -292,19 +310,23 @@ class JobManager:
         """
         record = await self.get(owner, job_id)
         if record.status in TERMINAL:
-            keys = [f"job:{job_id}", f"jobevents:{job_id}"]
+            keys = [f"job:{job_id}", f"jobevents:{job_id}", f"jobcanceled:{job_id}"]
             if record.image_id is not None:
                 keys.append(f"image:{record.image_id}")
             await self.store.delete(*keys)
             return None
-        error = ProxyError("The job was canceled.")
-        error.code = "canceled"
-        record.status, record.finished_at, record.position, record.eta_s = "canceled", time.time(), None, None
-        record.error = ErrorDetail.model_validate(error_body(error)["error"])
+        await self.store.put(f"jobcanceled:{job_id}", b"1", ttl_s=self.ttl_s)
+        self._mark_canceled(record)
         await self._save(record)
-        await self._log(job_id, "error", error_body(error))
+        await self._log(job_id, "error", error_body(_canceled_error()))
         await self.store.notify(f"jobcancel:{job_id}")
         return record
+
+    @staticmethod
+    def _mark_canceled(record: JobRecord) -> None:
+        record.status, record.position, record.eta_s = "canceled", None, None
+        record.finished_at = record.finished_at or time.time()
+        record.error = ErrorDetail.model_validate(error_body(_canceled_error())["error"])
 
     # -- images -----------------------------------------------------------------------------------
 

@@ -7,13 +7,17 @@ import logging
 import re
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import PayloadTooLarge, ProxyError, SecretRegistry, current_secrets, error_response
+from .errors import Busy, PayloadTooLarge, ProxyError, SecretRegistry, current_secrets, error_response
 from .logs import request_id_var
+
+if TYPE_CHECKING:
+    from .deps import LifespanState
 
 __all__ = [
     "REQUEST_ID_HEADER",
@@ -135,7 +139,8 @@ class LoadSheddingMiddleware:
     """Refuse `POST /generate` and `/generate/stream` with 503 `busy` before
     anything else (body, validation, rate limit) while the admission queue is full: under overload
     a refusal costs as little as possible and never waits behind the requests that were let in.
-    This is the one early check; the queue itself (`AdmissionQueue.slot`) enforces its bound."""
+    It asks the queue's one busy check (`AdmissionQueue.refuse_if_full`), which `slot()` applies
+    again for every route (jobs and the OpenAI route included)."""
 
     PATHS = frozenset({"/generate", "/generate/stream"})
 
@@ -144,8 +149,12 @@ class LoadSheddingMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.PATHS:
-            state = scope.get("state", {}).get("proxy")  # the lifespan's `LifespanState`
-            if state is not None and state.service.admission.is_full():
-                await error_response(state.service.admission.busy_error())(scope, receive, send)
-                return
+            lifespan: LifespanState | None = scope.get("state")  # what the app's lifespan yielded
+            state = lifespan.get("proxy") if lifespan is not None else None
+            if state is not None:
+                try:
+                    state.service.admission.refuse_if_full()
+                except Busy as exc:
+                    await error_response(exc)(scope, receive, send)
+                    return
         await self.app(scope, receive, send)

@@ -38,7 +38,7 @@ import sdclient
 from sdclient import Timings
 
 from .admission import AdmissionQueue
-from .errors import ProxyError, error_body, error_from_body, from_client_error
+from .errors import ProxyError, StoreUnavailable, error_body, error_from_body, from_client_error
 from .schemas import GenerateBody
 from .store import Store
 
@@ -83,26 +83,20 @@ class GenerationResult:
 
     @classmethod
     def from_image(cls, image: sdclient.GeneratedImage) -> GenerationResult:
-        timings = image.timings
+        """The client's image with its `Timings` (the same model) rounded to 0.1 ms."""
+        rounded = {name: round(value, 4) for name, value in image.timings if isinstance(value, float)}
         return cls(
             data=image.data,
             content_type=image.content_type,
             seed=image.seed if image.seed is not None else 0,
-            timings=Timings(
-                total_s=round(timings.total_s, 4),
-                compute_s=None if timings.compute_s is None else round(timings.compute_s, 4),
-                cold_start_wait_s=round(timings.cold_start_wait_s, 4),
-                request_s=round(timings.request_s, 4),
-            ),
+            timings=image.timings.model_copy(update=rounded),
         )
 
     def as_cache_hit(self) -> GenerationResult:
-        """The same image, with timings that say nothing was waited for."""
+        """The same image, with timings that say nothing was waited for (compute time kept)."""
+        waited = {name: 0.0 for name in Timings.model_fields if name != "compute_s"}
         return GenerationResult(
-            self.data,
-            self.content_type,
-            self.seed,
-            Timings(total_s=0.0, compute_s=self.timings.compute_s, cold_start_wait_s=0.0, request_s=0.0),
+            self.data, self.content_type, self.seed, self.timings.model_copy(update=waited)
         )
 
     def to_bytes(self) -> bytes:
@@ -216,7 +210,7 @@ class GenerationService:
         """
         key = body.fingerprint() if body.seed is not None else None
         if key is not None and self.cache_max_bytes > 0:
-            cached = await self.store.cache_get(key, ttl_s=self.cache_ttl_s)
+            cached = await self._cache_get(key)
             if cached is not None:
                 return GenerationResult.from_bytes(cached).as_cache_hit(), "cache"
         if key is not None and self.coalesce and (flight := self._flights.get(key)) is not None:
@@ -242,7 +236,15 @@ class GenerationService:
             return await self._fly(flight, body, key)
         while True:
             flight_id = secrets.token_hex(8)
-            leader = await self.store.put_new(f"flight:{key}", flight_id.encode(), ttl_s=self.flight_lease_s)
+            try:
+                leader = await self.store.put_new(
+                    f"flight:{key}", flight_id.encode(), ttl_s=self.flight_lease_s
+                )
+            except StoreUnavailable:
+                # The request was admitted (fail-open, or Redis went away since): make the image
+                # without sharing the call with other instances rather than refuse it.
+                logger.warning("store unavailable: a seeded call is not shared with other instances")
+                return await self._fly(flight, body, key)
             if leader is None:
                 flight.log = f"flightlog:{flight_id}"
                 outcome = (
@@ -262,6 +264,14 @@ class GenerationService:
                 flight.followed = True
                 self.followed += 1
                 return followed
+
+    async def _cache_get(self, key: str) -> bytes | None:
+        """The cached image, or None; a store that cannot be reached is a miss."""
+        try:
+            return await self.store.cache_get(key, ttl_s=self.cache_ttl_s)
+        except StoreUnavailable:
+            logger.warning("store unavailable: cache not read")
+            return None
 
     async def _finish(self, log: str, key: str, outcome: bytes) -> None:
         """Hand the outcome to the followers and free the claim (best effort: followers that miss
@@ -314,15 +324,23 @@ class GenerationService:
             yield
             return
         holder = secrets.token_hex(8)
-        async with self.store.watch(UPSTREAM_SLOTS) as watch:
-            while not await self.store.try_acquire(
-                UPSTREAM_SLOTS, holder, limit=self.global_max_concurrency, lease_s=self.flight_lease_s
-            ):
-                await watch.wait(FOLLOW_POLL_S)
+        try:
+            async with self.store.watch(UPSTREAM_SLOTS) as watch:
+                while not await self.store.try_acquire(
+                    UPSTREAM_SLOTS, holder, limit=self.global_max_concurrency, lease_s=self.flight_lease_s
+                ):
+                    await watch.wait(FOLLOW_POLL_S)
+        except StoreUnavailable:
+            logger.warning("store unavailable: upstream call made without the global cap")
+            yield
+            return
         try:
             yield
         finally:
-            await self.store.release_slot(UPSTREAM_SLOTS, holder)
+            try:
+                await self.store.release_slot(UPSTREAM_SLOTS, holder)
+            except StoreUnavailable:
+                logger.warning("store unavailable: a global slot is freed by its lease instead")
 
     async def _fly(self, flight: _Flight, body: GenerateBody, key: str | None = None) -> GenerationResult:
         loop = asyncio.get_running_loop()
@@ -355,7 +373,8 @@ class GenerationService:
                 flight.cancel_pending()
                 self._emit(flight, "generating", {})
 
-        request = sdclient.GenerateRequest.model_validate(body.model_dump())
+        # `body` was validated against the proxy's narrower bounds: handed on as it is, not again.
+        request = sdclient.GenerateRequest.model_construct(**dict(body))
         try:
             async with (
                 self.admission.slot(lambda position: self._emit(flight, "queued", {"position": position})),
@@ -370,9 +389,12 @@ class GenerationService:
             flight.cancel_pending()
         result = GenerationResult.from_image(image)
         if key is not None and self.cache_max_bytes > 0:
-            await self.store.cache_put(
-                key, result.to_bytes(), ttl_s=self.cache_ttl_s, max_bytes=self.cache_max_bytes
-            )
+            try:
+                await self.store.cache_put(
+                    key, result.to_bytes(), ttl_s=self.cache_ttl_s, max_bytes=self.cache_max_bytes
+                )
+            except StoreUnavailable:  # the image is made: answer it, uncached
+                logger.warning("store unavailable: image not cached")
         return result
 
     def status(self) -> sdclient.ModelStatus:

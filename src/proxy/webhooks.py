@@ -7,7 +7,7 @@ Each delivery is a `POST` of a JSON body with the header
 and `Sdproxy-Webhook-Id` (the job id: the same on every retry, for receivers that deduplicate).
 A receiver recomputes the HMAC over the raw body with the deployment's `SDPROXY_WEBHOOK_SECRET`,
 compares in constant time, and refuses timestamps older than a few minutes (replays): `verify()`
-does exactly that, and examples/webhook_receiver.mjs does it in JavaScript.
+does exactly that, and examples/node-jobs/jobs.mjs does it in JavaScript.
 
 Deliveries are retried with exponential back-off (and jitter) on connection errors, timeouts,
 408, 425, 429 and 5xx; another 4xx means the receiver refused it and is not retried. Redirects are
@@ -147,7 +147,7 @@ class WebhookSender:
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.max_attempts),
             wait=wait_exponential_jitter(
-                initial=self.backoff_s, max=MAX_BACKOFF_S, jitter=self.backoff_s / 2
+                multiplier=self.backoff_s, max=MAX_BACKOFF_S, jitter=self.backoff_s / 2
             ),
             retry=retry_if_exception_type((httpx.TransportError, _Retryable)),
             reraise=True,

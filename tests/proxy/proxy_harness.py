@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -139,3 +140,60 @@ def serve_app(app: FastAPI) -> Iterator[str]:
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def sdproxy_processes(count: int, model_url: str, **settings: Any) -> Iterator[list[str]]:
+    """`count` processes of `sdproxy serve --model model_url`, each with `settings` as SDPROXY_*
+    variables (limits off unless given); yield their URLs once every one answers `/healthz`."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDPROXY_") and k != "HF_TOKEN"}
+    env.update({"SDPROXY_RATE_LIMIT_PER_MINUTE": "0", "SDPROXY_DAILY_QUOTA": "0", "NO_COLOR": "1"})
+    env.update({"SDPROXY_UPSTREAM_TOKEN": SENTINEL, "SDPROXY_LOG_LEVEL": "WARNING"})
+    env.update({f"SDPROXY_{name.upper()}": str(value) for name, value in settings.items()})
+    ports = [_free_port() for _ in range(count)]
+    command = [sys.executable, "-m", "proxy.cli", "serve", "--model", model_url, "--port"]
+    logs = [tempfile.TemporaryFile("w+") for _ in ports]  # a file: a full pipe would block a process
+    processes = [
+        subprocess.Popen([*command, str(port)], env=env, stderr=log)
+        for port, log in zip(ports, logs, strict=True)
+    ]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        deadline = time.monotonic() + 30
+        for url, process in zip(urls, processes, strict=True):
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError("sdproxy serve exited; see its log above")
+                try:
+                    if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("sdproxy serve did not start")
+                time.sleep(0.05)
+        yield urls
+    finally:
+        for process in processes:
+            process.terminate()
+        for process, log in zip(processes, logs, strict=True):
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.seek(0)
+            text = log.read()
+            log.close()
+            sys.stderr.write(text[-4000:])  # shown by pytest when the test fails
+            assert SENTINEL not in text, "the token appears in a log line"

@@ -91,3 +91,17 @@ def test_formatter_masks_the_current_apps_secrets_as_a_last_line_of_defence() ->
         current_secrets.reset(token)
     assert "hf_secret_for_the_formatter_test" not in line
     assert json.loads(line)["msg"] == "oops ***"
+
+
+def test_two_apps_in_one_process_each_mask_their_own_secrets(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer
+) -> None:
+    secret_of_a = "admin-key-of-app-a-0123456789"
+    upstream.default = Reply.error(400, f"cannot use {secret_of_a} here")
+    first, second = start_proxy(admin_key=secret_of_a), start_proxy()
+    with first.client() as client:
+        masked = client.post("/generate", json={"prompt": "a fox"}).json()["error"]["message"]
+    with second.client() as client:
+        passed = client.post("/generate", json={"prompt": "a fox"}).json()["error"]["message"]
+    assert "cannot use *** here" in masked and secret_of_a not in masked
+    assert secret_of_a in passed  # not the second app's secret: its registry does not hold it

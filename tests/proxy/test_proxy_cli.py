@@ -26,7 +26,7 @@ def test_help_lists_the_commands_and_options() -> None:
     assert result.exit_code == 0
     assert "serve" in result.output and "check" in result.output
     serve_help = runner.invoke(app, ["serve", "--help"], terminal_width=120)
-    for option in ("--host", "--port", "--workers", "--static-dir", "--warmup"):
+    for option in ("--host", "--port", "--model", "--provider", "--workers", "--static-dir", "--warmup"):
         assert option in serve_help.output
 
 
@@ -54,6 +54,39 @@ def test_check_prints_the_configuration_without_secrets(monkeypatch: pytest.Monk
     assert "admin-key-0123456789abcdef" not in result.output
 
 
+def test_serve_takes_the_model_and_provider_and_hands_them_to_the_workers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uvicorn
+
+    started: list[dict[str, object]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: started.append(kwargs))
+    monkeypatch.setenv("HF_TOKEN", SENTINEL)
+    for name in ("SDPROXY_MODEL", "SDPROXY_PROVIDER"):
+        monkeypatch.setenv(name, "")  # ignored when empty; removed again after the test
+    result = runner.invoke(app, ["serve", "--model", "user/model", "--provider", "fal-ai", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert started and started[0]["workers"] == 2
+    # Each worker builds its app from the environment: the options travel that way.
+    assert os.environ["SDPROXY_MODEL"] == "user/model"
+    assert os.environ["SDPROXY_PROVIDER"] == "fal-ai"
+
+
+def test_check_takes_the_model_as_an_option() -> None:
+    result = runner.invoke(app, ["check", "--model", "http://127.0.0.1:7860/models/demo"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "http://127.0.0.1:7860/models/demo" in result.output
+
+
+def test_serve_refuses_a_provider_for_a_url_and_an_unknown_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "http://127.0.0.1:7860/models/demo"
+    for_url = runner.invoke(app, ["serve", "--model", url, "--provider", "fal-ai"], terminal_width=200)
+    unknown = runner.invoke(app, ["serve", "--model", "user/model", "--provider", "acme"], terminal_width=200)
+    assert for_url.exit_code == unknown.exit_code == 2
+    assert "SDPROXY_PROVIDER=fal-ai applies to Hub ids" in for_url.output
+    assert "SDPROXY_PROVIDER" in unknown.output and "fal-ai" in unknown.output
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -65,14 +98,14 @@ def test_serve_runs_uvicorn_with_json_logs(tmp_path: Path, upstream: InferenceTe
     (tmp_path / "site" / "index.html").write_text("<title>studio</title>")
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDPROXY_") and k != "HF_TOKEN"}
-    env.update(
-        {"SDPROXY_MODEL": upstream.model_url(MODEL_ID), "SDPROXY_UPSTREAM_TOKEN": SENTINEL, "NO_COLOR": "1"}
-    )
+    env.update({"SDPROXY_UPSTREAM_TOKEN": SENTINEL, "NO_COLOR": "1"})
     command = [
         sys.executable,
         "-m",
         "proxy.cli",
         "serve",
+        "--model",  # what a newcomer types first: no SDPROXY_MODEL in the environment
+        upstream.model_url(MODEL_ID),
         "--port",
         str(port),
         "--static-dir",

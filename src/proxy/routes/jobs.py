@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from ..deps import StateDep, identify_caller
@@ -31,11 +31,25 @@ _OWNER_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+async def owned_job(job_id: str, request: Request, state: StateDep) -> tuple[str, JobRecord]:
+    """The caller and its job, checked before a stream starts (a stream cannot answer 404 later).
+
+    Raises:
+        Unauthorized: API keys are configured and the request has none, or an unknown one.
+        NotFound: No such job for this caller.
+    """
+    owner = identify_caller(request, state)
+    return owner, await state.jobs.get(owner, job_id)
+
+
+OwnedJobDep = Annotated[tuple[str, JobRecord], Depends(owned_job)]
+
+
 def view(record: JobRecord, request: Request) -> JobView:
     """The caller's view of a job."""
     url = None
     if record.image_id is not None:
-        url = str(request.url_for("jobs-get_image", image_id=record.image_id))
+        url = str(request.url_for("get_image", image_id=record.image_id))
     return JobView(
         id=record.id,
         status=record.status,
@@ -93,7 +107,7 @@ async def create_job(
     )
     if not created:
         response.status_code = 200
-    response.headers["Location"] = str(request.url_for("jobs-get_job", job_id=record.id))
+    response.headers["Location"] = str(request.url_for("get_job", job_id=record.id))
     return view(record, request)
 
 
@@ -123,11 +137,10 @@ async def get_job(job_id: str, request: Request, state: StateDep) -> JobView:
     },
     summary="Follow a job's progress",
 )
-async def job_events(job_id: str, request: Request, state: StateDep) -> AsyncIterator[ServerSentEvent]:
+async def job_events(job: OwnedJobDep, state: StateDep) -> AsyncIterator[ServerSentEvent]:
     """Readable with `EventSource` (a GET) when the caller is identified by its IP, or `fetch()`."""
-    owner = identify_caller(request, state)
-    record = await state.jobs.get(owner, job_id)
-    async for name, data in state.jobs.events(owner, job_id):
+    owner, record = job
+    async for name, data in state.jobs.events(owner, record.id):
         if name == "image":
             result = await state.jobs.image(owner, data["image_id"])
             yield ServerSentEvent(event="image", data=result_json(result, record.request_id))

@@ -170,9 +170,7 @@ async def generations(body: ImageGenerationBody, request: Request) -> dict[str, 
     for result, _ in results:
         if body.response_format == "url":
             image_id = await state.jobs.save_image(caller, result)
-            data.append(
-                {"url": str(request.url_for("jobs-get_image", image_id=image_id)), "revised_prompt": None}
-            )
+            data.append({"url": str(request.url_for("get_image", image_id=image_id)), "revised_prompt": None})
         else:
             data.append({"b64_json": base64.b64encode(result.data).decode("ascii"), "revised_prompt": None})
     first = results[0][0]
