@@ -160,8 +160,9 @@ class JobBody(GenerateBody):
     )
 
     def generation(self) -> GenerateBody:
-        """The generation part alone (the webhook does not change the image)."""
-        return GenerateBody.model_validate(self.model_dump(exclude={"webhook_url"}))
+        """The generation part alone (the webhook does not change the image), already validated."""
+        fields = {name: getattr(self, name) for name in GenerateBody.model_fields}
+        return GenerateBody.model_construct(_fields_set=self.model_fields_set - {"webhook_url"}, **fields)
 
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
