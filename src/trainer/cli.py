@@ -625,7 +625,10 @@ def serve(
 def tiny_model(
     out: Annotated[Path, typer.Argument(help="Folder to write.")],
     variant: Annotated[
-        str, typer.Option(help="sd1 (epsilon), sd2 (v-prediction) or sdxl (two text encoders).")
+        str,
+        typer.Option(
+            help="sd1 (epsilon), sd2 (v-prediction), sdxl (two text encoders) or flux (FLUX.1-dev)."
+        ),
     ] = "sd1",
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:

@@ -139,11 +139,10 @@ def load_pipeline(
     return loaded
 
 
-def _pipeline_class(model: str | Path, local_files_only: bool = False) -> Any:
-    """The pipeline class a diffusers folder (or Hub repo) names in ``model_index.json``, if SDXL."""
+def pipeline_class_name(model: str | Path, local_files_only: bool = False) -> str | None:
+    """The pipeline class a diffusers folder (or Hub repo) names in ``model_index.json``; ``None``
+    when there is none to read (offline, gated, missing: ``from_pretrained`` reports it properly)."""
     import json
-
-    from diffusers import StableDiffusionXLPipeline
 
     path = Path(model)
     index = path / "model_index.json"
@@ -152,12 +151,21 @@ def _pipeline_class(model: str | Path, local_files_only: bool = False) -> Any:
 
         try:  # a Hub id: its index is a small file (cached like the rest of the snapshot)
             index = Path(hf_hub_download(str(model), "model_index.json", local_files_only=local_files_only))
-        except Exception:  # offline, gated, missing: from_pretrained reports it properly
+        except Exception:
             return None
-    if index.is_file():
-        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-        return StableDiffusionXLPipeline if name == "StableDiffusionXLPipeline" else None
-    return None
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError):
+        return None
+    return name if isinstance(name, str) else None
+
+
+def _pipeline_class(model: str | Path, local_files_only: bool = False) -> Any:
+    """``StableDiffusionXLPipeline`` when ``model_index.json`` names it, else ``None``."""
+    from diffusers import StableDiffusionXLPipeline
+
+    name = pipeline_class_name(model, local_files_only)
+    return StableDiffusionXLPipeline if name == "StableDiffusionXLPipeline" else None
 
 
 def load_vae(vae: str | Path, dtype: torch.dtype | None = None) -> Any:

@@ -154,6 +154,14 @@ def inspect_base_model(base_model: str) -> BaseModelInfo:
             f"{base_model} is neither an existing folder nor a Hub id (owner/name), e.g. "
             "stable-diffusion-v1-5/stable-diffusion-v1-5."
         )
+    from trainer.loading import pipeline_class_name
+
+    if pipeline_class_name(base_model) == "FluxPipeline":
+        raise ModelLoadError(
+            f"{base_model} is a FLUX model (a transformer, not a UNet): this version of sdtrain trains "
+            "SD 1.x, SD 2.x and SDXL. For a LoRA that Inference Providers serve, train on "
+            "stabilityai/stable-diffusion-xl-base-1.0."
+        )
     try:
         unet = _load_config(base_model, "unet")
         vae = _load_config(base_model, "vae")

@@ -4,9 +4,11 @@ Tests, the offline demo and users' own CI need a real pipeline that loads with t
 (``StableDiffusionPipeline.from_pretrained(folder)``) without downloading weights. ``tiny`` builds
 an 8 MB miniature with the same structure as SD 1.x / SD 2.x (cross-attention blocks first, a
 plain block last, a CLIP text encoder, a KL VAE) or SDXL (two text encoders, the second with a
-projection for the pooled embedding, a ``text_time`` UNet, an Euler scheduler); ``full`` builds the
-real SD 1.5 / 2.1 / SDXL base architecture with random weights, for speed and memory benchmarks on
-a GPU. Text-encoder weights are saved under the ``text_model.`` key prefix like the real repos, so
+projection for the pooled embedding, a ``text_time`` UNet, an Euler scheduler) or FLUX.1-dev (a
+``FluxTransformer2DModel`` with the guidance embedding, CLIP for the pooled embedding and T5 for the
+sequence, a 16-channel VAE, the flow-matching Euler scheduler); ``full`` builds the real SD 1.5 /
+2.1 / SDXL / FLUX.1-dev architecture with random weights, for speed and memory benchmarks on a GPU.
+Text-encoder weights are saved under the ``text_model.`` key prefix like the real repos, so
 that transformers 4.x loads them too.
 
 The tokenizer is a byte-level CLIP BPE written locally: every one of the 256 byte symbols, with and
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-Variant = Literal["sd1", "sd2", "sdxl"]
+Variant = Literal["sd1", "sd2", "sdxl", "flux"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
 Size = Literal["tiny", "full"]
 
@@ -32,6 +34,7 @@ __all__ = [
     "build_tiny_pipeline",
     "save_text_encoder_with_prefix",
     "write_byte_level_tokenizer",
+    "write_t5_tokenizer",
 ]
 
 # Schedulers exactly as the public SD 1.5, SD 2.1 and SDXL base 1.0 repositories ship them.
@@ -57,6 +60,16 @@ _SCHEDULER_SD2: dict[str, Any] = {
     "steps_offset": 1,
     "clip_sample": False,
     "prediction_type": "v_prediction",
+}
+_SCHEDULER_FLUX: dict[str, Any] = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
 }
 _SCHEDULER_SDXL: dict[str, Any] = {
     "_class_name": "EulerDiscreteScheduler",
@@ -345,6 +358,8 @@ def build_random_pipeline(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if variant == "flux":
+        return _build_flux(out, size, seed)
     tokenizer_dir = out / "tokenizer"
     # As the released tokenizers pad: OpenCLIP's (SD 2.x, SDXL's second) with "!".
     pad_token = "!" if variant == "sd2" else "<|endoftext|>"
@@ -383,6 +398,98 @@ def build_random_pipeline(
     # save_pretrained rewrites the tokenizer folders; keep the classic vocab.json/merges.txt beside them.
     for name, pad in tokenizers.items():
         write_byte_level_tokenizer(out / name, pad_token=pad)
+    return out
+
+
+def write_t5_tokenizer(folder: Path, *, max_length: int = 512) -> int:
+    """Write a T5 (Unigram) tokenizer of printable ASCII characters, as ``tokenizer.json``.
+
+    Returns the vocabulary size.
+    """
+    import transformers
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [(chr(c), -1.0) for c in range(33, 127)]
+    tokenizer = transformers.T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=max_length)
+    tokenizer.save_pretrained(folder)
+    return len(tokenizer)
+
+
+def _build_flux(out: Path, size: Size, seed: int) -> Path:
+    """FLUX.1-dev's architecture (``tiny``: 64 px, a few MB), saved in Hub layout."""
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    lib: Any = diffusers
+    tiny = size == "tiny"
+    vocab_size = write_byte_level_tokenizer(out / "tokenizer")
+    t5_vocab = write_t5_tokenizer(out / "tokenizer_2") if tiny else 32128
+    clip = _text_config(
+        hidden=32 if tiny else 768,
+        layers=2 if tiny else 12,
+        heads=4 if tiny else 12,
+        projection=32 if tiny else 768,
+        act="quick_gelu",
+        size=size,
+        vocab_size=vocab_size if tiny else 49408,
+    )
+    t5 = T5Config(
+        vocab_size=t5_vocab,
+        d_model=32 if tiny else 4096,
+        d_kv=8 if tiny else 64,
+        d_ff=37 if tiny else 10240,
+        num_layers=2 if tiny else 24,
+        num_heads=4 if tiny else 64,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    torch.manual_seed(seed)
+    transformer = lib.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels, packed 2 x 2
+        num_layers=1 if tiny else 19,
+        num_single_layers=1 if tiny else 38,
+        attention_head_dim=16 if tiny else 128,
+        num_attention_heads=2 if tiny else 24,
+        joint_attention_dim=t5.d_model,
+        pooled_projection_dim=clip["hidden_size"],
+        guidance_embeds=True,  # FLUX.1-dev is guidance-distilled: the scale is an input
+        axes_dims_rope=(4, 6, 6) if tiny else (16, 56, 56),  # sums to attention_head_dim
+    )
+    vae = lib.AutoencoderKL(
+        block_out_channels=(32, 64) if tiny else (128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * (2 if tiny else 4),
+        up_block_types=("UpDecoderBlock2D",) * (2 if tiny else 4),
+        layers_per_block=1 if tiny else 2,
+        latent_channels=16,
+        sample_size=64 if tiny else 1024,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        in_channels=3,
+        out_channels=3,
+    )
+    import transformers
+
+    pipe = lib.FluxPipeline(
+        scheduler=lib.FlowMatchEulerDiscreteScheduler.from_config(_SCHEDULER_FLUX),
+        vae=vae,
+        text_encoder=CLIPTextModel(CLIPTextConfig(**clip)),
+        tokenizer=CLIPTokenizer.from_pretrained(out / "tokenizer"),
+        text_encoder_2=T5EncoderModel(t5),
+        tokenizer_2=transformers.T5Tokenizer.from_pretrained(out / "tokenizer_2") if tiny else None,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    save_text_encoder_with_prefix(out / "text_encoder")
+    write_byte_level_tokenizer(out / "tokenizer")
+    if tiny:
+        write_t5_tokenizer(out / "tokenizer_2")
     return out
 
 

@@ -92,3 +92,69 @@ def test_full_size_sdxl_has_the_released_shapes() -> None:
         bigg = CLIPTextModelWithProjection(CLIPTextConfig(**configs.text_encoder_2))
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
     assert sum(p.numel() for p in bigg.parameters()) == 694_659_840
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-flux"), variant="flux")
+
+
+def test_tiny_flux_is_laid_out_like_flux_dev(tiny_flux: Path) -> None:
+    index = json.loads((tiny_flux / "model_index.json").read_text())
+    assert index["_class_name"] == "FluxPipeline"
+    assert index["transformer"] == ["diffusers", "FluxTransformer2DModel"]
+    assert index["text_encoder_2"] == ["transformers", "T5EncoderModel"]
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    transformer = json.loads((tiny_flux / "transformer" / "config.json").read_text())
+    clip = json.loads((tiny_flux / "text_encoder" / "config.json").read_text())
+    t5 = json.loads((tiny_flux / "text_encoder_2" / "config.json").read_text())
+    vae = json.loads((tiny_flux / "vae" / "config.json").read_text())
+    assert transformer["guidance_embeds"] is True  # FLUX.1-dev takes the guidance scale as an input
+    assert transformer["joint_attention_dim"] == t5["d_model"]
+    assert transformer["pooled_projection_dim"] == clip["hidden_size"]
+    assert sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"]
+    assert transformer["in_channels"] == 4 * vae["latent_channels"] == 64  # 2 x 2 packed latents
+    assert (vae["scaling_factor"], vae["shift_factor"]) == (0.3611, 0.1159)
+    scheduler = json.loads((tiny_flux / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["use_dynamic_shifting"] is True and scheduler["shift"] == 3.0
+    assert all(
+        key.startswith("text_model.") for key in load_file(tiny_flux / "text_encoder" / "model.safetensors")
+    )
+    assert (tiny_flux / "tokenizer_2" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_tiny_flux_loads_and_generates(tiny_flux: Path) -> None:
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+
+    def image(seed: int, guidance: float = 3.5) -> torch.Tensor:
+        generator = torch.Generator("cpu").manual_seed(seed)
+        out = pipe(
+            "a photo of sks cat",
+            num_inference_steps=2,
+            guidance_scale=guidance,
+            height=64,
+            width=64,
+            max_sequence_length=32,
+            generator=generator,
+            output_type="pt",
+        )
+        return out.images[0]
+
+    first = image(0)
+    assert tuple(first.shape) == (3, 64, 64) and torch.isfinite(first).all()
+    assert torch.equal(first, image(0))
+    assert not torch.equal(first, image(1))
+    assert not torch.equal(first, image(0, guidance=7.0))  # the guidance embedding is used
+
+
+def test_training_a_flux_base_says_what_to_train_instead(tiny_flux: Path) -> None:
+    from trainer.loading import ModelLoadError
+    from trainer.run import inspect_base_model
+
+    with pytest.raises(ModelLoadError, match="is a FLUX model.*stable-diffusion-xl-base-1.0"):
+        inspect_base_model(str(tiny_flux))
