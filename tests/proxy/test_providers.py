@@ -18,6 +18,20 @@ from proxy import ConfigError, load_settings
 from sdclient.testing import FakeRouter, JobScript
 
 LORA = "user/flux-lora"
+# One model per kind of provider: a queue (fal-ai), predictions (Replicate), base64 (Together), the
+# image itself (hf-inference); and the path of the request each one must receive.
+ROUTES = [
+    ("user/sdxl-lora", "fal-ai", "fal-ai/lora", "pytorch_lora_weights.safetensors"),
+    ("user/replicate-lora", "replicate", "owner/flux-dev-lora", "lora.safetensors"),
+    ("user/together", "together", "black-forest-labs/FLUX.1-dev", None),
+    ("user/warm-sd", "hf-inference", None, None),
+]
+PATHS = {
+    "fal-ai": "/fal-ai/fal-ai/lora",
+    "replicate": "/replicate/v1/models/owner/flux-dev-lora/predictions",
+    "together": "/together/v1/images/generations",
+    "hf-inference": "/hf-inference/models/user/warm-sd",
+}
 
 
 @pytest.fixture
@@ -27,6 +41,8 @@ def router(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeRouter]:
     with FakeRouter() as router:
         router.add_model(LORA, "fal-ai", "fal-ai/flux-lora", lora="lora.safetensors")
         router.add_model("user/sdxl-b64", "nscale", "stabilityai/stable-diffusion-xl-base-1.0")
+        for model, provider, provider_id, lora in ROUTES:
+            router.add_model(model, provider, provider_id, lora=lora)
         yield router
 
 
@@ -56,6 +72,22 @@ def test_a_lora_on_fal_ai_streams_the_providers_queue(start: Callable[..., Runni
     assert len(submitted) == 1
     assert submitted[0].json["loras"][0]["path"].endswith(f"/{LORA}/resolve/main/lora.safetensors")
     assert submitted[0].authorization == f"Bearer {SENTINEL}"
+
+
+@pytest.mark.parametrize(("model", "provider"), [(m, p) for m, p, _, _ in ROUTES])
+def test_every_kind_of_provider_through_the_proxy(
+    start: Callable[..., RunningProxy], router: FakeRouter, model: str, provider: str
+):
+    proxy = start(model)  # SDPROXY_PROVIDER=auto: the Hub's mapping says who serves it
+    with proxy.client() as client:
+        response = client.post(
+            "/generate", json={"prompt": "a lighthouse", "seed": 4, "width": 256, "height": 256}
+        )
+    assert response.status_code == 200, response.text
+    assert Image.open(io.BytesIO(response.content)).size == (256, 256)
+    posts = [r for r in router.requests if r.method == "POST"]
+    assert posts[0].path.split("?")[0] == PATHS[provider]
+    assert posts[0].authorization == f"Bearer {SENTINEL}"
 
 
 def test_generate_through_a_base64_provider_named_by_setting(
