@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hub_harness import FakeHub, serve_fake_hub
 from PIL import Image, ImageDraw
 
 # Keep library chatter out of the logs (tests/conftest.py keeps every test off the Hub).
@@ -236,3 +237,15 @@ def lora_run(tiny_sd1: Path, session_photos: Path, tmp_path_factory: pytest.Temp
 def trained_run(trained_run_result: TrainedRun) -> Path:
     """The folder of the shared trained run (model/, checkpoints/, samples/, export/, run.json)."""
     return trained_run_result.path
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    """A fake Hub on 127.0.0.1 that ``HfApi()`` talks to (as with ``HF_ENDPOINT``)."""
+    import huggingface_hub.constants
+
+    # The tests run with HF_HUB_OFFLINE=1 (no Hub). This fake lives on 127.0.0.1.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with serve_fake_hub() as fake:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", fake.url)
+        yield fake

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from hub_harness import WRITE_TOKEN, FakeHub
 from PIL import Image
 from safetensors.torch import load_file
 from test_serve import running, wait_ready
@@ -486,3 +487,52 @@ def test_sdtrain_serve_passes_a_lora_runs_vae(
     (call,) = served
     assert call["model"] == record["base_model"] and call["lora"] == run / LORA_DIR
     assert call["vae"] == "me/sdxl-vae-fp16-fix"
+
+
+@pytest.mark.slow
+def test_publish_an_sdxl_lora_as_an_adapter_that_loads_from_the_repo(
+    sdxl_lora_run: SdxlRun, tiny_sdxl: Path, hub: FakeHub, tmp_path: Path
+) -> None:
+    from huggingface_hub import HfApi, ModelCard
+
+    from trainer.publish import publish_run
+
+    run = shutil.copytree(sdxl_lora_run.path, tmp_path / "run")
+    record = json.loads((run / "run.json").read_text())
+    record["base_model"] = "stabilityai/stable-diffusion-xl-base-1.0"  # as a real run names its base
+    (run / "run.json").write_text(json.dumps(record))
+
+    publish_run(run, "me/xl-toy", token=WRITE_TOKEN, api=HfApi(endpoint=hub.url))
+
+    files = hub.commits("me/xl-toy")[0]["files"]
+    assert {"pytorch_lora_weights.safetensors", "xl-toy_kohya.safetensors", "README.md"} <= set(files)
+    assert any(k.startswith("lora_te2_") for k in _safetensors_keys(files["xl-toy_kohya.safetensors"]))
+    card = ModelCard(files["README.md"].decode())
+    data = card.data.to_dict()
+    assert data["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert data["base_model_relation"] == "adapter"
+    assert {"lora", "stable-diffusion-xl", "text-to-image"} <= set(data["tags"])
+    assert data["instance_prompt"] == INSTANCE_PROMPT
+    assert "StableDiffusionXLPipeline.from_pretrained" in card.text
+
+    repo = tmp_path / "repo"  # the repo as a download of it lays it out
+    for path, content in files.items():
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_bytes(content)
+    pipe = _sdxl(tiny_sdxl)
+    before = _draw(pipe)
+    pipe.load_lora_weights(str(repo))
+    assert not torch.equal(before, _draw(pipe)), "the published adapter changes the image"
+
+
+def _safetensors_keys(data: bytes) -> list[str]:
+    from safetensors.torch import load
+
+    return list(load(data))
+
+
+def _draw(pipe: Any) -> torch.Tensor:
+    generator = torch.Generator("cpu").manual_seed(0)
+    out = pipe(INSTANCE_PROMPT, num_inference_steps=2, generator=generator, output_type="pt")
+    image: torch.Tensor = out.images[0]
+    return image
