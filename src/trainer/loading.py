@@ -161,11 +161,11 @@ def pipeline_class_name(model: str | Path, local_files_only: bool = False) -> st
 
 
 def _pipeline_class(model: str | Path, local_files_only: bool = False) -> Any:
-    """``StableDiffusionXLPipeline`` when ``model_index.json`` names it, else ``None``."""
-    from diffusers import StableDiffusionXLPipeline
+    """The SDXL or FLUX pipeline class when ``model_index.json`` names it, else ``None``."""
+    import diffusers
 
     name = pipeline_class_name(model, local_files_only)
-    return StableDiffusionXLPipeline if name == "StableDiffusionXLPipeline" else None
+    return getattr(diffusers, name) if name in ("StableDiffusionXLPipeline", "FluxPipeline") else None
 
 
 def load_vae(vae: str | Path, dtype: torch.dtype | None = None) -> Any:

@@ -538,7 +538,9 @@ class ModelServer:
             if v is not None  # unset: the pipeline's own defaults
         }
         if params.lora_scale is not None:
-            kwargs["cross_attention_kwargs"] = {"scale": params.lora_scale}
+            # UNet pipelines take the adapter's scale as cross-attention kwargs, FLUX as joint ones.
+            attention = "joint_attention_kwargs" if hasattr(pipe, "transformer") else "cross_attention_kwargs"
+            kwargs[attention] = {"scale": params.lora_scale}
 
         def between_steps(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
             self._check(job)
@@ -579,8 +581,9 @@ def _native_size(pipe: Any) -> tuple[int, int]:
     """The side a pipeline draws at by default and its default number of steps."""
     import inspect
 
-    unet = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    sample = getattr(getattr(unet, "config", None), "sample_size", None)
+    unet = getattr(pipe, "unet", None)
+    # A UNet's latent size, or a transformer pipeline's (FLUX) default size in latent pixels.
+    sample = getattr(getattr(unet, "config", None), "sample_size", getattr(pipe, "default_sample_size", None))
     scale = getattr(pipe, "vae_scale_factor", 8)
     side = int(sample * scale) if isinstance(sample, int) else 512
     try:

@@ -502,3 +502,30 @@ def test_sigterm_stops_a_long_generation_within_seconds(tiny_sd1: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.mark.slow
+def test_serves_a_flux_model_with_its_guidance_and_size(tmp_path: Path) -> None:
+    from trainer.tiny import build_tiny_pipeline
+
+    flux = build_tiny_pipeline(tmp_path / "flux", variant="flux")
+    app = create_app(flux, model_id="me/flux", device="cpu")
+    with running(app) as url:
+        health = wait_ready(url)
+        assert health["state"] == "ready"
+
+        def draw(**parameters: Any) -> httpx.Response:
+            body = {
+                "inputs": "a photo of sks cat",
+                "parameters": {"num_inference_steps": 2, "seed": 5, **parameters},
+            }
+            return httpx.post(f"{url}/models/me/flux", json=body, timeout=60)
+
+        first, again = draw(width=64, height=64), draw(width=64, height=64)
+        assert first.status_code == 200, first.text
+        assert Image.open(io.BytesIO(first.content)).size == (64, 64)
+        assert first.content == again.content
+        assert draw(width=64, height=64, guidance_scale=7.0).content != first.content
+        # Its own default size (FLUX: the transformer's default sample size) sets the budget.
+        assert Image.open(io.BytesIO(draw().content)).size == (256, 256)
+        assert draw(width=2048, height=2048, num_inference_steps=50).status_code == 422
