@@ -98,6 +98,9 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
             timeout=httpx.Timeout(settings.upstream_timeout, connect=CONNECT_TIMEOUT_S),
             max_wait_for_model=settings.max_wait_for_model,
             max_retries=settings.max_retries,
+            # A visitor's request is one upstream job: when the answer times out after sending, the
+            # server may still be generating it, and a re-send would queue a second one.
+            retry=sdclient.RetryPolicy(retry_read_timeouts=False),
             http_backend=settings.http_backend,
             usage=sdclient.UsageTracker(settings.usage_db) if settings.usage_db else None,
         )

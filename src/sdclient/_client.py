@@ -755,6 +755,7 @@ class SDClient:
             raise APITimeoutError(
                 self._redact(f"{type(exc).__name__}: no answer from {url} in time ({exc or 'timed out'})"),
                 model=self.model,
+                sent=not isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout),
             ) from exc
         except httpx.TransportError as exc:
             raise APIConnectionError(
