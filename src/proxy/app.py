@@ -28,6 +28,7 @@ from .middleware import (
     REQUEST_ID_HEADER,
     BodyLimitMiddleware,
     LoadSheddingMiddleware,
+    RelativeRedirectMiddleware,
     RequestContextMiddleware,
 )
 from .routes import generate, jobs, openai, ops
@@ -190,7 +191,9 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
         async def root() -> RedirectResponse:
             return RedirectResponse("/app/")
 
-    # Added innermost first: RequestContext (request id) -> CORS -> LoadShedding -> BodyLimit -> app.
+    # Added innermost first: RequestContext (request id) -> CORS -> LoadShedding -> BodyLimit
+    # -> RelativeRedirect -> app.
+    app.add_middleware(RelativeRedirectMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(LoadSheddingMiddleware)
     if settings.allowed_origins:

@@ -9,6 +9,7 @@ Over real sockets: the proxy under uvicorn in front of `sdclient.testing`'s serv
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from proxy_harness import RunningProxy
 
@@ -45,3 +46,26 @@ def test_a_connection_that_fails_before_sending_is_still_retried(
         response = client.post("/generate", json=BODY)
     assert response.status_code == 200, response.text
     assert _posts(upstream) == 2
+
+
+# -- redirects ----------------------------------------------------------------------------------
+
+
+def test_app_redirects_stay_on_the_proxys_own_origin(
+    start_proxy: Callable[..., RunningProxy], tmp_path: Path
+) -> None:
+    site = tmp_path / "site"
+    (site / "docs").mkdir(parents=True)
+    (site / "index.html").write_text("<!doctype html><title>app</title>")
+    (site / "docs" / "index.html").write_text("<!doctype html><title>docs</title>")
+    proxy = start_proxy(static_dir=site)
+    evil = {"Host": "evil.example"}
+    with proxy.client(follow_redirects=False) as client:
+        answers = {path: client.get(path, headers=evil) for path in ("/", "/app", "/app/docs", "/status/")}
+    for path, response in answers.items():
+        assert response.status_code in (301, 302, 307, 308), (path, response.status_code)
+        location = response.headers["location"]
+        assert location.startswith("/") and not location.startswith("//"), (path, location)
+        assert "evil.example" not in location
+    assert answers["/app"].headers["location"] == "/app/"
+    assert answers["/app/docs"].headers["location"] == "/app/docs/"
