@@ -30,6 +30,8 @@ from sdclient.protocol import (
     resolve_token,
 )
 
+from .schemas import MAX_IMAGES, MAX_PROMPT_LENGTH
+
 __all__ = ["ENV_PREFIX", "ConfigError", "IPNetwork", "Settings", "load_settings"]
 
 ENV_PREFIX = "SDPROXY_"
@@ -131,6 +133,22 @@ class Settings(BaseSettings):
         description="What sends upstream: httpx, or aiohttp's connection pool (the `aiohttp` extra).",
     )
     max_body_bytes: int = Field(default=16_384, ge=1024, description="Largest accepted request body.")
+    max_megapixel_steps: float = Field(
+        default=31.5,
+        gt=0,
+        description="Cost budget of one request: n x width x height x num_inference_steps / 10^6; "
+        "unset fields count as 1024 px and 30 steps, so the default is one 1024x1024 image at 30 "
+        "steps (the proxy does not know the model's own resolution).",
+    )
+    max_images_per_request: int = Field(
+        default=MAX_IMAGES, ge=1, le=MAX_IMAGES, description="Images one request may ask for (`n`)."
+    )
+    max_prompt_length: int = Field(
+        default=MAX_PROMPT_LENGTH,
+        ge=1,
+        le=MAX_PROMPT_LENGTH,
+        description="Longest prompt or negative prompt, in characters.",
+    )
     cache_max_bytes: int = Field(
         default=64 * 1024 * 1024, ge=0, description="Bytes of images kept for seeded repeats (0: off)."
     )

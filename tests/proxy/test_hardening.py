@@ -8,9 +8,13 @@ Over real sockets: the proxy under uvicorn in front of `sdclient.testing`'s serv
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
+import pytest
 from proxy_harness import RunningProxy
 
 from sdclient.testing import InferenceTestServer, Reply
@@ -46,6 +50,117 @@ def test_a_connection_that_fails_before_sending_is_still_retried(
         response = client.post("/generate", json=BODY)
     assert response.status_code == 200, response.text
     assert _posts(upstream) == 2
+
+
+# -- the cost budget of one request -------------------------------------------------------------
+
+ROUTES = ("/generate", "/generate/stream", "/v1/jobs", "/v1/images/generations")
+
+
+def _body(route: str, **fields: Any) -> dict[str, Any]:
+    """A body for `route` with the generation `fields` (width and height as OpenAI's `size`)."""
+    body: dict[str, Any] = {"prompt": "a lighthouse at dusk", **fields}
+    if route == "/v1/images/generations" and "width" in body:
+        body["size"] = f"{body.pop('width')}x{body.pop('height')}"
+    return body
+
+
+def _error(response: httpx.Response) -> dict[str, Any]:
+    error: dict[str, Any] = response.json()["error"]
+    return error
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_request_over_the_cost_budget_is_a_422_naming_it_on_every_route(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer, route: str
+) -> None:
+    proxy = start_proxy(max_megapixel_steps=1.0, daily_quota=1)
+    with proxy.client() as client:
+        over = client.post(route, json=_body(route, width=512, height=512, num_inference_steps=10))
+        within = client.post(route, json=_body(route, width=256, height=256, num_inference_steps=10))
+    assert over.status_code == 422, over.text
+    message = _error(over)["message"]
+    assert "width x height x num_inference_steps = 512 x 512 x 10 = 2.6 megapixel-steps" in message
+    assert "budget of 1.0 (SDPROXY_MAX_MEGAPIXEL_STEPS)" in message
+    # Refused before the quota is charged (one image a day) and before anything is sent upstream.
+    assert within.status_code in (200, 202), within.text
+    assert _posts(upstream) <= 1
+
+
+def test_the_default_budget_is_one_1024px_image_at_30_steps(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer
+) -> None:
+    proxy = start_proxy()
+    with proxy.client() as client:
+        default = client.post("/generate", json=BODY)
+        largest = client.post(
+            "/generate", json={**BODY, "width": 1024, "height": 1024, "num_inference_steps": 30}
+        )
+        more_steps = client.post("/generate", json={**BODY, "num_inference_steps": 31})
+    assert default.status_code == 200 and largest.status_code == 200
+    assert more_steps.status_code == 422
+    assert (
+        "1024 x 1024 x 31 = 32.5 megapixel-steps, over this proxy's budget of 31.5"
+        in _error(more_steps)["message"]
+    )
+    assert _posts(upstream) == 2
+
+
+def test_the_openai_routes_n_counts_n_times_and_is_bounded(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer
+) -> None:
+    proxy = start_proxy(max_megapixel_steps=4.0, max_images_per_request=3)
+    route = "/v1/images/generations"
+    with proxy.client() as client:
+        one = client.post(route, json=_body(route, width=512, height=512, num_inference_steps=10))
+        two = client.post(route, json=_body(route, n=2, width=512, height=512, num_inference_steps=10))
+        four = client.post(route, json=_body(route, n=4, width=64, height=64, num_inference_steps=1))
+    assert one.status_code == 200, one.text
+    assert two.status_code == 422
+    assert "n x width x height x num_inference_steps = 2 x 512 x 512 x 10 = 5.2" in _error(two)["message"]
+    assert four.status_code == 422
+    assert "SDPROXY_MAX_IMAGES_PER_REQUEST" in _error(four)["message"]
+    assert _posts(upstream) == 1
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_prompt_length_limits_hold_on_every_route(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer, route: str
+) -> None:
+    proxy = start_proxy(max_prompt_length=40)
+    with proxy.client() as client:
+        long_prompt = client.post(route, json={"prompt": "x" * 41})
+        long_negative = client.post(route, json={"prompt": "a fox", "negative_prompt": "y" * 41})
+        over_schema = client.post(route, json={"prompt": "z" * 2001})
+    for response in (long_prompt, long_negative):
+        assert response.status_code == 422, response.text
+        assert "more than this proxy's 40 (SDPROXY_MAX_PROMPT_LENGTH)" in _error(response)["message"]
+    assert "negative_prompt" in _error(long_negative)["message"]
+    # Past the schema's own bound: a validation error (OpenAI's 400 on its route).
+    assert over_schema.status_code == (400 if route == "/v1/images/generations" else 422)
+    assert "prompt" in _error(over_schema)["message"]
+    assert _posts(upstream) == 0
+
+
+def _chunks(data: bytes) -> Iterator[bytes]:
+    for start in range(0, len(data), 1024):
+        yield data[start : start + 1024]
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_the_body_size_limit_holds_on_every_route(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer, route: str
+) -> None:
+    proxy = start_proxy(max_body_bytes=2048)
+    big = json.dumps({"prompt": "a fox", "negative_prompt": "n" * 1800, "user": "u" * 200}).encode()
+    headers = {"content-type": "application/json"}
+    with proxy.client() as client:
+        declared = client.post(route, content=big, headers=headers)
+        chunked = client.post(route, content=_chunks(big), headers=headers)
+    for response in (declared, chunked):
+        assert response.status_code == 413, response.text
+        assert "larger than 2048 bytes" in _error(response)["message"]
+    assert _posts(upstream) == 0
 
 
 # -- redirects ----------------------------------------------------------------------------------
