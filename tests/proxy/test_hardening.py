@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from proxy_harness import RunningProxy
+from proxy_harness import SENTINEL, RunningProxy
 
 from sdclient.testing import InferenceTestServer, Reply
 
@@ -184,3 +184,57 @@ def test_app_redirects_stay_on_the_proxys_own_origin(
         assert "evil.example" not in location
     assert answers["/app"].headers["location"] == "/app/"
     assert answers["/app/docs"].headers["location"] == "/app/docs/"
+
+
+# -- the public never sees the upstream's URL or raw text ---------------------------------------
+
+
+def _echoing_replies(url: str) -> dict[str, Reply]:
+    """Every kind of upstream answer, each echoing the upstream's URL and the proxy's token."""
+    said = f"{url}/models/test/model says {SENTINEL}: " + "details " * 200
+    headers = {"x-request-id": f"{url}#{SENTINEL}"}
+    return {
+        "loading": Reply.status(
+            503, {"error": f"Model loading on {said}", "estimated_time": 30.0}, headers=headers
+        ),
+        "400": Reply.error(400, said, headers=headers),
+        "401": Reply.error(401, said, headers=headers),
+        "402": Reply.error(402, said, headers=headers),
+        "404": Reply.error(404, said, headers=headers),
+        "422": Reply.status(422, {"error": [said, said]}, headers=headers),
+        "429": Reply.status(429, {"error": said}, headers={**headers, "retry-after": "3"}),
+        "500": Reply.error(500, said, headers=headers),
+        "502-html": Reply.status(502, f"<html><h1>Bad gateway</h1><p>{said}</p></html>", "text/html"),
+        "503": Reply.error(503, said, headers=headers),
+        "200-text": Reply.status(200, said, "text/plain", headers=headers),
+    }
+
+
+def test_no_public_answer_shows_the_upstreams_url_or_raw_text(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer
+) -> None:
+    proxy = start_proxy(max_retries=0, max_wait_for_model=1.0)
+    host = f"127.0.0.1:{upstream.port}"
+    statuses = []
+    with proxy.client() as client:
+        for name, reply in _echoing_replies(upstream.url).items():
+            upstream.default = reply
+            answers = [
+                client.post("/generate", json=BODY),
+                client.post("/generate", json=BODY, headers={"accept": "application/json"}),
+                client.post("/generate/stream", json=BODY),
+                client.post("/v1/images/generations", json={"prompt": "a fox"}),
+            ]
+            job = client.post("/v1/jobs", json=BODY).json()
+            answers.append(client.get(f"/v1/jobs/{job['id']}/events"))  # follows the job to its end
+            answers.append(client.get(f"/v1/jobs/{job['id']}"))
+            status = client.get("/status")
+            statuses.append(status.json())
+            for answer in answers:
+                assert answer.status_code >= 400 or "error" in answer.text, (name, answer.text[:200])
+                assert len(answer.content) < 2000, (name, answer.text[:300])
+    assert {s["state"] for s in statuses} >= {"loading", "unavailable"}
+    for text in proxy.seen.answers:  # every body, header and SSE event of the test
+        assert SENTINEL not in text
+        assert host not in text and upstream.url not in text, text[:400]
+        assert "details " * 25 not in text  # a short excerpt at most, never the raw body
