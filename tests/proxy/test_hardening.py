@@ -238,3 +238,53 @@ def test_no_public_answer_shows_the_upstreams_url_or_raw_text(
         assert SENTINEL not in text
         assert host not in text and upstream.url not in text, text[:400]
         assert "details " * 25 not in text  # a short excerpt at most, never the raw body
+
+
+# -- a broken usage database --------------------------------------------------------------------
+
+
+def _corrupt_db(tmp_path: Path) -> Path:
+    path = tmp_path / "usage.db"
+    path.write_bytes(b"this is not an SQLite database, only junk " * 100)
+    return path
+
+
+def test_check_opens_the_usage_db_and_reports_a_corrupt_one(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from proxy.cli import app
+
+    runner = CliRunner()
+    env = {"SDPROXY_MODEL": "http://127.0.0.1:9/models/demo"}
+    bad = runner.invoke(app, ["check"], env={**env, "SDPROXY_USAGE_DB": str(_corrupt_db(tmp_path))})
+    assert bad.exit_code == 2, bad.output
+    said = " ".join(bad.output.split())  # as one line, whatever the terminal's width
+    assert "SDPROXY_USAGE_DB" in said and "cannot be used as the usage database" in said
+    assert "Traceback" not in said
+    good = runner.invoke(app, ["check"], env={**env, "SDPROXY_USAGE_DB": str(tmp_path / "new.db")})
+    assert good.exit_code == 0, good.output
+    assert (tmp_path / "new.db").is_file()
+
+
+def test_serve_refuses_a_corrupt_usage_db_with_the_same_message(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDPROXY_") and k != "HF_TOKEN"}
+    env.update({"SDPROXY_USAGE_DB": str(_corrupt_db(tmp_path)), "NO_COLOR": "1", "COLUMNS": "200"})
+    command = [sys.executable, "-m", "proxy.cli", "serve", "--model", "http://127.0.0.1:9/models/demo"]
+    done = subprocess.run([*command, "--port", "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr[-2000:]
+    said = " ".join(done.stderr.split())
+    assert "SDPROXY_USAGE_DB" in said and "cannot be used as the usage database" in said
+    assert "Traceback" not in said
+
+
+def test_create_app_refuses_a_corrupt_usage_db(upstream: InferenceTestServer, tmp_path: Path) -> None:
+    from proxy_harness import make_settings
+
+    from proxy import ConfigError, create_app
+
+    with pytest.raises(ConfigError, match="SDPROXY_USAGE_DB"):
+        create_app(make_settings(upstream, usage_db=_corrupt_db(tmp_path)))
