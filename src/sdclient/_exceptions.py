@@ -129,10 +129,10 @@ class APITimeoutError(APIConnectionError, TimeoutError):
     """The server did not answer within the configured ``timeout`` (after retries).
 
     Attributes:
-        sent: Whether the request may have reached the server before the time ran out (every
-            timeout but connecting or waiting for a pooled connection): the server may then still
-            be generating, and a re-send would start a second job (see
-            ``RetryPolicy.retry_read_timeouts``).
+        sent: Whether a generation request (a POST) may have reached the server before the time
+            ran out (every timeout but connecting or waiting for a pooled connection): the server
+            may then still be generating, and a re-send would start a second job (see
+            ``RetryPolicy.retry_read_timeouts``). Always false for GETs (job status, downloads).
     """
 
     def __init__(self, message: str, *, model: str, sent: bool = False) -> None:

@@ -84,7 +84,8 @@ class RetryPolicy:
     retry_read_timeouts: bool = True
     """Re-send a request whose answer timed out after it was sent (``APITimeoutError.sent``).
     ``False``: raise the timeout at once, since the server may still be generating and a re-send
-    would queue a second job there (the proxy sets this). Connect timeouts are retried either way."""
+    would queue a second job there (the proxy sets this). Connect timeouts, and GETs (a provider's
+    job status, an image download), are retried either way."""
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
