@@ -30,8 +30,6 @@ from sdclient.protocol import (
     resolve_token,
 )
 
-from .schemas import MAX_IMAGES, MAX_PROMPT_LENGTH
-
 __all__ = ["ENV_PREFIX", "ConfigError", "IPNetwork", "Settings", "load_settings"]
 
 ENV_PREFIX = "SDPROXY_"
@@ -140,14 +138,11 @@ class Settings(BaseSettings):
         "unset fields count as 1024 px and 30 steps, so the default is one 1024x1024 image at 30 "
         "steps (the proxy does not know the model's own resolution).",
     )
-    max_images_per_request: int = Field(
-        default=MAX_IMAGES, ge=1, le=MAX_IMAGES, description="Images one request may ask for (`n`)."
+    max_images_per_request: int = Field(  # at most schemas.MAX_IMAGES
+        default=4, ge=1, le=4, description="Images one request may ask for (`n`)."
     )
-    max_prompt_length: int = Field(
-        default=MAX_PROMPT_LENGTH,
-        ge=1,
-        le=MAX_PROMPT_LENGTH,
-        description="Longest prompt or negative prompt, in characters.",
+    max_prompt_length: int = Field(  # at most schemas.MAX_PROMPT_LENGTH
+        default=2000, ge=1, le=2000, description="Longest prompt or negative prompt, in characters."
     )
     cache_max_bytes: int = Field(
         default=64 * 1024 * 1024, ge=0, description="Bytes of images kept for seeded repeats (0: off)."

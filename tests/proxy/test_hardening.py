@@ -142,6 +142,16 @@ def test_prompt_length_limits_hold_on_every_route(
     assert _posts(upstream) == 0
 
 
+def test_the_request_limits_default_to_the_schemas_own_bounds() -> None:
+    from proxy import Settings
+    from proxy.schemas import MAX_IMAGES, MAX_PROMPT_LENGTH
+
+    for name, bound in (("max_images_per_request", MAX_IMAGES), ("max_prompt_length", MAX_PROMPT_LENGTH)):
+        field = Settings.model_fields[name]
+        assert field.default == bound
+        assert any(getattr(rule, "le", None) == bound for rule in field.metadata)
+
+
 def _chunks(data: bytes) -> Iterator[bytes]:
     for start in range(0, len(data), 1024):
         yield data[start : start + 1024]
