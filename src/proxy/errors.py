@@ -29,9 +29,11 @@ Messages written for upstream failures never contain the token nor where the ups
 are composed here from the status code, and of the model server's own text only a short excerpt
 is passed on, through `public_text()`: secrets masked, URLs, host names and addresses replaced,
 control characters dropped, one line of at most `MAX_SERVER_TEXT` characters. The full text is
-the operator's, in the log. The secrets to
-mask are kept per app (`SecretRegistry`): the app makes the registry current (`current_secrets`)
-for its lifespan and each request, so two apps in one process never see each other's secrets.
+the operator's, in the log.
+
+The secrets to mask are kept per app (`SecretRegistry`): the app makes the registry current
+(`current_secrets`) for its lifespan and each request, so two apps in one process never see each
+other's secrets.
 """
 
 from __future__ import annotations

@@ -191,7 +191,8 @@ class RelativeRedirectMiddleware:
 
 
 def relative_location(location: str) -> str:
-    """`location` without scheme and host: a path on this origin (`/` at least, never `//...`)."""
+    """`location` without scheme and host: a path on this origin, `/` at least, and never one that
+    a browser reads as another host (`//host`, `/\\host`)."""
     parts = urlsplit(location)
-    path = "/" + parts.path.lstrip("/")
+    path = "/" + parts.path.lstrip("/\\")
     return path + (f"?{parts.query}" if parts.query else "")

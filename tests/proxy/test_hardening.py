@@ -196,6 +196,24 @@ def test_app_redirects_stay_on_the_proxys_own_origin(
     assert answers["/app/docs"].headers["location"] == "/app/docs/"
 
 
+@pytest.mark.parametrize(
+    ("location", "relative"),
+    [
+        ("http://evil.example/app/", "/app/"),
+        ("https://evil.example/app/docs/?page=2", "/app/docs/?page=2"),
+        ("//evil.example/app/", "/app/"),
+        ("http://proxy.example//evil.example/x", "/evil.example/x"),
+        ("http://proxy.example/\\evil.example/x", "/evil.example/x"),
+        ("/app/", "/app/"),
+        ("http://proxy.example", "/"),
+    ],
+)
+def test_relative_location_never_names_a_host(location: str, relative: str) -> None:
+    from proxy.middleware import relative_location
+
+    assert relative_location(location) == relative
+
+
 # -- the public never sees the upstream's URL or raw text ---------------------------------------
 
 
