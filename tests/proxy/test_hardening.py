@@ -316,3 +316,13 @@ def test_create_app_refuses_a_corrupt_usage_db(upstream: InferenceTestServer, tm
 
     with pytest.raises(ConfigError, match="SDPROXY_USAGE_DB"):
         create_app(make_settings(upstream, usage_db=_corrupt_db(tmp_path)))
+
+
+def test_every_setting_is_in_the_documentation() -> None:
+    from proxy import Settings
+
+    docs = (Path(__file__).parents[2] / "docs" / "proxy.md").read_text()
+    missing = [
+        name for name in Settings.model_fields if name != "hf_token" and f"SDPROXY_{name.upper()}" not in docs
+    ]
+    assert not missing, f"not in docs/proxy.md: {missing}"
