@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,7 +20,7 @@ from starlette.responses import Response
 import sdclient
 
 from .admission import AdmissionQueue
-from .config import Settings, load_settings
+from .config import ENV_PREFIX, ConfigError, Settings, load_settings
 from .deps import AppState, LifespanState
 from .errors import ProxyError, SecretRegistry, current_secrets, error_body, install_error_handlers
 from .jobs import JobManager
@@ -28,6 +29,7 @@ from .middleware import (
     REQUEST_ID_HEADER,
     BodyLimitMiddleware,
     LoadSheddingMiddleware,
+    RelativeRedirectMiddleware,
     RequestContextMiddleware,
 )
 from .routes import generate, jobs, openai, ops
@@ -36,7 +38,7 @@ from .service import GenerationService
 from .store import MemoryStore, Store
 from .webhooks import WebhookSender
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "open_usage_tracker"]
 
 logger = logging.getLogger("proxy")
 
@@ -77,6 +79,8 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
         ConfigError: The configuration is incomplete or unsafe.
     """
     settings = settings if settings is not None else load_settings()
+    if client is None and settings.usage_db is not None:
+        open_usage_tracker(settings).close()  # a broken file is a configuration error, now
     token = settings.resolve_token()
     secrets = SecretRegistry()
     secrets.add(token)
@@ -98,8 +102,11 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
             timeout=httpx.Timeout(settings.upstream_timeout, connect=CONNECT_TIMEOUT_S),
             max_wait_for_model=settings.max_wait_for_model,
             max_retries=settings.max_retries,
+            # A visitor's request is one upstream job: when the answer times out after sending, the
+            # server may still be generating it, and a re-send would queue a second one.
+            retry=sdclient.RetryPolicy(retry_read_timeouts=False),
             http_backend=settings.http_backend,
-            usage=sdclient.UsageTracker(settings.usage_db) if settings.usage_db else None,
+            usage=open_usage_tracker(settings) if settings.usage_db else None,
         )
         store = _open_store(settings)
         await store.start()
@@ -187,7 +194,9 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
         async def root() -> RedirectResponse:
             return RedirectResponse("/app/")
 
-    # Added innermost first: RequestContext (request id) -> CORS -> LoadShedding -> BodyLimit -> app.
+    # Added innermost first: RequestContext (request id) -> CORS -> LoadShedding -> BodyLimit
+    # -> RelativeRedirect -> app.
+    app.add_middleware(RelativeRedirectMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(LoadSheddingMiddleware)
     if settings.allowed_origins:
@@ -209,6 +218,30 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
         )
     app.add_middleware(RequestContextMiddleware, secrets=secrets)  # outermost: every answer gets a request id
     return app
+
+
+def open_usage_tracker(settings: Settings) -> sdclient.UsageTracker:
+    """The usage tracker of `SDPROXY_USAGE_DB` (in memory when unset), opened and read once.
+
+    Raises:
+        ConfigError: The file cannot serve as a usage database (not SQLite, corrupt, unreadable,
+            locked); the message names the variable and what to do.
+    """
+    if settings.usage_db is None:
+        return sdclient.UsageTracker()
+    tracker: sdclient.UsageTracker | None = None
+    try:
+        tracker = sdclient.UsageTracker(settings.usage_db)
+        tracker.snapshot()
+    except (sqlite3.Error, OSError) as exc:
+        if tracker is not None:
+            tracker.close()
+        raise ConfigError(
+            f"{ENV_PREFIX}USAGE_DB {str(settings.usage_db)!r} cannot be used as the usage database "
+            f"({type(exc).__name__}: {exc}): move the file away to start counting afresh, or point "
+            f"{ENV_PREFIX}USAGE_DB at another file"
+        ) from None
+    return tracker
 
 
 def _open_store(settings: Settings) -> Store:

@@ -34,8 +34,12 @@ _err = Console(stderr=True)
 
 
 def _load(overrides: dict[str, Any]) -> Settings:
+    from .app import open_usage_tracker
+
     try:
-        return load_settings(**{key: value for key, value in overrides.items() if value is not None})
+        settings = load_settings(**{key: value for key, value in overrides.items() if value is not None})
+        open_usage_tracker(settings).close()  # a broken usage database: refused before serving
+        return settings
     except ConfigError as exc:
         _err.print(f"[bold red]sdproxy:[/] {exc}", highlight=False)
         _err.print("See `sdproxy --help` and docs/proxy.md for every setting.", highlight=False)

@@ -131,6 +131,19 @@ class Settings(BaseSettings):
         description="What sends upstream: httpx, or aiohttp's connection pool (the `aiohttp` extra).",
     )
     max_body_bytes: int = Field(default=16_384, ge=1024, description="Largest accepted request body.")
+    max_megapixel_steps: float = Field(
+        default=31.5,
+        gt=0,
+        description="Cost budget of one request: n x width x height x num_inference_steps / 10^6; "
+        "unset fields count as 1024 px and 30 steps, so the default is one 1024x1024 image at 30 "
+        "steps (the proxy does not know the model's own resolution).",
+    )
+    max_images_per_request: int = Field(  # at most schemas.MAX_IMAGES
+        default=4, ge=1, le=4, description="Images one request may ask for (`n`)."
+    )
+    max_prompt_length: int = Field(  # at most schemas.MAX_PROMPT_LENGTH
+        default=2000, ge=1, le=2000, description="Longest prompt or negative prompt, in characters."
+    )
     cache_max_bytes: int = Field(
         default=64 * 1024 * 1024, ge=0, description="Bytes of images kept for seeded repeats (0: off)."
     )

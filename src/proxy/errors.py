@@ -25,10 +25,15 @@ ProxyError
      └─ UpstreamJobFailed     upstream_job_failed (an Inference Provider ran the job; it failed)
 ```
 
-Messages written for upstream failures never contain the token: they are composed here from the
-status code, and the model server's own text is passed through `redact()` first. The secrets to
-mask are kept per app (`SecretRegistry`): the app makes the registry current (`current_secrets`)
-for its lifespan and each request, so two apps in one process never see each other's secrets.
+Messages written for upstream failures never contain the token nor where the upstream is: they
+are composed here from the status code, and of the model server's own text only a short excerpt
+is passed on, through `public_text()`: secrets masked, URLs, host names and addresses replaced,
+control characters dropped, one line of at most `MAX_SERVER_TEXT` characters. The full text is
+the operator's, in the log.
+
+The secrets to mask are kept per app (`SecretRegistry`): the app makes the registry current
+(`current_secrets`) for its lifespan and each request, so two apps in one process never see each
+other's secrets.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,6 +80,7 @@ __all__ = [
     "error_response",
     "from_client_error",
     "install_error_handlers",
+    "public_text",
     "redact",
 ]
 
@@ -205,9 +212,33 @@ class UpstreamJobFailed(UpstreamFailure):
     code = "upstream_job_failed"
 
 
+MAX_SERVER_TEXT = 160
+"""Longest excerpt of an upstream's own text in a public message."""
+
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://\S*", re.IGNORECASE)
+_ADDRESS = re.compile(
+    r"\[[0-9a-f:.]+\](?::\d+)?"  # [::1]:8080
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"  # 10.0.0.7:7860
+    r"|\b(?:[a-z0-9](?:[a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,}(?::\d+)?\b"  # api.example.com:443
+    r"|\blocalhost(?::\d+)?\b",
+    re.IGNORECASE,
+)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+
+
+def public_text(text: str, limit: int = MAX_SERVER_TEXT) -> str:
+    """What of an upstream's text may be shown to the public: secrets masked, URLs (`<url>`) and
+    host names or addresses (`<host>`) replaced, control characters and line breaks collapsed,
+    cut to `limit` characters."""
+    text = redact(text)
+    text = _URL.sub("<url>", text)
+    text = _ADDRESS.sub("<host>", text)
+    text = " ".join(_CONTROL.sub(" ", text).split())
+    return text[:limit] + ("..." if len(text) > limit else "")
+
+
 def _server_text(exc: sdclient.APIStatusError) -> str:
-    text = redact(str(exc.message or "")).strip()
-    return text[:300] + ("..." if len(text) > 300 else "")
+    return public_text(str(exc.message or ""))
 
 
 def from_client_error(exc: sdclient.SDClientError) -> ProxyError:
@@ -255,11 +286,11 @@ def from_client_error(exc: sdclient.SDClientError) -> ProxyError:
         )
     if isinstance(exc, sdclient.ProviderNotAvailable):
         return UpstreamNotFound(
-            f"No Inference Provider serves the configured model this way: {redact(str(exc))}. "
+            f"No Inference Provider serves the configured model this way: {public_text(str(exc))}. "
             "The operator must check SDPROXY_MODEL and SDPROXY_PROVIDER."
         )
     if isinstance(exc, sdclient.JobFailed):
-        return UpstreamJobFailed(f"The {exc.provider} job failed: {redact(exc.message)[:300]}")
+        return UpstreamJobFailed(f"The {exc.provider} job failed: {public_text(exc.message)}")
     if isinstance(exc, sdclient.JobTimeout):
         return UpstreamTimeout(
             f"The {exc.provider} job was not done after {exc.waited_s:.0f} s (its queue is long). "

@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -23,8 +24,10 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "BodyLimitMiddleware",
     "LoadSheddingMiddleware",
+    "RelativeRedirectMiddleware",
     "RequestContextMiddleware",
     "accept_request_id",
+    "relative_location",
 ]
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -158,3 +161,38 @@ class LoadSheddingMiddleware:
                     await error_response(exc)(scope, receive, send)
                     return
         await self.app(scope, receive, send)
+
+
+class RelativeRedirectMiddleware:
+    """Make every redirect of the app relative (`/app/`, not `http://<Host>/app/`).
+
+    Starlette builds the absolute URL of its own redirects (a missing trailing slash, a static
+    folder) from the request's `Host` header, which the caller chooses: a cache or a page in front
+    of the proxy could then be sent anywhere. The proxy only ever redirects to itself, so the
+    scheme and host are dropped and the path and query kept."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def relative_send(message: Message) -> None:
+            if message["type"] == "http.response.start" and 300 <= message["status"] < 400:
+                headers = MutableHeaders(scope=message)
+                location = headers.get("location")
+                if location is not None:
+                    headers["location"] = relative_location(location)
+            await send(message)
+
+        await self.app(scope, receive, relative_send)
+
+
+def relative_location(location: str) -> str:
+    """`location` without scheme and host: a path on this origin, `/` at least, and never one that
+    a browser reads as another host (`//host`, `/\\host`)."""
+    parts = urlsplit(location)
+    path = "/" + parts.path.lstrip("/\\")
+    return path + (f"?{parts.query}" if parts.query else "")

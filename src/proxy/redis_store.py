@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import StoreUnavailable
-from .store import Admitted, Refused, Store, Window
+from .store import Admitted, Refused, Store, Window, cache_entry_size
 
 __all__ = ["RedisStore"]
 
@@ -110,7 +110,8 @@ return value
 """
 
 # KEYS: entry, stats hash, index zset, sizes hash; ARGV: name, value, ttl ms, max bytes, now ms,
-# entry key prefix. Entries are evicted by expiry (the least recently used first).
+# entry key prefix, size counted (`cache_entry_size`: value, key and overhead). Entries are
+# evicted by expiry (the least recently used first).
 _CACHE_PUT = """
 local function forget(name)
   local size = tonumber(redis.call('HGET', KEYS[4], name) or '0')
@@ -121,7 +122,7 @@ local function forget(name)
 end
 for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[5])) do forget(name) end
 forget(ARGV[1])
-local size = string.len(ARGV[2])
+local size = tonumber(ARGV[7])
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[3], tonumber(ARGV[5]) + tonumber(ARGV[3]), ARGV[1])
 redis.call('HSET', KEYS[4], ARGV[1], size)
@@ -308,7 +309,8 @@ class RedisStore(Store):
         return value if isinstance(value, bytes) else None
 
     async def cache_put(self, key: str, value: bytes, *, ttl_s: float, max_bytes: int) -> None:
-        if len(value) > max_bytes:
+        size = cache_entry_size(key, value)
+        if size > max_bytes:
             return
         keys = [
             f"{self.prefix}cache:{key}",
@@ -323,6 +325,7 @@ class RedisStore(Store):
             max_bytes,
             _now_ms(),
             self.prefix + "cache:",
+            size,
         ]
         async with self._guard():
             await self._cache_put(keys=keys, args=args)

@@ -12,6 +12,7 @@ from sdclient import Timings
 from sdclient.protocol import GenerationOptions, Guidance, ImageSide, Prompt, Seed, Steps
 
 __all__ = [
+    "MAX_IMAGES",
     "MAX_PROMPT_LENGTH",
     "ErrorDetail",
     "ErrorResponse",
@@ -28,6 +29,9 @@ __all__ = [
 
 MAX_PROMPT_LENGTH = 2000
 """Longest prompt or negative prompt, in characters (Stable Diffusion reads about 77 tokens anyway)."""
+
+MAX_IMAGES = 4
+"""Most images one request may ask for (the OpenAI route's `n`): each counts against the caller's quota."""
 
 MAX_SEED = 2**32 - 1
 """Seeds are 32-bit unsigned integers: exact in JavaScript numbers and accepted by every pipeline."""

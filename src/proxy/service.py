@@ -38,7 +38,7 @@ import sdclient
 from sdclient import Timings
 
 from .admission import AdmissionQueue
-from .errors import ProxyError, StoreUnavailable, error_body, error_from_body, from_client_error
+from .errors import ProxyError, StoreUnavailable, error_body, error_from_body, from_client_error, redact
 from .schemas import GenerateBody
 from .store import Store
 
@@ -384,6 +384,8 @@ class GenerationService:
                 try:
                     image = await self.client.generate_request(request, on_event=on_client_event)
                 except sdclient.SDClientError as exc:
+                    # The upstream's own words (masked) are the operator's; the page gets a summary.
+                    logger.warning("upstream call failed: %s: %s", type(exc).__name__, redact(str(exc)))
                     raise from_client_error(exc) from exc
         finally:
             flight.cancel_pending()

@@ -6,7 +6,9 @@ What a store keeps:
 - **limits**: a token bucket per client and counters over a window (daily quota, monthly API-key
   budget), checked and taken in one atomic step (`admit`), given back with `release`;
 - **usage counters** per client (`count`, `counts`);
-- **the image cache**: bytes under a key, with a time to live, bounded by the bytes it holds;
+- **the image cache**: bytes under a key, with a time to live, bounded by the bytes it holds,
+  each entry counted with its key and a fixed overhead (`cache_entry_size`), so that many tiny
+  entries cannot hold far more memory than the bound says;
 - **records**: bytes under a key with a time to live (jobs, stored images, idempotency keys,
   coalesced calls), `put_new` setting one only if it is absent;
 - **logs**: lists of events that readers replay and follow (`append`, `read`);
@@ -30,6 +32,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 
 __all__ = [
+    "CACHE_ENTRY_OVERHEAD",
     "MAX_TRACKED_CLIENTS",
     "Admitted",
     "MemoryStore",
@@ -37,7 +40,19 @@ __all__ = [
     "Store",
     "Watch",
     "Window",
+    "cache_entry_size",
 ]
+
+CACHE_ENTRY_OVERHEAD = 256
+"""Bytes counted per cache entry beyond its key and value: in memory the dict slot, the entry and
+the bytes object's header; in Redis the key's metadata and the entry's places in the index zset
+and the sizes hash (a few hundred bytes either way)."""
+
+
+def cache_entry_size(key: str, value: bytes) -> int:
+    """What one cache entry counts against `SDPROXY_CACHE_MAX_BYTES`: value, key and overhead."""
+    return len(value) + len(key) + CACHE_ENTRY_OVERHEAD
+
 
 MAX_TRACKED_CLIENTS = 100_000
 """Buckets and counters kept per client in memory; the least recently seen are dropped beyond."""
@@ -350,7 +365,7 @@ class MemoryStore(Store):
     async def cache_get(self, key: str, *, ttl_s: float) -> bytes | None:
         entry = self._cache.get(key)
         if entry is not None and entry.expires <= self._clock():
-            self._cache_bytes -= len(self._cache.pop(key).value)
+            self._cache_bytes -= cache_entry_size(key, self._cache.pop(key).value)
             entry = None
         if entry is None:
             self._misses += 1
@@ -361,16 +376,17 @@ class MemoryStore(Store):
         return entry.value
 
     async def cache_put(self, key: str, value: bytes, *, ttl_s: float, max_bytes: int) -> None:
-        if len(value) > max_bytes:
+        size = cache_entry_size(key, value)
+        if size > max_bytes:
             return
         old = self._cache.pop(key, None)
         if old is not None:
-            self._cache_bytes -= len(old.value)
+            self._cache_bytes -= cache_entry_size(key, old.value)
         self._cache[key] = _Expiring(value, self._clock() + ttl_s)
-        self._cache_bytes += len(value)
+        self._cache_bytes += size
         while self._cache_bytes > max_bytes:
-            _, evicted = self._cache.popitem(last=False)
-            self._cache_bytes -= len(evicted.value)
+            evicted_key, evicted = self._cache.popitem(last=False)
+            self._cache_bytes -= cache_entry_size(evicted_key, evicted.value)
 
     async def cache_stats(self) -> dict[str, int]:
         return {

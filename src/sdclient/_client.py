@@ -755,6 +755,8 @@ class SDClient:
             raise APITimeoutError(
                 self._redact(f"{type(exc).__name__}: no answer from {url} in time ({exc or 'timed out'})"),
                 model=self.model,
+                # A POST starts a generation; a GET (status, image download) starts nothing.
+                sent=method == "POST" and not isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout),
             ) from exc
         except httpx.TransportError as exc:
             raise APIConnectionError(

@@ -126,7 +126,18 @@ class APIConnectionError(SDClientError):
 
 
 class APITimeoutError(APIConnectionError, TimeoutError):
-    """The server did not answer within the configured ``timeout`` (after retries)."""
+    """The server did not answer within the configured ``timeout`` (after retries).
+
+    Attributes:
+        sent: Whether a generation request (a POST) may have reached the server before the time
+            ran out (every timeout but connecting or waiting for a pooled connection): the server
+            may then still be generating, and a re-send would start a second job (see
+            ``RetryPolicy.retry_read_timeouts``). Always false for GETs (job status, downloads).
+    """
+
+    def __init__(self, message: str, *, model: str, sent: bool = False) -> None:
+        self.sent = sent
+        super().__init__(message, model=model)
 
 
 class ProviderNotAvailable(SDClientError):

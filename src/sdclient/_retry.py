@@ -5,6 +5,10 @@ creates nothing and changes nothing; the worst a duplicate does is compute (and 
 So a request that may already have run (read timeout, reset, truncated body) is repeated like any
 other transient failure. Errors the caller has to fix (4xx other than 408/429) are never retried.
 
+A service in front of the client (the proxy) may not want that for timeouts: when its timeout is
+shorter than a generation, each re-send after a read timeout queues one more job on a server that
+is still working on the first. ``RetryPolicy(retry_read_timeouts=False)`` gives up instead.
+
 A refused connection (nothing listens yet: a self-hosted server still starting) is retried until
 the call's deadline, not just ``max_retries`` times. Cold-start waits (503 with
 ``estimated_time``) are not retries: they are handled by
@@ -33,7 +37,7 @@ from ._constants import (
     MAX_RETRY_DELAY,
     MIN_PROBE_INTERVAL,
 )
-from ._exceptions import APIConnectionError, APIStatusError, ModelLoadingTimeout
+from ._exceptions import APIConnectionError, APIStatusError, APITimeoutError, ModelLoadingTimeout
 
 __all__ = [
     "RETRYABLE_STATUS_CODES",
@@ -77,6 +81,11 @@ class RetryPolicy:
     """Shortest gap between cold-start probes."""
     poll_interval: float = DEFAULT_POLL_INTERVAL
     """Gap between status requests of a job queued at a provider."""
+    retry_read_timeouts: bool = True
+    """Re-send a request whose answer timed out after it was sent (``APITimeoutError.sent``).
+    ``False``: raise the timeout at once, since the server may still be generating and a re-send
+    would queue a second job there (the proxy sets this). Connect timeouts, and GETs (a provider's
+    job status, an image download), are retried either way."""
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
@@ -131,18 +140,21 @@ def backoff_delay(retry_number: int, policy: RetryPolicy) -> float:
     return base * (1.0 - 0.25 * random.random())
 
 
-def is_retryable(exc: BaseException) -> bool:
+def is_retryable(exc: BaseException, policy: RetryPolicy | None = None) -> bool:
     """Whether a failed attempt is worth repeating (see the module docstring).
 
     Args:
         exc: What the attempt raised.
+        policy: The policy in force (its ``retry_read_timeouts``); the default policy when omitted.
 
     Returns:
         ``True`` for connection errors, timeouts, 408, 429 and 5xx (but not a cold start that
-        ran past its deadline).
+        ran past its deadline, nor a timeout after sending when the policy says so).
     """
     if isinstance(exc, ModelLoadingTimeout):
         return False
+    if isinstance(exc, APITimeoutError) and exc.sent and policy is not None:
+        return policy.retry_read_timeouts
     if isinstance(exc, APIConnectionError):
         return True
     if isinstance(exc, APIStatusError):
@@ -210,7 +222,7 @@ async def call_with_retries(
     """
     retrying = AsyncRetrying(
         sleep=sleep or asyncio.sleep,
-        retry=tenacity.retry_if_exception(is_retryable),
+        retry=tenacity.retry_if_exception(lambda exc: is_retryable(exc, policy)),
         wait=_Wait(policy),
         stop=_Stop(policy.max_retries, deadline, clock),
         before_sleep=before_sleep,

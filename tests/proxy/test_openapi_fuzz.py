@@ -33,6 +33,9 @@ app = create_app(
         allowed_origins=["http://localhost:5173"],
         rate_limit_per_minute=0,
         daily_quota=0,
+        # The schema cannot say width x height x steps; a budget above the largest schema-valid
+        # request (1024 x 1024 x 150) keeps every such request acceptable (test_hardening.py).
+        max_megapixel_steps=160,
         _env_file=None,
     )
 )

@@ -7,7 +7,13 @@ import asyncio
 
 import pytest
 from redis_harness import RedisServer
-from test_units import check_cache, check_daily_quota, check_key_budget, check_token_bucket
+from test_units import (
+    check_cache,
+    check_cache_counts_each_entrys_overhead,
+    check_daily_quota,
+    check_key_budget,
+    check_token_bucket,
+)
 
 from proxy.redis_store import RedisStore
 from proxy.store import Store
@@ -38,6 +44,10 @@ async def test_key_budget(redis_store: Store) -> None:
 
 async def test_cache(redis_store: Store) -> None:
     await check_cache(redis_store)
+
+
+async def test_cache_bound_counts_each_entrys_overhead(redis_store: Store) -> None:
+    await check_cache_counts_each_entrys_overhead(redis_store)
 
 
 async def test_notifications_reach_another_store_on_the_same_redis(redis_server: RedisServer) -> None:

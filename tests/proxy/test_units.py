@@ -5,6 +5,7 @@ test_redis_store.py runs the same checks against Redis."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 
 import pytest
 from pydantic import ValidationError
@@ -13,7 +14,7 @@ from proxy.admission import AdmissionQueue
 from proxy.errors import Busy, QuotaExceeded, RateLimitExceeded, describe_validation_errors
 from proxy.limits import ClientLimiter
 from proxy.schemas import GenerateBody
-from proxy.store import MemoryStore, Store
+from proxy.store import CACHE_ENTRY_OVERHEAD, MemoryStore, Store, cache_entry_size
 
 
 class Clock:
@@ -87,17 +88,32 @@ async def check_key_budget(store: Store) -> None:
 
 async def check_cache(store: Store) -> None:
     """Least recently used out beyond the bytes; too big: not stored."""
-    await store.cache_put("a", b"a" * 40, ttl_s=60, max_bytes=100)
-    await store.cache_put("b", b"b" * 40, ttl_s=60, max_bytes=100)
+    entry = cache_entry_size("a", b"a" * 40)  # the value, its key and the per-entry overhead
+    limit = 2 * entry + entry // 2  # room for two entries
+    await store.cache_put("a", b"a" * 40, ttl_s=60, max_bytes=limit)
+    await store.cache_put("b", b"b" * 40, ttl_s=60, max_bytes=limit)
     assert await store.cache_get("a", ttl_s=60) is not None  # "a" is now the most recently used
-    await store.cache_put("c", b"c" * 40, ttl_s=60, max_bytes=100)  # over 100 bytes: "b" goes
+    await store.cache_put("c", b"c" * 40, ttl_s=60, max_bytes=limit)  # a third: "b" goes
     assert await store.cache_get("b", ttl_s=60) is None
     assert await store.cache_get("a", ttl_s=60) == b"a" * 40
     assert await store.cache_get("c", ttl_s=60) == b"c" * 40
-    await store.cache_put("huge", b"h" * 101, ttl_s=60, max_bytes=100)  # larger than the cache
+    await store.cache_put("huge", b"h" * limit, ttl_s=60, max_bytes=limit)  # larger than the cache
     assert await store.cache_get("huge", ttl_s=60) is None
     stats = await store.cache_stats()
-    assert (stats["items"], stats["bytes"], stats["hits"]) == (2, 80, 3)
+    assert (stats["items"], stats["bytes"], stats["hits"]) == (2, 2 * entry, 3)
+
+
+async def check_cache_counts_each_entrys_overhead(store: Store) -> None:
+    """Many tiny entries: the bound counts what each entry costs beyond its bytes."""
+    limit = 10_000
+    keys = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(1000)]
+    for key in keys:
+        await store.cache_put(key, b"x", ttl_s=60, max_bytes=limit)
+    stats = await store.cache_stats()
+    fit = limit // cache_entry_size(keys[0], b"x")
+    assert stats["items"] == fit < 50
+    assert stats["bytes"] == fit * cache_entry_size(keys[0], b"x") <= limit
+    assert CACHE_ENTRY_OVERHEAD >= 100
 
 
 async def test_token_bucket_allows_a_burst_then_the_rate() -> None:
@@ -122,10 +138,14 @@ async def test_cache_evicts_least_recently_used_beyond_its_bytes() -> None:
     await check_cache(MemoryStore())
 
 
+async def test_cache_bound_counts_each_entrys_overhead() -> None:
+    await check_cache_counts_each_entrys_overhead(MemoryStore())
+
+
 async def test_cache_entries_expire_after_their_ttl() -> None:
     clock = Clock()
     store = MemoryStore(clock=clock)
-    await store.cache_put("a", b"x", ttl_s=10, max_bytes=100)
+    await store.cache_put("a", b"x", ttl_s=10, max_bytes=1000)
     clock.now += 9
     assert await store.cache_get("a", ttl_s=10) == b"x"  # a hit renews the TTL
     clock.now += 9

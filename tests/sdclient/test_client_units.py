@@ -84,6 +84,15 @@ def test_is_retryable(error: BaseException, retry: bool):
     assert is_retryable(error) is retry
 
 
+def test_a_timeout_after_sending_is_not_retried_when_the_policy_says_so():
+    sent = sdclient.APITimeoutError("slow", model="m", sent=True)
+    unsent = sdclient.APITimeoutError("no connection", model="m", sent=False)
+    once = sdclient.RetryPolicy(retry_read_timeouts=False)
+    assert is_retryable(sent) and is_retryable(sent, sdclient.RetryPolicy())
+    assert not is_retryable(sent, once)
+    assert is_retryable(unsent, once)
+
+
 # -- errors --------------------------------------------------------------------------------
 
 

@@ -9,9 +9,10 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from ..budget import within_budget
 from ..deps import AdmissionDep, AppState, StreamAdmissionDep
 from ..errors import ProxyError, error_body
 from ..logs import prompt_fields, request_id_var
@@ -33,7 +34,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         "description": "`unauthorized`: API keys are configured; none or a wrong one.",
     },
     413: {"model": ErrorResponse, "description": "`payload_too_large`"},
-    422: {"model": ErrorResponse, "description": "`validation_error`: the message names the field."},
+    422: {
+        "model": ErrorResponse,
+        "description": "`validation_error`: the message names the field, or the cost budget "
+        "(`SDPROXY_MAX_MEGAPIXEL_STEPS`) or prompt length the request is over.",
+    },
     429: {"model": ErrorResponse, "description": "`rate_limited` or `quota_exceeded` (with `Retry-After`)."},
     502: {
         "model": ErrorResponse,
@@ -101,6 +106,7 @@ def _log_error(state: AppState, body: GenerateBody, caller: str, exc: ProxyError
 @router.post(
     "/generate",
     response_class=Response,
+    dependencies=[Depends(within_budget)],
     responses={
         200: {
             "model": GenerateResult,
@@ -154,6 +160,7 @@ async def generate(body: GenerateBody, request: Request, admission: AdmissionDep
 @router.post(
     "/generate/stream",
     response_class=EventSourceResponse,
+    dependencies=[Depends(within_budget)],
     responses={
         200: {
             "description": 'Server-Sent Events: `queued` `{"position"}`, `loading` `{"eta_s"}` (a cold '

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
+from ..budget import check_budget
 from ..deps import StateDep, identify_caller
 from ..jobs import JobRecord
 from ..logs import request_id_var
@@ -98,6 +99,7 @@ async def create_job(
     """Answer at once with the job's id; poll `GET /v1/jobs/{id}`, read its events, or get a
     signed webhook at `webhook_url` when it finishes."""
     owner = identify_caller(request, state)
+    check_budget(state.settings, body)
     record, created = await state.jobs.create(
         owner,
         body,

@@ -22,14 +22,12 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..budget import check_budget
 from ..deps import admit_caller, get_state, identify_caller
 from ..errors import ProxyError, describe_validation_errors
-from ..schemas import MAX_PROMPT_LENGTH, MAX_SEED, GenerateBody
+from ..schemas import MAX_IMAGES, MAX_PROMPT_LENGTH, MAX_SEED, GenerateBody
 
 __all__ = ["ImageGenerationBody", "router"]
-
-MAX_IMAGES = 4
-"""Most images one request may ask for (`n`): each counts against the caller's quota."""
 
 _SIZE = re.compile(r"^(\d{2,4})x(\d{2,4})$")
 
@@ -158,6 +156,7 @@ async def generations(body: ImageGenerationBody, request: Request) -> dict[str, 
         bodies = body.generations()
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from None
+    check_budget(state.settings, bodies[0], images=len(bodies))
     admission = await admit_caller(state, caller, images=len(bodies))
     try:
         results = await asyncio.gather(*(state.service.generate(b) for b in bodies))

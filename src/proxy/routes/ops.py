@@ -14,6 +14,14 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["ops"])
 
+STATUS_MESSAGES: dict[str, str | None] = {
+    "unknown": None,
+    "ready": None,
+    "loading": "The model is loading; requests wait for it or answer 503 model_loading.",
+    "unavailable": "The model server cannot serve requests right now; the operator's log says why.",
+}
+"""The message of `GET /status` per state (anonymous: nothing of the upstream's own text)."""
+
 
 @router.get("/status", response_model=ModelStatusOut, summary="What the proxy knows of the model")
 async def status(state: StateDep) -> ModelStatusOut:
@@ -21,7 +29,8 @@ async def status(state: StateDep) -> ModelStatusOut:
     fix, e.g. a refused token) or `unknown` (nothing sent yet). Sends nothing upstream."""
     model = state.service.status()
     eta = None if model.eta_s is None else round(model.eta_s, 1)
-    return ModelStatusOut(state=model.state, eta_s=eta, message=model.message)
+    # The proxy's own words: the client's message is the upstream's text (its URL, its errors).
+    return ModelStatusOut(state=model.state, eta_s=eta, message=STATUS_MESSAGES[model.state])
 
 
 @router.get("/healthz", response_model=Health, summary="The process is alive")
