@@ -84,8 +84,9 @@ class StopSignal:
             raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
         self.signum = signum
         console.print(
-            f"[yellow]{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-            "(Ctrl-C again quits without saving)[/]"
+            f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+            "(Ctrl-C again quits without saving)",
+            style="yellow",
         )
 
 
@@ -133,7 +134,7 @@ def resolve_resume(resume: str, checkpoints_dir: Path) -> Path | None:
 def delete_checkpoints(checkpoints_dir: Path) -> None:
     checkpoints = find_checkpoints(checkpoints_dir)
     if checkpoints:
-        console.print(f"[yellow]--resume never: deleting {len(checkpoints)} earlier checkpoint(s)[/]")
+        console.print(f"--resume never: deleting {len(checkpoints)} earlier checkpoint(s)", style="yellow")
     for _, path in checkpoints:
         shutil.rmtree(path)
 

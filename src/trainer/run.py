@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from trainer._console import console
+from trainer._console import console, warning
 from trainer.config import (
     STEPS_WARNING_THRESHOLD,
     Architecture,
@@ -253,13 +253,13 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
     concepts = config.resolved_concepts()
     checks = check_photos([c.instance_dir for c in concepts], resolution=resolution)
     for check in checks:
-        for warning in check.warnings:
-            console.print(f"[yellow]Warning:[/] {warning}")
+        for message in check.warnings:
+            warning(message)
     num_photos = sum(len(c.photos) for c in checks)
     max_steps = config.max_train_steps or default_max_train_steps(num_photos)
     if max_steps > STEPS_WARNING_THRESHOLD:
-        console.print(
-            f"[yellow]Warning:[/] {max_steps} training steps is a lot: above {STEPS_WARNING_THRESHOLD} "
+        warning(
+            f"{max_steps} training steps is a lot: above {STEPS_WARNING_THRESHOLD} "
             "DreamBooth tends to over-fit (every image looks like the training photos). Consider "
             "fewer --max-train-steps or a lower --learning-rate."
         )
