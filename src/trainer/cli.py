@@ -34,6 +34,7 @@ from trainer.config import (
     load_config_file,
 )
 from trainer.errors import ConfigError, TrainerError, TrainingInterrupted
+from trainer.photos import MAX_MEGAPIXELS
 from trainer.serve import BUDGET_STEPS, ServeLimits
 
 __all__ = ["app", "main"]
@@ -257,6 +258,10 @@ def check(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Run config file.", show_default=False)
     ] = None,
+    max_megapixels: Annotated[
+        float,
+        typer.Option(min=0.001, help="Larger photos are refused, from their header (nothing decoded)."),
+    ] = MAX_MEGAPIXELS,
 ) -> None:
     """Check photos before training: every unusable file is listed at once, with the fix."""
     from trainer.photos import check_photos
@@ -276,7 +281,7 @@ def check(
             dirs = [Path(c["instance_dir"]) for c in data.get("concepts", []) if isinstance(c, dict)]
         if not dirs:
             raise ConfigError("Give photo folders (sdtrain check photos/) or a --config with concepts.")
-        checks = check_photos(dirs, resolution=res)
+        checks = check_photos(dirs, resolution=res, max_megapixels=max_megapixels)
         for result in checks:
             title = f"{shown(result.folder)} ({len(result.photos)} photos, {res} px training size)"
             table = Table(title=title)

@@ -285,3 +285,10 @@ def test_control_characters_in_file_names_are_shown_as_escapes(photos: Path) -> 
     assert result.exit_code == 1, result.output
     assert "\x1b" not in result.output and "\x07" not in result.output and "\u202e" not in result.output
     assert "bad\\x1b]0;title\\x07\\u202e.txt: not an image" in result.output
+
+
+def test_check_refuses_photos_over_the_pixel_limit(photos: Path) -> None:
+    result = invoke("check", photos, "--resolution", 64, "--max-megapixels", 0.005)
+    assert result.exit_code == 1
+    assert "photo-0.jpg: too large: 80 x 96 px" in flat(result)
+    assert "resize it below 0.005 megapixels" in flat(result)
