@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from trainer._console import StepProgress, console
-from trainer._fs import publish_dir, remove_stale_temp, temp_sibling
+from trainer._fs import disk_errors, publish_dir, remove_stale_temp, temp_sibling
 from trainer.checkpoints import (
     CHECKPOINT_PREFIX,
     StopSignal,
@@ -687,16 +687,24 @@ def train(
     accelerator.wait_for_everyone()
     model_dir = None
     trained_te = [unwrap(accelerator, te) for te in text_encoders] if record.train_text_encoder else []
+    # A full disk here loses only the steps since the newest checkpoint: a rerun continues from it.
+    saving = disk_errors(
+        output_dir,
+        f"the trained {'adapter' if lora else 'model'}",
+        then="Once there is room, run the same command again: it continues from the newest checkpoint.",
+    )
     if save_model and accelerator.is_main_process and lora:
-        model_dir = save_lora_weights(
-            output_dir / LORA_DIR,
-            architecture=record.architecture,
-            unet=unwrap(accelerator, unet),
-            text_encoders=trained_te,
-        )
+        with saving:
+            model_dir = save_lora_weights(
+                output_dir / LORA_DIR,
+                architecture=record.architecture,
+                unet=unwrap(accelerator, unet),
+                text_encoders=trained_te,
+            )
         console.print(f"Saved the LoRA adapter in {model_dir}")
     elif save_model and accelerator.is_main_process:
-        model_dir = _save_pipeline(record, unwrap(accelerator, unet), trained_te, output_dir / "model")
+        with saving:
+            model_dir = _save_pipeline(record, unwrap(accelerator, unet), trained_te, output_dir / "model")
         console.print(f"Saved the fine-tuned model in {model_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
