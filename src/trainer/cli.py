@@ -27,6 +27,7 @@ from trainer._console import console, error, shown, styled, warning
 from trainer.config import (
     CKPT,
     INPUT,
+    MAX_PHOTO_MEGAPIXELS,
     Concept,
     RunConfig,
     RunRecord,
@@ -34,7 +35,6 @@ from trainer.config import (
     load_config_file,
 )
 from trainer.errors import ConfigError, TrainerError, TrainingInterrupted
-from trainer.photos import MAX_MEGAPIXELS
 from trainer.serve import BUDGET_STEPS, ServeLimits
 
 __all__ = ["app", "main"]
@@ -259,9 +259,13 @@ def check(
         Path | None, typer.Option("--config", "-c", help="Run config file.", show_default=False)
     ] = None,
     max_megapixels: Annotated[
-        float,
-        typer.Option(min=0.001, help="Larger photos are refused, from their header (nothing decoded)."),
-    ] = MAX_MEGAPIXELS,
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Larger photos are refused, from their header (nothing decoded).",
+            show_default=f"from --config, else {MAX_PHOTO_MEGAPIXELS:g}",
+        ),
+    ] = None,
 ) -> None:
     """Check photos before training: every unusable file is listed at once, with the fix."""
     from trainer.photos import check_photos
@@ -281,7 +285,8 @@ def check(
             dirs = [Path(c["instance_dir"]) for c in data.get("concepts", []) if isinstance(c, dict)]
         if not dirs:
             raise ConfigError("Give photo folders (sdtrain check photos/) or a --config with concepts.")
-        checks = check_photos(dirs, resolution=res, max_megapixels=max_megapixels)
+        limit = float(max_megapixels or data.get("max_photo_megapixels") or MAX_PHOTO_MEGAPIXELS)
+        checks = check_photos(dirs, resolution=res, max_megapixels=limit)
         for result in checks:
             title = f"{shown(result.folder)} ({len(result.photos)} photos, {res} px training size)"
             table = Table(title=title)

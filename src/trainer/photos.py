@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from trainer._console import shown
+from trainer.config import MAX_PHOTO_MEGAPIXELS
 from trainer.errors import PhotoError
 
 __all__ = [
@@ -46,9 +47,9 @@ __all__ = [
 ]
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")
-# The largest photo accepted, in millions of pixels (a 10000 x 6400 photo); larger ones are refused
-# from their header, before decoding. Even phone and DSLR photos (12-61 MP) fit.
-MAX_MEGAPIXELS = 64.0
+# The largest photo accepted, in millions of pixels (a 10000 x 6400 photo; --max-megapixels);
+# larger ones are refused from their header, before decoding. Phone and DSLR photos (12-61 MP) fit.
+MAX_MEGAPIXELS = MAX_PHOTO_MEGAPIXELS
 # The size a check decodes JPEGs at (at least, per side): enough to find duplicates and damage.
 _CHECK_DRAFT_SIZE = 512
 # Files that operating systems drop into folders; never photos, never worth an error.

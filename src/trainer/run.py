@@ -251,7 +251,11 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
     console.print(f"Base model: {info.describe()}; training {what}")
     resolution = config.resolution or info.resolution
     concepts = config.resolved_concepts()
-    checks = check_photos([c.instance_dir for c in concepts], resolution=resolution)
+    checks = check_photos(
+        [c.instance_dir for c in concepts],
+        resolution=resolution,
+        max_megapixels=config.max_photo_megapixels,
+    )
     for check in checks:
         for message in check.warnings:
             warning(message)
@@ -315,7 +319,11 @@ def training_data(record: RunRecord, checks: list[PhotoCheck]) -> TrainingData:
     for concept in record.concepts:
         if record.with_prior_preservation and concept.class_dir is not None:
             wanted = set(existing_class_images(concept.class_dir)[: record.num_class_images])
-            (check,) = check_photos([concept.class_dir], resolution=record.resolution)
+            (check,) = check_photos(
+                [concept.class_dir],
+                resolution=record.resolution,
+                max_megapixels=record.max_photo_megapixels,
+            )
             class_images.append([p.path for p in check.photos if p.path in wanted])
         else:
             class_images.append([])

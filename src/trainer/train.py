@@ -230,12 +230,14 @@ def preflight(record: RunRecord) -> None:
             )
 
 
-def _pixels(paths: Sequence[Path], resolution: int) -> tuple[torch.Tensor, list[CropGeometry]]:
+def _pixels(
+    paths: Sequence[Path], resolution: int, max_megapixels: float
+) -> tuple[torch.Tensor, list[CropGeometry]]:
     """Photos as a float tensor in [-1, 1], shape (n, 3, resolution, resolution), and how each was
     resized and cropped."""
     import torch
 
-    loaded = [load_photo_with_geometry(p, resolution) for p in paths]
+    loaded = [load_photo_with_geometry(p, resolution, max_megapixels=max_megapixels) for p in paths]
     arrays = [np.asarray(image, dtype=np.float32) for image, _ in loaded]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return batch / 127.5 - 1.0, [geometry for _, geometry in loaded]
@@ -515,7 +517,7 @@ def train(
             unique = list(dict.fromkeys(all_images))
             for i in range(0, len(unique), _LATENT_BATCH):
                 chunk = unique[i : i + _LATENT_BATCH]
-                pixels, chunk_geometry = _pixels(chunk, record.resolution)
+                pixels, chunk_geometry = _pixels(chunk, record.resolution, record.max_photo_megapixels)
                 dist = vae.encode(pixels.to(device, dtype=vae_dtype)).latent_dist
                 for j, path in enumerate(chunk):
                     latent_cache[path] = (dist.mean[j], dist.std[j])
@@ -538,7 +540,7 @@ def train(
             std = torch.stack([latent_cache[p][1] for p in paths])
         else:
             with torch.no_grad():
-                pixels, batch_geometry = _pixels(paths, record.resolution)
+                pixels, batch_geometry = _pixels(paths, record.resolution, record.max_photo_megapixels)
                 dist = vae.encode(pixels.to(device, dtype=vae_dtype)).latent_dist
             geometries.update(zip(paths, batch_geometry, strict=True))
             mean, std = dist.mean, dist.std

@@ -292,3 +292,12 @@ def test_check_refuses_photos_over_the_pixel_limit(photos: Path) -> None:
     assert result.exit_code == 1
     assert "photo-0.jpg: too large: 80 x 96 px" in flat(result)
     assert "resize it below 0.005 megapixels" in flat(result)
+
+
+def test_run_takes_the_pixel_limit_as_an_option(photos: Path, tiny_sd1: Path, tmp_path: Path) -> None:
+    result = invoke(
+        "run", *_flow_args(tiny_sd1, photos), "--output", tmp_path / "out", "--max-megapixels", 0.005
+    )
+    assert result.exit_code == 1, result.output
+    assert "photo-0.jpg: too large: 80 x 96 px" in flat(result)
+    assert not (tmp_path / "out").exists()
