@@ -275,6 +275,38 @@ def _upright_size(stored_size: tuple[int, int], orientation: int | None) -> tupl
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
+# How ImageOps.exif_transpose turns each EXIF orientation upright.
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _shrunk(image: Image.Image, shorter: int) -> Image.Image:
+    """``image`` reduced by a whole factor (box average; every k-th pixel for 16-bit greyscale) while
+    its shorter side stays at least ``shorter``; unchanged when it is not twice that big."""
+    factor = min(image.size) // shorter
+    if factor < 2:
+        return image
+    if image.mode.startswith("I;16"):  # Pillow cannot reduce these; a strided view costs nothing
+        return Image.fromarray(np.ascontiguousarray(np.asarray(image)[::factor, ::factor]))
+    try:
+        return image.reduce(factor)
+    except ValueError:  # palette and 1-bit images (1 byte a pixel at most) cannot be averaged
+        return image
+
+
+def _upright(image: Image.Image, orientation: int | None) -> Image.Image:
+    """``image`` turned as its EXIF ``orientation`` says (like ``ImageOps.exif_transpose``)."""
+    method = _TRANSPOSE.get(orientation or 1)
+    return image if method is None else image.transpose(method)
+
+
 def _check_file(path: Path, resolution: int, max_megapixels: float) -> Photo | PhotoProblem:
     try:
         with _open(path) as im:
@@ -297,8 +329,9 @@ def _check_file(path: Path, resolution: int, max_megapixels: float) -> Photo | P
             orientation = _orientation(im)
             rotated = orientation not in (None, 1)
             width, height = _upright_size(stored_size, orientation)
-            upright = ImageOps.exif_transpose(im)
-            rgb = to_rgb(upright)
+            # Duplicates are found on a reduced copy: converting a large photo at full size would
+            # cost several times its decoded size, for nothing the check needs.
+            rgb = to_rgb(_upright(_shrunk(im, max(resolution, _CHECK_DRAFT_SIZE)), orientation))
     except UnidentifiedImageError:
         return PhotoProblem(path, "not an image (Pillow cannot identify it)", "remove it from the folder")
     except Image.DecompressionBombError as exc:

@@ -206,6 +206,19 @@ def test_a_near_bomb_png_is_refused_from_its_header_without_decoding(
         assert "12000 x 12000 px" in problem
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_large_16_bit_png_under_the_limit_is_checked_on_a_reduced_copy(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _flat_png(folder / "flat.png", 8000, 7500)  # 60 megapixels, 120 MB decoded
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, str(folder)], capture_output=True, text=True, check=True
+    )
+    peak_mib, *problems = result.stdout.splitlines()
+    assert problems in ([], [""])
+    assert int(peak_mib) < 500, f"checking used {peak_mib} MiB"  # converting at full size: ~900
+
+
 def test_the_pixel_limit_is_a_setting(tmp_path: Path) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
