@@ -43,3 +43,22 @@ def test_progress_descriptions_are_literal() -> None:
     # Render the columns directly: what a terminal would be sent.
     rendered = bar.columns[1].render(bar.tasks[task])
     assert rendered.plain == "Samples '[/]\\x1b[2J'"
+
+
+def test_no_module_styles_its_output_with_markup() -> None:
+    # The console reads no markup: a "[red]" in a message would be printed as it is. Style with
+    # styled()/error()/warning() or print(..., style=...) instead.
+    import re
+    from pathlib import Path
+
+    import trainer
+
+    tag = re.compile(r"\[/?(red|green|yellow|bold|dim|blue|cyan|magenta|italic)\]|\[/\]")
+    offenders = [
+        f"{path.name}:{number}"
+        for path in Path(trainer.__file__).parent.glob("*.py")
+        if path.name != "_console.py"
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if tag.search(line)
+    ]
+    assert offenders == []
