@@ -4,7 +4,8 @@ A checkpoint is ``OUT/checkpoints/checkpoint-<step>``: accelerate's state (train
 LR scheduler, its RNGs), the loop's own generator per process (``training_rng_<process>.pt``) and
 ``trainer_state.json`` (the step and the settings it depends on, see
 :meth:`~trainer.config.RunRecord.training_fingerprint`). It is written in a temporary folder and
-renamed into place, so a crash leaves either no new checkpoint or a complete one. For a LoRA run it
+renamed into place, so a crash leaves either no new checkpoint or a complete one; so does a full disk,
+which stops the run with a :class:`~trainer.errors.StorageError` instead of a traceback. For a LoRA run it
 holds only the adapter weights (``adapter_<n>.safetensors``, megabytes instead of the whole model).
 
 A resumed run restores all of it and therefore ends with the weights an uninterrupted run would have.
@@ -21,8 +22,8 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from trainer._console import console
-from trainer._fs import TMP_PREFIX, publish_dir
+from trainer._console import console, shown
+from trainer._fs import TMP_PREFIX, disk_errors, publish_dir, tree_size
 from trainer.config import RunRecord
 from trainer.errors import TrainingError
 
@@ -84,8 +85,9 @@ class StopSignal:
             raise KeyboardInterrupt  # asked twice: stop now, without a checkpoint
         self.signum = signum
         console.print(
-            f"[yellow]{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-            "(Ctrl-C again quits without saving)[/]"
+            f"{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+            "(Ctrl-C again quits without saving)",
+            style="yellow",
         )
 
 
@@ -133,7 +135,7 @@ def resolve_resume(resume: str, checkpoints_dir: Path) -> Path | None:
 def delete_checkpoints(checkpoints_dir: Path) -> None:
     checkpoints = find_checkpoints(checkpoints_dir)
     if checkpoints:
-        console.print(f"[yellow]--resume never: deleting {len(checkpoints)} earlier checkpoint(s)[/]")
+        console.print(f"--resume never: deleting {len(checkpoints)} earlier checkpoint(s)", style="yellow")
     for _, path in checkpoints:
         shutil.rmtree(path)
 
@@ -161,26 +163,47 @@ def save_checkpoint(
 
     Every process writes into one temporary folder (its RNG state included); the main process
     then flushes it to disk and renames it into place, so a crash leaves either no new checkpoint
-    or a complete one.
+    or a complete one. Old checkpoints are pruned only after the new one is complete.
+
+    Raises:
+        StorageError: the disk is full, over its quota or failing. The temporary folder is removed
+            and the previous checkpoint is untouched; the message says how much space is needed
+            (the size of the previous checkpoint) and how to continue.
     """
     final = checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = checkpoints_dir / f"{TMP_PREFIX}{CHECKPOINT_PREFIX}{step}"  # same name on every process
+    previous = find_checkpoints(checkpoints_dir)
+    if previous:
+        needed: int | None = tree_size(previous[-1][1])
+        then = (
+            f"The previous checkpoint, {shown(previous[-1][1])}, is intact: once there is room, run "
+            "the same command again to continue from it."
+        )
+    else:
+        needed, then = None, "Once there is room, run the same command again."
+    with disk_errors(checkpoints_dir, final.name, needed=needed, then=then):
+        try:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(tmp))
+            rng.save(tmp / f"training_rng_{accelerator.process_index}.pt")
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                state = {
+                    "global_step": step,
+                    "max_train_steps": record.max_train_steps,
+                    "num_processes": accelerator.num_processes,
+                    "fingerprint": record.training_fingerprint(),
+                }
+                (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+                publish_dir(tmp, final)
+        except BaseException:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written checkpoint behind
+            raise
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    rng.save(tmp / f"training_rng_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {
-            "global_step": step,
-            "max_train_steps": record.max_train_steps,
-            "num_processes": accelerator.num_processes,
-            "fingerprint": record.training_fingerprint(),
-        }
-        (tmp / _STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-        publish_dir(tmp, final)
         for _, old in find_checkpoints(checkpoints_dir)[: -record.checkpoints_total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

@@ -21,13 +21,13 @@ from typing import Annotated, Any, Literal
 import typer
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
-from rich.markup import escape
 from rich.table import Table
 
-from trainer._console import console
+from trainer._console import console, error, shown, styled, warning
 from trainer.config import (
     CKPT,
     INPUT,
+    MAX_PHOTO_MEGAPIXELS,
     Concept,
     RunConfig,
     RunRecord,
@@ -99,18 +99,18 @@ def _errors() -> Iterator[None]:
     try:
         yield
     except TrainingInterrupted as exc:
-        console.print(f"[yellow]{escape(str(exc))}[/]")
+        console.print(str(exc), style="yellow")
         raise typer.Exit(exc.exit_code) from None
     except ConfigError as exc:
-        console.print(f"[red]Error:[/] {escape(str(exc))}")
+        error(str(exc))
         raise typer.Exit(2) from None
     except Exception as exc:
         if not isinstance(exc, (TrainerError, ModelLoadError, *_step_errors())):
             raise  # a bug: keep the traceback
-        console.print(f"[red]Error:[/] {escape(str(exc))}")
+        error(str(exc))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        console.print("[yellow]Interrupted.[/]")
+        console.print("Interrupted.", style="yellow")
         raise typer.Exit(130) from None
 
 
@@ -189,9 +189,9 @@ def _training_command(until: Literal["train", "publish"]) -> Callable[..., None]
             result = run(run_config, resume=resume, until=until)
         out = result.record.output_dir
         if result.record.method == "lora":
-            console.print(f"[green]Done.[/] LoRA adapter: {out / 'lora'}")
+            console.print(styled(("Done.", "green"), f" LoRA adapter: {out / 'lora'}"))
         else:
-            console.print(f"[green]Done.[/] Model: {out / 'model'}")
+            console.print(styled(("Done.", "green"), f" Model: {out / 'model'}"))
         if result.samples:
             console.print(f"Samples: {result.samples.grid.parent}")
         if result.export_path:
@@ -258,6 +258,14 @@ def check(
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Run config file.", show_default=False)
     ] = None,
+    max_megapixels: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Larger photos are refused, from their header (nothing decoded).",
+            show_default=f"from --config, else {MAX_PHOTO_MEGAPIXELS:g}",
+        ),
+    ] = None,
 ) -> None:
     """Check photos before training: every unusable file is listed at once, with the fix."""
     from trainer.photos import check_photos
@@ -277,25 +285,27 @@ def check(
             dirs = [Path(c["instance_dir"]) for c in data.get("concepts", []) if isinstance(c, dict)]
         if not dirs:
             raise ConfigError("Give photo folders (sdtrain check photos/) or a --config with concepts.")
-        checks = check_photos(dirs, resolution=res)
+        limit = float(max_megapixels or data.get("max_photo_megapixels") or MAX_PHOTO_MEGAPIXELS)
+        checks = check_photos(dirs, resolution=res, max_megapixels=limit)
         for result in checks:
-            table = Table(title=f"{result.folder} ({len(result.photos)} photos, {res} px training size)")
+            title = f"{shown(result.folder)} ({len(result.photos)} photos, {res} px training size)"
+            table = Table(title=title)
             table.add_column("photo")
             table.add_column("size", justify="right")
             table.add_column("format")
             table.add_column("notes")
             for photo in result.photos:
                 table.add_row(
-                    escape(photo.path.name),
+                    shown(photo.path.name),
                     f"{photo.width}x{photo.height}",
                     photo.format,
                     ", ".join(photo.notes),
                 )
             console.print(table)
-            for warning in result.warnings:
-                console.print(f"[yellow]Warning:[/] {escape(warning)}")
+            for message in result.warnings:
+                warning(message)
         total = sum(len(c.photos) for c in checks)
-        console.print(f"[green]All {total} photos are usable.[/]")
+        console.print(f"All {total} photos are usable.", style="green")
 
 
 # -- class-images ---------------------------------------------------------------------------------
@@ -501,7 +511,9 @@ def export(
                 verify=verify,
                 base_single_file=base_single_file,
             )
-            console.print(f"[green]Exported[/] {path} (adapter fused into its base){_config_note(path)}")
+            console.print(
+                styled(("Exported", "green"), f" {path} (adapter fused into its base){_config_note(path)}")
+            )
             return
         model_dir = Path(_model_dir(str(model)))
         if output is None:
@@ -513,7 +525,7 @@ def export(
         path = export_single_file(
             model_dir, output, half=half, verify=verify, base_single_file=base_single_file
         )
-        console.print(f"[green]Exported[/] {path}{_config_note(path)}")
+        console.print(styled(("Exported", "green"), f" {path}{_config_note(path)}"))
 
 
 def _config_note(checkpoint: Path) -> str:
@@ -547,7 +559,7 @@ def publish(
         from trainer.publish import publish_run
 
         url = publish_run(run_dir, repo, private=private)
-        console.print(f"[green]Published[/] {url}")
+        console.print(styled(("Published", "green"), f" {url}"))
 
 
 @app.command(

@@ -84,6 +84,9 @@ def slugify(text: str, max_length: int = 60) -> str:
 
 
 # Help panels of ``sdtrain run`` / ``train``: each field names the one it is listed in.
+# The largest photo accepted, in millions of pixels (trainer.photos refuses larger ones undecoded).
+MAX_PHOTO_MEGAPIXELS = 64.0
+
 INPUT = "Input and output"
 TRAIN = "Training"
 LORA = "LoRA (--method lora)"
@@ -178,6 +181,12 @@ class RunConfig(BaseModel):
     output_dir: Path = Field(
         description="Run folder (lora/ or model/, checkpoints/, samples/, export/).",
         json_schema_extra=_cli(INPUT, "--output", "-o", show=False),
+    )
+    max_photo_megapixels: float = Field(
+        default=MAX_PHOTO_MEGAPIXELS,
+        gt=0,
+        description="Photos with more pixels are refused, from their header (nothing is decoded).",
+        json_schema_extra=_cli(INPUT, "--max-megapixels"),
     )
 
     # -- training -------------------------------------------------------------------------------

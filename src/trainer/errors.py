@@ -8,6 +8,7 @@ TrainerError
  ├─ PhotoError             photos that cannot be used (lists every bad file and why)
  ├─ MissingDependency      an optional package was asked for and is not installed or not usable
  ├─ TrainingError          training cannot start or continue (e.g. an incompatible checkpoint)
+ ├─ StorageError           a write failed: the disk is full, over its quota, or failing
  └─ TrainingInterrupted    SIGINT/SIGTERM: a checkpoint was saved, the message says how to resume
 ```
 
@@ -24,6 +25,7 @@ __all__ = [
     "ConfigError",
     "MissingDependency",
     "PhotoError",
+    "StorageError",
     "TrainerError",
     "TrainingError",
     "TrainingInterrupted",
@@ -56,6 +58,26 @@ class MissingDependency(TrainerError, ImportError):
 
 class TrainingError(TrainerError, RuntimeError):
     """Training cannot start or continue; the message says why and what to do."""
+
+
+class StorageError(TrainerError):
+    """A write failed because the disk is full, over its quota, or failing (ENOSPC, EDQUOT, EIO).
+
+    Nothing half-written is left behind: what was being written is removed, what was there before
+    (the previous checkpoint, model or file) is untouched. The message names the folder, how much
+    space was needed when it is known, and how to make room.
+
+    Attributes:
+        folder: The folder that was written to.
+        needed: Bytes the write needed, when known (e.g. the size of the previous checkpoint).
+        errno: ``errno.ENOSPC``, ``errno.EDQUOT`` or ``errno.EIO``.
+    """
+
+    def __init__(self, message: str, *, folder: Path, needed: int | None, errno: int) -> None:
+        super().__init__(message)
+        self.folder = folder
+        self.needed = needed
+        self.errno = errno
 
 
 class TrainingInterrupted(TrainerError):

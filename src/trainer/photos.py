@@ -1,7 +1,13 @@
 """Checking and preparing the photos a run trains on.
 
 Every file in a photo folder is opened and fully decoded before anything trains, and every problem
-(not an image, corrupt, unsupported format, too small) is reported at once, by name, with the fix.
+(not an image, corrupt, unsupported format, too small, too large) is reported at once, by name, with
+the fix.
+
+Sizes are read from the file's header before any pixel is decoded: a photo over ``max_megapixels``
+(:data:`MAX_MEGAPIXELS` by default) is refused without decoding it, so a small file that claims a huge
+size (a decompression bomb, or a 16-bit PNG of one colour) costs no memory. A large JPEG is decoded
+at a reduced scale (Pillow's ``draft``), never bigger than checking or training needs.
 Usable photos are normalised the same way for checking and for training: EXIF orientation applied,
 converted to RGB (transparency on white), then resized and centre-cropped with Pillow. Where a photo
 was cropped is kept (:class:`CropGeometry`): SDXL is conditioned on each photo's original size and
@@ -11,6 +17,8 @@ crop corner.
 from __future__ import annotations
 
 import hashlib
+import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from trainer._console import shown
+from trainer.config import MAX_PHOTO_MEGAPIXELS
 from trainer.errors import PhotoError
 
 __all__ = [
+    "MAX_MEGAPIXELS",
     "SUPPORTED_FORMATS",
     "CropGeometry",
     "Photo",
@@ -36,6 +47,11 @@ __all__ = [
 ]
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP")
+# The largest photo accepted, in millions of pixels (a 10000 x 6400 photo; --max-megapixels);
+# larger ones are refused from their header, before decoding. Phone and DSLR photos (12-61 MP) fit.
+MAX_MEGAPIXELS = MAX_PHOTO_MEGAPIXELS
+# The size a check decodes JPEGs at (at least, per side): enough to find duplicates and damage.
+_CHECK_DRAFT_SIZE = 512
 # Files that operating systems drop into folders; never photos, never worth an error.
 _IGNORED_NAMES = {"thumbs.db", "desktop.ini", "icon\r"}
 
@@ -82,7 +98,7 @@ class PhotoProblem:
     fix: str
 
     def __str__(self) -> str:
-        return f"{self.path.name}: {self.reason}. Fix: {self.fix}"
+        return f"{shown(self.path.name)}: {self.reason}. Fix: {self.fix}"
 
 
 @dataclass
@@ -105,7 +121,8 @@ class PhotoCheck:
     def warnings(self) -> list[str]:
         """Human-readable warnings (duplicates), one per line."""
         return [
-            f"{dup.name} is the same picture as {orig.name} in {self.folder}: it will be seen twice as "
+            f"{shown(dup.name)} is the same picture as {shown(orig.name)} in {shown(self.folder)}: "
+            "it will be seen twice as "
             "often; remove one copy unless that is intended."
             for dup, orig in self.duplicates
         ]
@@ -119,10 +136,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16-bit/float greyscale: scale to 0-255 (Pillow's own conversion would clip).
-        array = np.asarray(image, dtype=np.float64)
+        # 16-bit/float greyscale: scale to 0-255 (Pillow's own conversion would clip), in float32
+        # (4 bytes a pixel, not numpy's default 8: a 64 MP photo is big enough already).
+        array = np.asarray(image).astype(np.float32, copy=False)
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        grey = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        array *= 255.0 / top
+        array += 0.5
+        grey = np.clip(array, 0, 255, out=array).astype(np.uint8)
+        del array
         return Image.fromarray(grey).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
@@ -167,13 +188,14 @@ def crop_geometry(width: int, height: int, resolution: int) -> CropGeometry:
     return CropGeometry((height, width), (new_h, new_w), (top, left), (resolution, resolution))
 
 
-def prepare_image(image: Image.Image, resolution: int) -> Image.Image:
+def prepare_image(image: Image.Image, resolution: int, geometry: CropGeometry | None = None) -> Image.Image:
     """Resize the shorter side to ``resolution`` (Lanczos) and centre-crop to a square.
 
     The input should already be upright RGB (see :func:`to_rgb`, ``ImageOps.exif_transpose``);
-    :func:`crop_geometry` says where the crop falls.
+    :func:`crop_geometry` says where the crop falls. ``geometry`` is the crop of the photo at its
+    full size, for an image decoded at a reduced scale (``draft``): it lands on the same pixels.
     """
-    geometry = crop_geometry(*image.size, resolution)
+    geometry = geometry or crop_geometry(*image.size, resolution)
     new_h, new_w = geometry.resized_size
     if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
@@ -181,34 +203,113 @@ def prepare_image(image: Image.Image, resolution: int) -> Image.Image:
     return image.crop((left, top, left + resolution, top + resolution))
 
 
-def load_photo_with_geometry(path: Path, resolution: int) -> tuple[Image.Image, CropGeometry]:
+def load_photo_with_geometry(
+    path: Path, resolution: int, *, max_megapixels: float = MAX_MEGAPIXELS
+) -> tuple[Image.Image, CropGeometry]:
     """Open a photo and return it upright, RGB, ``resolution`` x ``resolution``, and how it was cropped.
 
+    A large JPEG is decoded at the smallest scale that still covers ``resolution``; the crop is
+    the one of the photo at full size.
+
     Raises:
-        PhotoError: the file cannot be read (it changed since it was checked).
+        PhotoError: the file cannot be read (it changed since it was checked) or is too large.
     """
     try:
-        with Image.open(path) as im:
-            im.load()
-            upright = to_rgb(ImageOps.exif_transpose(im))
-            return prepare_image(upright, resolution), crop_geometry(*upright.size, resolution)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        with _open(path) as im:
+            problem = _too_large(path, im, max_megapixels)
+            if problem is None:
+                stored_size = im.size  # before draft shrinks it
+                if im.format == "JPEG":
+                    # The smallest scale whose shorter side still covers the resolution.
+                    im.draft(im.mode, (resolution, resolution))
+                im.load()
+                geometry = crop_geometry(*_upright_size(stored_size, _orientation(im)), resolution)
+                upright = to_rgb(ImageOps.exif_transpose(im))
+                return prepare_image(upright, resolution, geometry), geometry
+    except Image.DecompressionBombError as exc:
+        problem = _bomb_problem(path, exc, max_megapixels)
+    except (OSError, SyntaxError, ValueError) as exc:
         problem = PhotoProblem(path, f"cannot be read ({exc})", "re-copy or remove the file")
         raise PhotoError(_message([problem], total=1, folder=path.parent), [(path, problem.reason)]) from exc
+    raise PhotoError(_message([problem], total=1, folder=path.parent), [(path, problem.reason)])
 
 
-def load_photo(path: Path, resolution: int) -> Image.Image:
+def load_photo(path: Path, resolution: int, *, max_megapixels: float = MAX_MEGAPIXELS) -> Image.Image:
     """Open a photo and return it upright, RGB, ``resolution`` x ``resolution``.
 
     Raises:
-        PhotoError: the file cannot be read (it changed since it was checked).
+        PhotoError: the file cannot be read (it changed since it was checked) or is too large.
     """
-    return load_photo_with_geometry(path, resolution)[0]
+    return load_photo_with_geometry(path, resolution, max_megapixels=max_megapixels)[0]
 
 
-def _check_file(path: Path, resolution: int) -> Photo | PhotoProblem:
+def _open(path: Path) -> Image.Image:
+    """``Image.open`` (header only) without Pillow's bomb warning: :func:`_too_large` decides."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
+
+
+def _too_large(path: Path, image: Image.Image, max_megapixels: float) -> PhotoProblem | None:
+    """The problem of a photo whose header claims more than ``max_megapixels``; checked before decoding."""
+    width, height = image.size
+    if width * height <= max_megapixels * 1_000_000:
+        return None
+    return PhotoProblem(
+        path,
+        f"too large: {width} x {height} px ({width * height / 1e6:.1f} megapixels)",
+        f"resize it below {max_megapixels:g} megapixels",
+    )
+
+
+def _bomb_problem(path: Path, exc: Exception, max_megapixels: float) -> PhotoProblem:
+    """Pillow refused to open the file at all (a decompression bomb): the same report as too large."""
+    match = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f" ({int(match.group(1)) / 1e6:.1f} megapixels)" if match else ""
+    return PhotoProblem(path, f"too large{size}", f"resize it below {max_megapixels:g} megapixels")
+
+
+def _upright_size(stored_size: tuple[int, int], orientation: int | None) -> tuple[int, int]:
+    """``(width, height)`` after EXIF orientation (5-8 turn the photo by a quarter)."""
+    width, height = stored_size
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+# How ImageOps.exif_transpose turns each EXIF orientation upright.
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _shrunk(image: Image.Image, shorter: int) -> Image.Image:
+    """``image`` reduced by a whole factor (box average; every k-th pixel for 16-bit greyscale) while
+    its shorter side stays at least ``shorter``; unchanged when it is not twice that big."""
+    factor = min(image.size) // shorter
+    if factor < 2:
+        return image
+    if image.mode.startswith("I;16"):  # Pillow cannot reduce these; a strided view costs nothing
+        return Image.fromarray(np.ascontiguousarray(np.asarray(image)[::factor, ::factor]))
     try:
-        with Image.open(path) as im:
+        return image.reduce(factor)
+    except ValueError:  # palette and 1-bit images (1 byte a pixel at most) cannot be averaged
+        return image
+
+
+def _upright(image: Image.Image, orientation: int | None) -> Image.Image:
+    """``image`` turned as its EXIF ``orientation`` says (like ``ImageOps.exif_transpose``)."""
+    method = _TRANSPOSE.get(orientation or 1)
+    return image if method is None else image.transpose(method)
+
+
+def _check_file(path: Path, resolution: int, max_megapixels: float) -> Photo | PhotoProblem:
+    try:
+        with _open(path) as im:
             fmt = im.format or "unknown"
             if fmt not in SUPPORTED_FORMATS:
                 return PhotoProblem(
@@ -216,20 +317,29 @@ def _check_file(path: Path, resolution: int) -> Photo | PhotoProblem:
                     f"{fmt} images are not supported (JPEG, PNG and WebP are)",
                     "save it as JPEG or PNG",
                 )
+            too_large = _too_large(path, im, max_megapixels)
+            if too_large is not None:
+                return too_large
             mode = im.mode
+            stored_size = im.size  # before draft shrinks it
+            if fmt == "JPEG":  # decode at a reduced scale: the whole stream is still read and checked
+                size = max(resolution, _CHECK_DRAFT_SIZE)
+                im.draft(im.mode, (size, size))
             im.load()  # decode everything now: truncated or damaged data fails here
-            rotated = _orientation(im) not in (None, 1)
-            upright = ImageOps.exif_transpose(im)
-            rgb = to_rgb(upright)
+            orientation = _orientation(im)
+            rotated = orientation not in (None, 1)
+            width, height = _upright_size(stored_size, orientation)
+            # Duplicates are found on a reduced copy: converting a large photo at full size would
+            # cost several times its decoded size, for nothing the check needs.
+            rgb = to_rgb(_upright(_shrunk(im, max(resolution, _CHECK_DRAFT_SIZE)), orientation))
     except UnidentifiedImageError:
         return PhotoProblem(path, "not an image (Pillow cannot identify it)", "remove it from the folder")
     except Image.DecompressionBombError as exc:
-        return PhotoProblem(path, f"too large to decode safely ({exc})", "downscale it below 50 megapixels")
+        return _bomb_problem(path, exc, max_megapixels)
     except (OSError, SyntaxError, ValueError) as exc:
         return PhotoProblem(
             path, f"corrupt or truncated ({exc})", "re-export or re-copy the photo, or remove it"
         )
-    width, height = rgb.size
     if min(width, height) < resolution:
         return PhotoProblem(
             path,
@@ -256,12 +366,15 @@ def _candidates(folder: Path) -> list[Path]:
     )
 
 
-def check_photo_folder(folder: Path, *, resolution: int) -> PhotoCheck:
+def check_photo_folder(
+    folder: Path, *, resolution: int, max_megapixels: float = MAX_MEGAPIXELS
+) -> PhotoCheck:
     """Check every file in ``folder`` (not recursive; hidden files are skipped). Never raises.
 
     Args:
         folder: The photo folder.
         resolution: The training resolution: photos must be at least this big on their shorter side.
+        max_megapixels: Photos with more pixels are refused (from their header, undecoded).
 
     Returns:
         The usable photos, the problems and the duplicates.
@@ -269,19 +382,20 @@ def check_photo_folder(folder: Path, *, resolution: int) -> PhotoCheck:
     result = PhotoCheck(folder)
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
-        result.problems.append(PhotoProblem(folder, f"the photo folder {folder} {what}", "check the path"))
+        problem = PhotoProblem(folder, f"the photo folder {shown(folder)} {what}", "check the path")
+        result.problems.append(problem)
         return result
     files = _candidates(folder)
     if not files:
         result.problems.append(
             PhotoProblem(
-                folder, f"the photo folder {folder} is empty", "put 5-20 photos of the subject in it"
+                folder, f"the photo folder {shown(folder)} is empty", "put 5-20 photos of the subject in it"
             )
         )
         return result
     seen: dict[str, Path] = {}
     for path in files:
-        checked = _check_file(path, resolution)
+        checked = _check_file(path, resolution, max_megapixels)
         if isinstance(checked, PhotoProblem):
             result.problems.append(checked)
             continue
@@ -294,21 +408,24 @@ def check_photo_folder(folder: Path, *, resolution: int) -> PhotoCheck:
 
 
 def _message(problems: Sequence[PhotoProblem], *, total: int, folder: Path | None = None) -> str:
-    where = f" in {folder}" if folder is not None else ""
+    where = f" in {shown(folder)}" if folder is not None else ""
     head = f"{len(problems)} of {total} file(s){where} cannot be used for training:"
     lines = [head]
     for p in problems:
-        lines.append(f"  - {p.path}: {p.reason}.\n      Fix: {p.fix}.")
+        lines.append(f"  - {shown(p.path)}: {p.reason}.\n      Fix: {p.fix}.")
     lines.append("Nothing was trained. Fix the files above and run again.")
     return "\n".join(lines)
 
 
-def check_photos(folders: Iterable[Path], *, resolution: int) -> list[PhotoCheck]:
+def check_photos(
+    folders: Iterable[Path], *, resolution: int, max_megapixels: float = MAX_MEGAPIXELS
+) -> list[PhotoCheck]:
     """Check several photo folders and raise one error listing every problem in all of them.
 
     Args:
         folders: The instance folders of a run (one per concept).
         resolution: The training resolution.
+        max_megapixels: Photos with more pixels are refused (from their header, undecoded).
 
     Returns:
         One :class:`PhotoCheck` per folder, every photo usable (duplicates only warned about).
@@ -316,7 +433,9 @@ def check_photos(folders: Iterable[Path], *, resolution: int) -> list[PhotoCheck
     Raises:
         PhotoError: at least one file or folder cannot be used; the message lists them all.
     """
-    checks = [check_photo_folder(Path(f), resolution=resolution) for f in folders]
+    checks = [
+        check_photo_folder(Path(f), resolution=resolution, max_megapixels=max_megapixels) for f in folders
+    ]
     problems = [p for c in checks for p in c.problems]
     if problems:
         total = sum(len(c.photos) + len([p for p in c.problems if p.path != c.folder]) for c in checks)

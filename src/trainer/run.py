@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from trainer._console import console
+from trainer._console import console, warning
 from trainer.config import (
     STEPS_WARNING_THRESHOLD,
     Architecture,
@@ -259,15 +259,19 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
     console.print(f"Base model: {info.describe()}; training {what}")
     resolution = config.resolution or info.resolution
     concepts = config.resolved_concepts()
-    checks = check_photos([c.instance_dir for c in concepts], resolution=resolution)
+    checks = check_photos(
+        [c.instance_dir for c in concepts],
+        resolution=resolution,
+        max_megapixels=config.max_photo_megapixels,
+    )
     for check in checks:
-        for warning in check.warnings:
-            console.print(f"[yellow]Warning:[/] {warning}")
+        for message in check.warnings:
+            warning(message)
     num_photos = sum(len(c.photos) for c in checks)
     max_steps = config.max_train_steps or default_max_train_steps(num_photos)
     if max_steps > STEPS_WARNING_THRESHOLD:
-        console.print(
-            f"[yellow]Warning:[/] {max_steps} training steps is a lot: above {STEPS_WARNING_THRESHOLD} "
+        warning(
+            f"{max_steps} training steps is a lot: above {STEPS_WARNING_THRESHOLD} "
             "DreamBooth tends to over-fit (every image looks like the training photos). Consider "
             "fewer --max-train-steps or a lower --learning-rate."
         )
@@ -323,7 +327,11 @@ def training_data(record: RunRecord, checks: list[PhotoCheck]) -> TrainingData:
     for concept in record.concepts:
         if record.with_prior_preservation and concept.class_dir is not None:
             wanted = set(existing_class_images(concept.class_dir)[: record.num_class_images])
-            (check,) = check_photos([concept.class_dir], resolution=record.resolution)
+            (check,) = check_photos(
+                [concept.class_dir],
+                resolution=record.resolution,
+                max_megapixels=record.max_photo_megapixels,
+            )
             class_images.append([p.path for p in check.photos if p.path in wanted])
         else:
             class_images.append([])

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from trainer._console import StepProgress, console
-from trainer._fs import publish_dir, remove_stale_temp, temp_sibling
+from trainer._fs import disk_errors, publish_dir, remove_stale_temp, temp_sibling
 from trainer.checkpoints import (
     CHECKPOINT_PREFIX,
     StopSignal,
@@ -230,12 +230,14 @@ def preflight(record: RunRecord) -> None:
             )
 
 
-def _pixels(paths: Sequence[Path], resolution: int) -> tuple[torch.Tensor, list[CropGeometry]]:
+def _pixels(
+    paths: Sequence[Path], resolution: int, max_megapixels: float
+) -> tuple[torch.Tensor, list[CropGeometry]]:
     """Photos as a float tensor in [-1, 1], shape (n, 3, resolution, resolution), and how each was
     resized and cropped."""
     import torch
 
-    loaded = [load_photo_with_geometry(p, resolution) for p in paths]
+    loaded = [load_photo_with_geometry(p, resolution, max_megapixels=max_megapixels) for p in paths]
     arrays = [np.asarray(image, dtype=np.float32) for image, _ in loaded]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return batch / 127.5 - 1.0, [geometry for _, geometry in loaded]
@@ -515,7 +517,7 @@ def train(
             unique = list(dict.fromkeys(all_images))
             for i in range(0, len(unique), _LATENT_BATCH):
                 chunk = unique[i : i + _LATENT_BATCH]
-                pixels, chunk_geometry = _pixels(chunk, record.resolution)
+                pixels, chunk_geometry = _pixels(chunk, record.resolution, record.max_photo_megapixels)
                 dist = vae.encode(pixels.to(device, dtype=vae_dtype)).latent_dist
                 for j, path in enumerate(chunk):
                     latent_cache[path] = (dist.mean[j], dist.std[j])
@@ -538,7 +540,7 @@ def train(
             std = torch.stack([latent_cache[p][1] for p in paths])
         else:
             with torch.no_grad():
-                pixels, batch_geometry = _pixels(paths, record.resolution)
+                pixels, batch_geometry = _pixels(paths, record.resolution, record.max_photo_megapixels)
                 dist = vae.encode(pixels.to(device, dtype=vae_dtype)).latent_dist
             geometries.update(zip(paths, batch_geometry, strict=True))
             mean, std = dist.mean, dist.std
@@ -687,16 +689,24 @@ def train(
     accelerator.wait_for_everyone()
     model_dir = None
     trained_te = [unwrap(accelerator, te) for te in text_encoders] if record.train_text_encoder else []
+    # A full disk here loses only the steps since the newest checkpoint: a rerun continues from it.
+    saving = disk_errors(
+        output_dir,
+        f"the trained {'adapter' if lora else 'model'}",
+        then="Once there is room, run the same command again: it continues from the newest checkpoint.",
+    )
     if save_model and accelerator.is_main_process and lora:
-        model_dir = save_lora_weights(
-            output_dir / LORA_DIR,
-            architecture=record.architecture,
-            unet=unwrap(accelerator, unet),
-            text_encoders=trained_te,
-        )
+        with saving:
+            model_dir = save_lora_weights(
+                output_dir / LORA_DIR,
+                architecture=record.architecture,
+                unet=unwrap(accelerator, unet),
+                text_encoders=trained_te,
+            )
         console.print(f"Saved the LoRA adapter in {model_dir}")
     elif save_model and accelerator.is_main_process:
-        model_dir = _save_pipeline(record, unwrap(accelerator, unet), trained_te, output_dir / "model")
+        with saving:
+            model_dir = _save_pipeline(record, unwrap(accelerator, unet), trained_te, output_dir / "model")
         console.print(f"Saved the fine-tuned model in {model_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

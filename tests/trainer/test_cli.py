@@ -239,3 +239,65 @@ def test_class_images_command(tiny_sd1: Path, tmp_path: Path) -> None:
     assert "2 generated, 0 reused" in flat(first)
     second = invoke(*args)
     assert "0 generated, 2 reused" in flat(second)
+
+
+# -- user-controlled names are shown literally ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a[/]b", "[bold]x", "[red]y[/red]"])
+def test_check_shows_folder_names_that_look_like_markup_literally(photos: Path, name: str) -> None:
+    folder = photos.parent / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    photos.rename(folder)
+    result = invoke("check", folder, "--resolution", 64)
+    assert result.exit_code == 0, result.output
+    assert f"{folder} (4 photos" in flat(result)
+
+    (folder / "notes.txt").write_text("hello")
+    result = invoke("check", folder, "--resolution", 64)
+    assert result.exit_code == 1, result.output
+    assert f"in {folder} cannot be used" in flat(result)
+    assert f"{folder / 'notes.txt'}: not an image" in flat(result)
+    assert "Traceback" not in result.output
+
+
+def test_run_names_a_markup_like_photo_folder_literally(photos: Path, tiny_sd1: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "[bold]x" / "a[/]b"
+    folder.parent.mkdir(parents=True)
+    photos.rename(folder)
+    (folder / "[bold]broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    result = invoke("run", *_flow_args(tiny_sd1, folder), "--output", tmp_path / "out")
+    assert result.exit_code == 1, result.output
+    assert f"{folder / '[bold]broken.png'}: not an image" in flat(result)
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_control_characters_in_file_names_are_shown_as_escapes(photos: Path) -> None:
+    (photos / "photo-1.png").rename(photos / "\x1b[31mred.png")
+    (photos / "photo-2.jpg").rename(photos / "two\nlines.jpg")
+    result = invoke("check", photos, "--resolution", 64)
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.output and "\\x1b[31mred.png" in result.output
+    assert "two\\nlines.jpg" in result.output
+
+    (photos / "bad\x1b]0;title\x07\u202e.txt").write_text("hello")
+    result = invoke("check", photos, "--resolution", 64)
+    assert result.exit_code == 1, result.output
+    assert "\x1b" not in result.output and "\x07" not in result.output and "\u202e" not in result.output
+    assert "bad\\x1b]0;title\\x07\\u202e.txt: not an image" in result.output
+
+
+def test_check_refuses_photos_over_the_pixel_limit(photos: Path) -> None:
+    result = invoke("check", photos, "--resolution", 64, "--max-megapixels", 0.005)
+    assert result.exit_code == 1
+    assert "photo-0.jpg: too large: 80 x 96 px" in flat(result)
+    assert "resize it below 0.005 megapixels" in flat(result)
+
+
+def test_run_takes_the_pixel_limit_as_an_option(photos: Path, tiny_sd1: Path, tmp_path: Path) -> None:
+    result = invoke(
+        "run", *_flow_args(tiny_sd1, photos), "--output", tmp_path / "out", "--max-megapixels", 0.005
+    )
+    assert result.exit_code == 1, result.output
+    assert "photo-0.jpg: too large: 80 x 96 px" in flat(result)
+    assert not (tmp_path / "out").exists()

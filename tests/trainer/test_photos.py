@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,15 @@ import pytest
 from PIL import Image
 
 from trainer.errors import PhotoError
-from trainer.photos import check_photo_folder, check_photos, load_photo, prepare_image, to_rgb
+from trainer.photos import (
+    check_photo_folder,
+    check_photos,
+    crop_geometry,
+    load_photo,
+    load_photo_with_geometry,
+    prepare_image,
+    to_rgb,
+)
 
 RES = 64
 
@@ -143,3 +153,106 @@ def test_prepare_image_resizes_the_short_side_and_centre_crops() -> None:
 def test_to_rgb_keeps_rgb_untouched() -> None:
     image = Image.new("RGB", (4, 4), "red")
     assert to_rgb(image) is image
+
+
+def _flat_png(path: Path, width: int, height: int) -> Path:
+    """A 16-bit greyscale PNG of one colour, written row by row: tiny on disk, huge when decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" + b"\x80\x00" * width  # filter byte, then 16-bit samples
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)  # 16-bit greyscale
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+# The child's peak resident memory (VmHWM: since its exec, not inherited from pytest), in MiB.
+_PEAK_RSS = """
+import re, sys
+from pathlib import Path
+from trainer.photos import check_photo_folder
+check = check_photo_folder(Path(sys.argv[1]), resolution=64)
+status = Path("/proc/self/status").read_text()
+print(int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) // 1024)
+print("\\n".join(str(p) for p in check.problems))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+@pytest.mark.parametrize("size", [(12000, 12000), (20000, 10000)])  # under and over Pillow's own limit
+def test_a_near_bomb_png_is_refused_from_its_header_without_decoding(
+    tmp_path: Path, size: tuple[int, int]
+) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    bomb = _flat_png(folder / "flat.png", *size)
+    assert bomb.stat().st_size < 1_000_000  # a few hundred KB that decode to gigabytes
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, str(folder)], capture_output=True, text=True, check=True
+    )
+    peak_mib, *problems = result.stdout.splitlines()
+    assert int(peak_mib) < 250, f"checking used {peak_mib} MiB"
+    (problem,) = problems
+    assert problem.startswith("flat.png: too large")
+    assert "resize it below 64 megapixels" in problem
+    if size == (12000, 12000):
+        assert "12000 x 12000 px" in problem
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_large_16_bit_png_under_the_limit_is_checked_on_a_reduced_copy(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _flat_png(folder / "flat.png", 8000, 7500)  # 60 megapixels, 120 MB decoded
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS, str(folder)], capture_output=True, text=True, check=True
+    )
+    peak_mib, *problems = result.stdout.splitlines()
+    assert problems in ([], [""])
+    assert int(peak_mib) < 500, f"checking used {peak_mib} MiB"  # converting at full size: ~900
+
+
+def test_the_pixel_limit_is_a_setting(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _save(Image.new("RGB", (1200, 1000), "white"), folder / "big.png")
+    (check,) = check_photos([folder], resolution=RES, max_megapixels=2)
+    assert [p.name for p in (photo.path for photo in check.photos)] == ["big.png"]
+    too_large = r"(?s)big.png: too large: 1200 x 1000 px \(1.2 megapixels\).*resize it below 1 megapixels"
+    with pytest.raises(PhotoError, match=too_large):
+        check_photos([folder], resolution=RES, max_megapixels=1)
+    with pytest.raises(PhotoError, match="too large"):
+        load_photo(folder / "big.png", RES, max_megapixels=1)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_full_size_crop(tmp_path: Path) -> None:
+    # 2048 x 1536: draft decodes it at 1/8 (256 x 192) for a 64 px crop; the geometry is the full size's.
+    image = Image.new("RGB", (2048, 1536), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 1024, 1536))
+    path = _save(image, tmp_path / "big.jpg", quality=95)
+    (check,) = check_photos([tmp_path], resolution=RES)
+    (photo,) = check.photos
+    assert (photo.width, photo.height) == (2048, 1536)
+    loaded, geometry = load_photo_with_geometry(path, RES)
+    assert loaded.size == (RES, RES)
+    assert geometry == crop_geometry(2048, 1536, RES)
+    pixels = np.asarray(loaded).astype(int)
+    assert pixels[32, 4, 0] > 200 and pixels[32, 60, 2] > 200  # red left half, blue right half
+
+
+def test_a_large_rotated_jpeg_reports_its_upright_full_size(tmp_path: Path) -> None:
+    image = Image.new("RGB", (2048, 1536), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = _save(image, tmp_path / "turned.jpg", exif=exif, quality=90)
+    (check,) = check_photos([tmp_path], resolution=RES)
+    (photo,) = check.photos
+    assert (photo.width, photo.height, photo.rotated) == (1536, 2048, True)
+    assert load_photo_with_geometry(path, RES)[1] == crop_geometry(1536, 2048, RES)
