@@ -30,6 +30,7 @@ __all__ = [
     "StreamAdmissionDep",
     "admit",
     "admit_caller",
+    "admit_settled",
     "client_ip",
     "get_state",
     "identify_caller",
@@ -202,8 +203,11 @@ async def admit(request: Request) -> Admission:
     return await admit_caller(state, identify_caller(request, state))
 
 
-async def admit_for_stream(request: Request) -> AsyncIterator[Admission]:
-    """`admit`, with the held image given back when the stream ends without one."""
+async def admit_settled(request: Request) -> AsyncIterator[Admission]:
+    """`admit`, with the held image given back unless the route settled the admission: FastAPI
+    validates the body *after* its dependencies, so a request answered 422 (or failing in any way
+    before the route runs, or a stream ending without an image) is charged nothing of the quota.
+    It was counted and rate limited like any other request: invalid requests cost a token."""
     admission = await admit(request)
     try:
         yield admission
@@ -211,8 +215,8 @@ async def admit_for_stream(request: Request) -> AsyncIterator[Admission]:
         await admission.release()
 
 
-AdmissionDep = Annotated[Admission, Depends(admit)]
+AdmissionDep = Annotated[Admission, Depends(admit_settled)]
 """For `/generate`, which settles the admission itself (`deliver` or `release`)."""
 
-StreamAdmissionDep = Annotated[Admission, Depends(admit_for_stream)]
+StreamAdmissionDep = Annotated[Admission, Depends(admit_settled)]
 """For `/generate/stream`: a dependency with teardown, as the stream outlives the route call."""
