@@ -38,7 +38,14 @@ import sdclient
 from sdclient import Timings
 
 from .admission import AdmissionQueue
-from .errors import ProxyError, StoreUnavailable, error_body, error_from_body, from_client_error
+from .errors import (
+    ProxyError,
+    StoreUnavailable,
+    bounded_seconds,
+    error_body,
+    error_from_body,
+    from_client_error,
+)
 from .schemas import GenerateBody
 from .store import Store
 
@@ -348,9 +355,8 @@ class GenerationService:
         def on_client_event(event: sdclient.GenerationEvent) -> None:
             if event.kind == "loading":
                 flight.cancel_pending()
-                self._emit(
-                    flight, "loading", {"eta_s": None if event.eta_s is None else round(event.eta_s, 1)}
-                )
+                eta = None if event.eta_s is None else round(bounded_seconds(event.eta_s), 1)
+                self._emit(flight, "loading", {"eta_s": eta})
             elif event.kind == "sending":
                 status = self.client.status
                 if status.state == "loading" and (status.eta_s or 0) > ETA_PASSED_S:

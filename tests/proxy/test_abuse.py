@@ -4,9 +4,15 @@ guessing and the bounds of `Retry-After`."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
+import pytest
 from proxy_harness import RunningProxy
+from test_stream import parse_sse
+
+from proxy.errors import MAX_RETRY_AFTER_S
+from sdclient.testing import InferenceTestServer, Reply
 
 
 def test_invalid_bodies_take_nothing_of_the_daily_quota(start_proxy: Callable[..., RunningProxy]) -> None:
@@ -17,3 +23,26 @@ def test_invalid_bodies_take_nothing_of_the_daily_quota(start_proxy: Callable[..
     assert [a.status_code for a in invalid] == [422] * 6
     assert [a.status_code for a in answers] == [200, 200, 429]
     assert answers[2].json()["error"]["code"] == "quota_exceeded"
+
+
+@pytest.mark.parametrize("estimate", [1e308, math.inf])
+def test_retry_after_is_bounded_whatever_the_upstream_estimates(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer, estimate: float
+) -> None:
+    upstream.default = Reply.loading(estimate)
+    proxy = start_proxy(max_wait_for_model=1)
+    with proxy.client() as client:
+        answer = client.post("/generate", json={"prompt": "fox"})
+        stream = client.post("/generate/stream", json={"prompt": "fox"})
+        status = client.get("/status").json()
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "model_loading"
+    assert 1 <= int(answer.headers["retry-after"]) <= MAX_RETRY_AFTER_S
+    assert answer.json()["error"]["retry_after"] == int(answer.headers["retry-after"])
+    assert len(answer.text) < 1000
+    error = dict(parse_sse(stream.text))["error"]["error"]
+    assert 1 <= error["retry_after"] <= MAX_RETRY_AFTER_S
+    # A loading model's estimate is bounded as well (or dropped, when it is not a finite number).
+    for eta in (dict(parse_sse(stream.text))["loading"]["eta_s"], status["eta_s"]):
+        assert eta is None or 0 <= eta <= MAX_RETRY_AFTER_S
+    assert status["state"] == "loading"

@@ -7,7 +7,7 @@ import os
 from fastapi import APIRouter
 
 from ..deps import AdminDep, StateDep
-from ..errors import NotReady
+from ..errors import NotReady, bounded_seconds
 from ..schemas import ErrorResponse, Health, ModelStatusOut, UsageReport
 
 __all__ = ["router"]
@@ -20,7 +20,7 @@ async def status(state: StateDep) -> ModelStatusOut:
     """`ready`, `loading` (with `eta_s`, seconds left), `unavailable` (an error retrying will not
     fix, e.g. a refused token) or `unknown` (nothing sent yet). Sends nothing upstream."""
     model = state.service.status()
-    eta = None if model.eta_s is None else round(model.eta_s, 1)
+    eta = None if model.eta_s is None else round(bounded_seconds(model.eta_s), 1)
     return ModelStatusOut(state=model.state, eta_s=eta, message=model.message)
 
 
