@@ -110,6 +110,27 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Reverse proxies (IPs/CIDRs) whose `X-Forwarded-For` is believed.",
     )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a connection has to send a request's headers, from its opening or the "
+        "previous answer; then it is closed (`sdproxy serve`).",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a request has to send its whole body once its headers are in; then the "
+        "connection is closed (`sdproxy serve`).",
+    )
+    keep_alive_timeout_s: int = Field(
+        default=5, ge=1, description="Seconds an idle keep-alive connection is kept (`sdproxy serve`)."
+    )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Connections (or requests in progress) per worker; a request beyond is answered "
+        "503 (`sdproxy serve`, uvicorn's `limit_concurrency`).",
+    )
     rate_limit_per_minute: float = Field(
         default=10.0, ge=0, description="Token-bucket refill per client, requests a minute (0: off)."
     )

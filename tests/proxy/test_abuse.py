@@ -5,10 +5,13 @@ guessing and the bounds of `Retry-After`."""
 from __future__ import annotations
 
 import math
+import socket
+import time
 from collections.abc import Callable
 
+import httpx
 import pytest
-from proxy_harness import RunningProxy
+from proxy_harness import MODEL_ID, RunningProxy, sdproxy_processes
 from test_stream import parse_sse
 
 from proxy.errors import MAX_RETRY_AFTER_S
@@ -46,3 +49,37 @@ def test_retry_after_is_bounded_whatever_the_upstream_estimates(
     for eta in (dict(parse_sse(stream.text))["loading"]["eta_s"], status["eta_s"]):
         assert eta is None or 0 <= eta <= MAX_RETRY_AFTER_S
     assert status["state"] == "loading"
+
+
+def _closed_after(sock: socket.socket, limit_s: float) -> float:
+    """Seconds until the server closes `sock` (reading anything it answers first); fails past
+    `limit_s`."""
+    sock.settimeout(limit_s)
+    started = time.monotonic()
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        pytest.fail(f"the connection was still open after {limit_s} s")
+    return time.monotonic() - started
+
+
+def test_serve_closes_connections_with_unfinished_headers_or_bodies(upstream: InferenceTestServer) -> None:
+    upstream.default = Reply.image(delay=1.0)
+    settings = {"header_timeout_s": 0.5, "body_timeout_s": 0.5, "keep_alive_timeout_s": 1}
+    with sdproxy_processes(1, upstream.model_url(MODEL_ID), **settings) as (url,):
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as half_headers:
+            half_headers.sendall(b"POST /generate HTTP/1.1\r\nHost: proxy\r\nContent-Type: appl")
+            assert _closed_after(half_headers, 5) < 3
+        with socket.create_connection(("127.0.0.1", port)) as half_body:
+            half_body.sendall(
+                b"POST /generate HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 40\r\n\r\n{"prompt": '
+            )
+            assert _closed_after(half_body, 5) < 3
+        with socket.create_connection(("127.0.0.1", port)) as idle:
+            assert _closed_after(idle, 5) < 3
+        # A request that is all in gets its answer, however long the model takes (1 s here).
+        answer = httpx.post(url + "/generate", json={"prompt": "fox"}, timeout=10)
+        assert answer.status_code == 200
