@@ -110,6 +110,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Reverse proxies (IPs/CIDRs) whose `X-Forwarded-For` is believed.",
     )
+    ipv6_prefix: int = Field(
+        default=64,
+        ge=1,
+        le=128,
+        description="IPv6 clients are one client per network of this prefix length (a /64 is one "
+        "home or one host's range), for rate limits, quotas and API-key failures.",
+    )
     header_timeout_s: float = Field(
         default=10.0,
         gt=0,

@@ -32,6 +32,7 @@ __all__ = [
     "admit_caller",
     "admit_settled",
     "client_ip",
+    "client_network",
     "get_state",
     "identify_caller",
 ]
@@ -99,6 +100,22 @@ def client_ip(request: Request, trusted_proxies: Sequence[IPNetwork]) -> str:
     return hops[0] if hops else peer
 
 
+def client_network(address: str, ipv6_prefix: int) -> str:
+    """What limits are kept under for a client address: an IPv4 address as it is, an IPv6 one as
+    its network of `ipv6_prefix` bits (`2001:db8:1:2::/64`). One IPv6 host or home is given a
+    whole /64 and may pick any address in it: per address, it would get a fresh bucket per request.
+    An IPv4-mapped IPv6 address (`::ffff:203.0.113.7`) is its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+    return str(ip)
+
+
 def _presented_key(request: Request, header: str) -> str | None:
     value = request.headers.get(header)
     if value:
@@ -116,7 +133,8 @@ def _matches(presented: str, secret: str) -> bool:
 
 def identify_caller(request: Request, state: AppState) -> str:
     """The id that rate limits, quotas and counts are kept under: `key:<hash>` of the caller's API
-    key when keys are configured (and a valid one is required), else `ip:<address>`.
+    key when keys are configured (and a valid one is required), else `ip:<address>` (an IPv6
+    client's network, see `client_network`).
 
     Raises:
         Unauthorized: Keys are configured and the request has none, or an unknown one.
@@ -131,7 +149,8 @@ def identify_caller(request: Request, state: AppState) -> str:
         if not any(_matches(presented, key.get_secret_value()) for key in keys):
             raise Unauthorized("Unknown API key.")
         return "key:" + hashlib.sha256(presented.encode()).hexdigest()[:12]
-    return "ip:" + client_ip(request, state.settings.trusted_proxies)
+    settings = state.settings
+    return "ip:" + client_network(client_ip(request, settings.trusted_proxies), settings.ipv6_prefix)
 
 
 async def require_admin(request: Request, state: StateDep) -> None:

@@ -83,3 +83,30 @@ def test_serve_closes_connections_with_unfinished_headers_or_bodies(upstream: In
         # A request that is all in gets its answer, however long the model takes (1 s here).
         answer = httpx.post(url + "/generate", json={"prompt": "fox"}, timeout=10)
         assert answer.status_code == 200
+
+
+def test_ipv6_clients_are_one_client_per_64(start_proxy: Callable[..., RunningProxy]) -> None:
+    proxy = start_proxy(rate_limit_per_minute=6, rate_limit_burst=1, trusted_proxies=["127.0.0.1/32"])
+
+    def status(address: str) -> int:
+        headers = {"X-Forwarded-For": address}
+        return client.post("/generate", json={"prompt": "fox"}, headers=headers).status_code
+
+    with proxy.client() as client:
+        assert status("2001:db8:1:2::1") == 200
+        assert status("2001:db8:1:2:ffff:ffff:ffff:fffe") == 429  # another address of the same /64
+        assert status("2001:db8:1:3::1") == 200  # the next /64 is another client
+        assert status("203.0.113.7") == 200
+        assert status("::ffff:203.0.113.7") == 429  # the same IPv4 client, written as IPv6
+
+
+def test_ipv6_prefix_is_configurable(start_proxy: Callable[..., RunningProxy]) -> None:
+    proxy = start_proxy(
+        rate_limit_per_minute=6, rate_limit_burst=1, trusted_proxies=["127.0.0.1/32"], ipv6_prefix=48
+    )
+    with proxy.client() as client:
+        answers = [
+            client.post("/generate", json={"prompt": "fox"}, headers={"X-Forwarded-For": address})
+            for address in ("2001:db8:1:2::1", "2001:db8:1:3::1", "2001:db8:2::1")
+        ]
+    assert [a.status_code for a in answers] == [200, 429, 200]
