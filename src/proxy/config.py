@@ -117,6 +117,12 @@ class Settings(BaseSettings):
         description="IPv6 clients are one client per network of this prefix length (a /64 is one "
         "home or one host's range), for rate limits, quotas and API-key failures.",
     )
+    auth_failures_per_minute: int = Field(
+        default=10,
+        ge=0,
+        description="Wrong API keys a client may send a minute; then every call of that client is "
+        "429 `rate_limited` until the minute ends (0: no throttle).",
+    )
     header_timeout_s: float = Field(
         default=10.0,
         gt=0,

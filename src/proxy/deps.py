@@ -131,26 +131,49 @@ def _matches(presented: str, secret: str) -> bool:
     return hmac.compare_digest(presented.encode(), secret.encode())
 
 
-def identify_caller(request: Request, state: AppState) -> str:
+def _client_address(request: Request, state: AppState) -> str:
+    settings = state.settings
+    return client_network(client_ip(request, settings.trusted_proxies), settings.ipv6_prefix)
+
+
+async def _check_key(request: Request, state: AppState, header: str, secrets: Sequence[str]) -> str | None:
+    """The presented key (None when there is none) if it is one of `secrets`; a wrong one counts
+    against the client address's throttle on wrong keys, which applies first.
+
+    Raises:
+        RateLimitExceeded: The address sent too many wrong keys this minute.
+        Unauthorized: The key is wrong.
+    """
+    address = _client_address(request, state)
+    await state.limiter.check_auth_failures(address)
+    presented = _presented_key(request, header)
+    if presented is None:
+        return None
+    if not any(_matches(presented, secret) for secret in secrets):
+        await state.limiter.auth_failed(address)
+        raise Unauthorized("Unknown API key." if header == "x-api-key" else "The admin key is wrong.")
+    return presented
+
+
+async def identify_caller(request: Request, state: AppState) -> str:
     """The id that rate limits, quotas and counts are kept under: `key:<hash>` of the caller's API
     key when keys are configured (and a valid one is required), else `ip:<address>` (an IPv6
     client's network, see `client_network`).
 
     Raises:
         Unauthorized: Keys are configured and the request has none, or an unknown one.
+        RateLimitExceeded: Keys are configured and the client's address sent too many wrong
+            ones this minute (`SDPROXY_AUTH_FAILURES_PER_MINUTE`).
     """
     keys = state.settings.api_keys
     if keys:
-        presented = _presented_key(request, "x-api-key")
+        presented = await _check_key(request, state, "x-api-key", [key.get_secret_value() for key in keys])
         if presented is None:
             raise Unauthorized(
                 "An API key is required: send it as `Authorization: Bearer <key>` or `X-API-Key`."
             )
-        if not any(_matches(presented, key.get_secret_value()) for key in keys):
-            raise Unauthorized("Unknown API key.")
         return "key:" + hashlib.sha256(presented.encode()).hexdigest()[:12]
-    settings = state.settings
-    return "ip:" + client_network(client_ip(request, settings.trusted_proxies), settings.ipv6_prefix)
+    return "ip:" + _client_address(request, state)
 
 
 async def require_admin(request: Request, state: StateDep) -> None:
@@ -159,12 +182,12 @@ async def require_admin(request: Request, state: StateDep) -> None:
     Raises:
         NotFound: No admin key is configured.
         Unauthorized: The key is missing or wrong.
+        RateLimitExceeded: The client's address sent too many wrong keys this minute.
     """
     admin_key = state.settings.admin_key
     if admin_key is None:
         raise NotFound("This endpoint is disabled: set SDPROXY_ADMIN_KEY to enable it.")
-    presented = _presented_key(request, "x-admin-key")
-    if presented is None or not _matches(presented, admin_key.get_secret_value()):
+    if await _check_key(request, state, "x-admin-key", [admin_key.get_secret_value()]) is None:
         raise Unauthorized("The admin key is missing or wrong.")
 
 
@@ -219,7 +242,7 @@ async def admit(request: Request) -> Admission:
         StoreUnavailable: The store cannot be reached (and fail-open is off).
     """
     state = await get_state(request)
-    return await admit_caller(state, identify_caller(request, state))
+    return await admit_caller(state, await identify_caller(request, state))
 
 
 async def admit_settled(request: Request) -> AsyncIterator[Admission]:

@@ -110,3 +110,45 @@ def test_ipv6_prefix_is_configurable(start_proxy: Callable[..., RunningProxy]) -
             for address in ("2001:db8:1:2::1", "2001:db8:1:3::1", "2001:db8:2::1")
         ]
     assert [a.status_code for a in answers] == [200, 429, 200]
+
+
+API_KEY = "client-key-0123456789abcdef"
+ADMIN_KEY = "admin-key-0123456789abcdef"
+
+
+def test_wrong_api_keys_are_throttled_per_client_address(start_proxy: Callable[..., RunningProxy]) -> None:
+    proxy = start_proxy(
+        api_keys=[API_KEY], admin_key=ADMIN_KEY, auth_failures_per_minute=3, trusted_proxies=["127.0.0.1/32"]
+    )
+    guesser = {"X-Forwarded-For": "203.0.113.7"}
+
+    def call(key: str, headers: dict[str, str]) -> httpx.Response:
+        return client.post("/generate", json={"prompt": "fox"}, headers={"X-API-Key": key, **headers})
+
+    with proxy.client() as client:
+        wrong = [call(f"guess-{i:020d}", guesser).status_code for i in range(3)]
+        throttled = call("guess-again-000000000000", guesser)
+        right_key = call(API_KEY, guesser)  # the right key too: a guesser must not tell it apart
+        admin = client.get("/usage", headers={"X-Admin-Key": ADMIN_KEY, **guesser})
+        other_address = call(API_KEY, {"X-Forwarded-For": "203.0.113.8"})
+        # The minute is over (the limiter's clock moved on): the address may try again.
+        limiter = proxy.app.state.proxy.limiter
+        limiter._clock = lambda: time.time() + 60
+        later = call(API_KEY, guesser)
+    assert wrong == [401, 401, 401]
+    assert throttled.status_code == right_key.status_code == admin.status_code == 429
+    error = throttled.json()["error"]
+    assert error["code"] == "rate_limited"
+    assert "wrong API keys" in error["message"]
+    assert 1 <= int(throttled.headers["retry-after"]) <= 60
+    assert other_address.status_code == 200
+    assert later.status_code == 200
+
+
+def test_wrong_admin_keys_count_too(start_proxy: Callable[..., RunningProxy]) -> None:
+    proxy = start_proxy(admin_key=ADMIN_KEY, auth_failures_per_minute=2)
+    with proxy.client() as client:
+        answers = [client.get("/usage", headers={"X-Admin-Key": "x" * 20}).status_code for _ in range(3)]
+        right = client.get("/usage", headers={"X-Admin-Key": ADMIN_KEY})
+    assert answers == [401, 401, 429]
+    assert right.status_code == 429

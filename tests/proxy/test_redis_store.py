@@ -7,7 +7,13 @@ import asyncio
 
 import pytest
 from redis_harness import RedisServer
-from test_units import check_cache, check_daily_quota, check_key_budget, check_token_bucket
+from test_units import (
+    check_auth_failures,
+    check_cache,
+    check_daily_quota,
+    check_key_budget,
+    check_token_bucket,
+)
 
 from proxy.redis_store import RedisStore
 from proxy.store import Store
@@ -34,6 +40,10 @@ async def test_daily_quota(redis_store: Store) -> None:
 
 async def test_key_budget(redis_store: Store) -> None:
     await check_key_budget(redis_store)
+
+
+async def test_auth_failures(redis_store: Store) -> None:
+    await check_auth_failures(redis_store)
 
 
 async def test_cache(redis_store: Store) -> None:

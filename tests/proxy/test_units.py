@@ -85,6 +85,31 @@ async def check_key_budget(store: Store) -> None:
     await limiter.admit("key:abc")
 
 
+async def check_auth_failures(store: Store) -> None:
+    """Wrong keys are counted per address and minute; at the limit every call of the address is
+    refused until the minute ends, and other addresses are not."""
+    clock = Clock(now=60 * 1_000_000 + 15)
+    limiter = ClientLimiter(
+        store, per_minute=0, burst=1, daily_quota=0, auth_failures_per_minute=2, clock=clock
+    )
+    assert await store.incr("counter", ttl_s=10) == 1
+    assert await store.incr("counter", ttl_s=10) == 2
+    assert await store.get("counter") == b"2"
+    for _ in range(2):
+        await limiter.check_auth_failures("203.0.113.7")
+        await limiter.auth_failed("203.0.113.7")
+    with pytest.raises(RateLimitExceeded) as caught:
+        await limiter.check_auth_failures("203.0.113.7")
+    assert caught.value.retry_after == 45
+    await limiter.check_auth_failures("203.0.113.8")
+    clock.now += 45
+    await limiter.check_auth_failures("203.0.113.7")
+
+
+async def test_auth_failures() -> None:
+    await check_auth_failures(MemoryStore())
+
+
 async def check_cache(store: Store) -> None:
     """Least recently used out beyond the bytes; too big: not stored."""
     await store.cache_put("a", b"a" * 40, ttl_s=60, max_bytes=100)

@@ -153,7 +153,7 @@ def _format(content_type: str) -> str:
 async def generations(body: ImageGenerationBody, request: Request) -> dict[str, Any]:
     """OpenAI's `POST /v1/images/generations`: `{"created", "data": [{"b64_json" | "url"}]}`."""
     state = await get_state(request)
-    caller = identify_caller(request, state)
+    caller = await identify_caller(request, state)
     try:
         bodies = body.generations()
     except ValidationError as exc:
