@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, TypedDict
+from typing import TYPE_CHECKING, Annotated, TypedDict, TypeVar
 
 from fastapi import Depends, Request
 
 from .config import IPNetwork, Settings
-from .errors import NotFound, NotReady, SecretRegistry, Unauthorized
+from .errors import NotFound, NotReady, ProxyError, SecretRegistry, Unauthorized
 from .limits import ClientLimiter
 from .service import GenerationService
 from .store import Admitted, Store
@@ -20,11 +22,14 @@ from .store import Admitted, Store
 if TYPE_CHECKING:
     from .jobs import JobManager
 
+T = TypeVar("T")
+
 __all__ = [
     "AdminDep",
     "Admission",
     "AdmissionDep",
     "AppState",
+    "ClientGone",
     "LifespanState",
     "StateDep",
     "StreamAdmissionDep",
@@ -35,6 +40,7 @@ __all__ = [
     "client_network",
     "get_state",
     "identify_caller",
+    "while_connected",
 ]
 
 
@@ -114,6 +120,46 @@ def client_network(address: str, ipv6_prefix: int) -> str:
             return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
     return str(ip)
+
+
+class ClientGone(ProxyError):
+    """The caller closed its connection before the answer was ready (499, nginx's code: only
+    logged, as nobody receives it)."""
+
+    status_code, code = 499, "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("The caller closed the connection before the answer was ready.")
+
+
+async def while_connected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work` until it is done or the caller goes away, whichever comes first; in the second
+    case `work` is cancelled (a generation nobody waits for stops and frees its slot, unless
+    another request shares it). A streamed answer needs none of this: Starlette cancels the
+    stream when its caller goes away.
+
+    Raises:
+        ClientGone: The caller closed the connection first.
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        gone.cancel()
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the caller has closed the connection (the body was read before)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _presented_key(request: Request, header: str) -> str | None:

@@ -4,10 +4,12 @@ guessing and the bounds of `Retry-After`."""
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -152,3 +154,66 @@ def test_wrong_admin_keys_count_too(start_proxy: Callable[..., RunningProxy]) ->
         right = client.get("/usage", headers={"X-Admin-Key": ADMIN_KEY})
     assert answers == [401, 401, 429]
     assert right.status_code == 429
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_an_abandoned_stream_gives_up_its_queue_place_and_its_call(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer
+) -> None:
+    upstream.default = Reply.image(delay=1.0)
+    proxy = start_proxy(max_concurrency=1, queue_size=1)
+    queue = proxy.service.admission
+    # A plain client for the stream: the recording one reads every answer to its end first.
+    with proxy.client() as first, httpx.Client(base_url=proxy.url, timeout=30) as second:
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(first.post, "/generate", json={"prompt": "first"})
+            _wait_until(lambda: queue.active == 1)
+            with second.stream("POST", "/generate/stream", json={"prompt": "left"}) as stream:
+                lines = stream.iter_lines()
+                assert next(lines) == "event: queued"
+                assert json.loads(next(lines).removeprefix("data:")) == {"position": 1}
+                assert queue.waiting == 1
+            _wait_until(lambda: queue.waiting == 0)  # the tab closed: its place in line is free
+            assert running.result().status_code == 200
+    time.sleep(0.2)
+    assert [r.prompt for r in upstream.requests] == ["first"]  # the abandoned call never ran
+    assert proxy.service.abandoned == 1
+
+
+def test_an_abandoned_generate_stops_its_running_call_and_frees_the_slot(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer
+) -> None:
+    upstream.default = Reply.image(delay=3.0)
+    proxy = start_proxy(max_concurrency=1, daily_quota=5)
+    queue = proxy.service.admission
+    with proxy.client() as client:
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/generate", json={"prompt": "left"}, timeout=0.5)
+    _wait_until(lambda: queue.active == 0)
+    assert time.monotonic() - started < 2  # well before the upstream's 3 s
+    assert proxy.service.abandoned == 1
+
+
+def test_a_call_shared_by_coalescing_goes_on_when_one_of_its_visitors_leaves(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer
+) -> None:
+    upstream.default = Reply.image(delay=1.0)
+    proxy = start_proxy()
+    body = {"prompt": "shared", "seed": 5}
+    with proxy.client() as stays, proxy.client() as leaves:
+        with ThreadPoolExecutor(1) as pool:
+            kept = pool.submit(stays.post, "/generate", json=body)
+            _wait_until(lambda: proxy.service.describe()["flights"] == 1)
+            with pytest.raises(httpx.ReadTimeout):
+                leaves.post("/generate", json=body, timeout=0.3)
+            answer = kept.result()
+    assert answer.status_code == 200
+    assert len(upstream.requests) == 1
+    assert proxy.service.abandoned == 0

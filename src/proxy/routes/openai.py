@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..deps import admit_caller, get_state, identify_caller
+from ..deps import ClientGone, admit_caller, get_state, identify_caller, while_connected
 from ..errors import ProxyError, describe_validation_errors
 from ..schemas import MAX_PROMPT_LENGTH, MAX_SEED, GenerateBody
 
@@ -160,10 +160,11 @@ async def generations(body: ImageGenerationBody, request: Request) -> dict[str, 
         raise RequestValidationError(exc.errors()) from None
     admission = await admit_caller(state, caller, images=len(bodies))
     try:
-        results = await asyncio.gather(*(state.service.generate(b) for b in bodies))
-    except BaseException:
+        results = await while_connected(request, asyncio.gather(*(state.service.generate(b) for b in bodies)))
+    except BaseException as exc:
         await admission.release()
-        await state.limiter.count(caller, "errors")
+        if not isinstance(exc, ClientGone):
+            await state.limiter.count(caller, "errors")
         raise
     await admission.deliver()
     data: list[dict[str, Any]] = []

@@ -68,5 +68,6 @@ async def usage(state: StateDep) -> UsageReport:
             **service.admission.snapshot(),
             "upstream_calls": service.upstream_calls,
             "followed": service.followed,
+            "abandoned": service.abandoned,
         },
     )
