@@ -90,8 +90,10 @@ def client_ip(request: Request, trusted_proxies: Sequence[IPNetwork]) -> str:
     """The caller's IP address.
 
     `X-Forwarded-For` is only believed when the direct peer is a trusted proxy; it is then read
-    from the right, skipping trusted proxies, so a client cannot pick its own address by sending
-    the header itself.
+    from the right, skipping trusted proxies: the first address that is not one is the client,
+    so a client cannot pick its own address by sending the header itself. When every entry is
+    trusted, the last one (written by the peer) is the client, never the first (which the client
+    may have written).
     """
     peer = request.client.host if request.client else "unknown"
     if not trusted_proxies or not _in_networks(peer, trusted_proxies):
@@ -103,7 +105,10 @@ def client_ip(request: Request, trusted_proxies: Sequence[IPNetwork]) -> str:
                 return str(ipaddress.ip_address(hop))
             except ValueError:
                 return peer  # a garbled header: fall back to the proxy that sent it
-    return hops[0] if hops else peer
+    # Every entry is a trusted address (so a valid one): the client is inside a trusted range.
+    # Only the last entry, written by the trusted peer, is believed; the client may have written
+    # the ones before it.
+    return str(ipaddress.ip_address(hops[-1])) if hops else peer
 
 
 def client_network(address: str, ipv6_prefix: int) -> str:

@@ -217,3 +217,17 @@ def test_a_call_shared_by_coalescing_goes_on_when_one_of_its_visitors_leaves(
     assert answer.status_code == 200
     assert len(upstream.requests) == 1
     assert proxy.service.abandoned == 0
+
+
+def test_forwarded_for_cannot_name_another_trusted_address(start_proxy: Callable[..., RunningProxy]) -> None:
+    # An internal client (in a trusted range) writes addresses of that range in front of its own.
+    proxy = start_proxy(
+        rate_limit_per_minute=6, rate_limit_burst=1, trusted_proxies=["127.0.0.1/32", "10.0.0.0/8"]
+    )
+    with proxy.client() as client:
+        answers = [
+            client.post("/generate", json={"prompt": "fox"}, headers={"X-Forwarded-For": chain})
+            for chain in ("10.0.0.5", "10.9.9.9, 10.0.0.5", "10.9.9.8, 10.0.0.5", "10.0.0.6")
+        ]
+    # The entry the trusted peer wrote is believed, nothing the client wrote before it.
+    assert [a.status_code for a in answers] == [200, 429, 429, 200]
