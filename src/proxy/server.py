@@ -5,7 +5,8 @@ connection that has sent part of a request: one that sends half its headers, or 
 is held for as long as it stays open, and a few hundred of them use up a small file-descriptor
 limit. Here a connection has `header_timeout_s` to send a request's headers (counted from its
 opening, or from the previous answer), then `body_timeout_s` to send the body; past either it is
-closed. While the app works on a request (a long stream included) no deadline runs.
+closed, as it is once it sends more than `MAX_HEADER_BYTES` before its headers are complete.
+While the app works on a request (a long stream included) no deadline runs.
 
 Both of uvicorn's HTTP implementations are covered: httptools when it is installed (what uvicorn
 picks by itself), else h11. The deadlines come from the settings, read once per worker process
@@ -25,6 +26,10 @@ from .config import load_settings
 __all__ = ["H11DeadlineProtocol", "HttpToolsDeadlineProtocol", "protocol_class"]
 
 logger = logging.getLogger("proxy.server")
+
+MAX_HEADER_BYTES = 64 * 1024
+"""Most bytes a connection may send before a request's headers are complete: h11 has a bound of
+its own (16 KiB), httptools none."""
 
 
 class _Deadlines(asyncio.Protocol):
@@ -49,12 +54,18 @@ class _Deadlines(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._phase = "headers"
         self._cycle_before: Any = None
+        self._header_bytes = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._waiting_for_request()
 
     def data_received(self, data: bytes) -> None:
+        if self._phase == "headers":
+            self._header_bytes += len(data)
+            if self._header_bytes > MAX_HEADER_BYTES:
+                self._close("sent more than %d bytes of headers", MAX_HEADER_BYTES)
+                return
         super().data_received(data)
         self._advance()
 
@@ -72,6 +83,7 @@ class _Deadlines(asyncio.Protocol):
     def _waiting_for_request(self) -> None:
         self._phase = "headers"
         self._cycle_before = self.cycle
+        self._header_bytes = 0
         self._arm(self.header_timeout_s, "request headers")
 
     def _advance(self) -> None:
@@ -96,12 +108,13 @@ class _Deadlines(asyncio.Protocol):
 
     def _expire(self, what: str) -> None:
         self._timer = None
+        self._close("did not send its %s in time", what)
+
+    def _close(self, why: str, *args: object) -> None:
+        self._disarm()
         if not self.transport.is_closing():
-            logger.info(
-                "closed a connection that did not send its %s in time",
-                what,
-                extra={"client_addr": str(self.transport.get_extra_info("peername"))},
-            )
+            peer = self.transport.get_extra_info("peername")
+            logger.info("closed a connection that " + why, *args, extra={"client_addr": str(peer)})
             self.transport.close()
 
 
