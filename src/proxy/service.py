@@ -16,6 +16,9 @@ Progress events of a flight, in the order a page sees them:
 then the route sends `image` or `error`. A request that joins a flight in the air first receives
 the events the flight already sent.
 
+A flight stops (leaves the queue, or its upstream call is cancelled) once no request waits for it
+any more: the visitors closed their tabs. A flight that other instances may follow goes on.
+
 With a shared store (Redis) the flight is shared by every instance: the first instance to claim
 the request's fingerprint calls upstream and writes the flight's events and outcome to a log in
 the store; the others follow that log. A follower whose leader vanished without an outcome (its
