@@ -239,3 +239,19 @@ def test_forwarded_for_cannot_name_another_trusted_address(start_proxy: Callable
         ]
     # The entry the trusted peer wrote is believed, nothing the client wrote before it.
     assert [a.status_code for a in answers] == [200, 429, 429, 200]
+
+
+def test_failures_that_are_not_the_visitors_give_the_quota_back(
+    start_proxy: Callable[..., RunningProxy], upstream: InferenceTestServer
+) -> None:
+    proxy = start_proxy(daily_quota=1, max_retries=0)
+    upstream.enqueue(Reply.error(500, "boom"), Reply.error(401, "bad token"), Reply.html(503))
+    with proxy.client() as client:
+        failed = [client.post("/generate", json={"prompt": f"fox {i}"}) for i in range(3)]
+        answers = [client.post("/generate", json={"prompt": f"fox {i}"}) for i in range(2)]
+    assert [a.json()["error"]["code"] for a in failed] == [
+        "upstream_error",
+        "upstream_auth",
+        "upstream_error",
+    ]
+    assert [a.status_code for a in answers] == [200, 429]
