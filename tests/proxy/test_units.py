@@ -10,9 +10,16 @@ import pytest
 from pydantic import ValidationError
 
 from proxy.admission import AdmissionQueue
-from proxy.errors import Busy, QuotaExceeded, RateLimitExceeded, describe_validation_errors
+from proxy.errors import (
+    Busy,
+    QuotaExceeded,
+    RateLimitExceeded,
+    StoreUnavailable,
+    describe_validation_errors,
+)
+from proxy.jobs import JobManager
 from proxy.limits import ClientLimiter
-from proxy.schemas import GenerateBody
+from proxy.schemas import GenerateBody, JobBody
 from proxy.store import MemoryStore, Store
 
 
@@ -225,3 +232,23 @@ def test_validation_messages_name_the_field() -> None:
     assert "width: Input should be a multiple of 8" in message
     assert "steps: unknown field (allowed: prompt, negative_prompt" in message
     assert "guidance_scale: Input should be a valid number" in message
+
+
+class _JobsUnsaved(MemoryStore):
+    """A store that cannot write job records (Redis going away between two calls)."""
+
+    async def put(self, key: str, value: bytes, *, ttl_s: float) -> None:
+        if key.startswith("job:"):
+            raise StoreUnavailable("gone")
+        await super().put(key, value, ttl_s=ttl_s)
+
+
+async def test_a_job_that_cannot_be_saved_gives_its_image_and_idempotency_key_back() -> None:
+    store = _JobsUnsaved()
+    limiter = ClientLimiter(store, per_minute=0, burst=1, daily_quota=1)
+    jobs = JobManager(store, None, limiter, ttl_s=60, webhooks=None)  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable):
+        await jobs.create("a", JobBody(prompt="fox"), idempotency_key="k1", request_id=None)
+    await limiter.admit("a")  # the quota of one image is whole again
+    assert await store.counts() == {"a": {"requests": 2}}
+    assert not [key for key in store._records if key.startswith("idem:")]
