@@ -11,7 +11,6 @@ import socket
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 
 import httpx
 import pytest
@@ -75,7 +74,7 @@ def test_serve_closes_connections_with_unfinished_headers_or_bodies(upstream: In
     settings = {"header_timeout_s": 2, "body_timeout_s": 2, "keep_alive_timeout_s": 1}
     with sdproxy_processes(1, upstream.model_url(MODEL_ID), **settings) as (url,):
         address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
-        with ExitStack() as stack:
+        with contextlib.ExitStack() as stack:
             half_headers, half_body, silent, huge = (
                 stack.enter_context(socket.create_connection(address)) for _ in range(4)
             )
