@@ -126,6 +126,7 @@ def create_app(settings: Settings | None = None, *, client: sdclient.SDClient | 
             burst=settings.rate_limit_burst,
             daily_quota=settings.daily_quota,
             key_monthly_budget=settings.key_monthly_budget,
+            auth_failures_per_minute=settings.auth_failures_per_minute,
             fail_open=settings.fail_open,
         )
         webhooks = None

@@ -112,6 +112,8 @@ def serve(
 
     import uvicorn
 
+    from .server import protocol_class
+
     uvicorn.run(
         "proxy.app:create_app",
         factory=True,
@@ -123,6 +125,12 @@ def serve(
         proxy_headers=False,  # X-Forwarded-For is read by the proxy (SDPROXY_TRUSTED_PROXIES)
         server_header=False,
         timeout_graceful_shutdown=10,
+        # Slow clients: deadlines for headers and bodies (uvicorn has none), idle keep-alive
+        # connections closed, and a cap on connections and requests at once per worker.
+        http=protocol_class(),
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        limit_concurrency=settings.max_connections,
+        h11_max_incomplete_event_size=16 * 1024,  # request line and headers, with h11
     )
 
 

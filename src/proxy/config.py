@@ -110,6 +110,40 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Reverse proxies (IPs/CIDRs) whose `X-Forwarded-For` is believed.",
     )
+    ipv6_prefix: int = Field(
+        default=64,
+        ge=1,
+        le=128,
+        description="IPv6 clients are one client per network of this prefix length (a /64 is one "
+        "home or one host's range), for rate limits, quotas and API-key failures.",
+    )
+    auth_failures_per_minute: int = Field(
+        default=10,
+        ge=0,
+        description="Wrong API keys a client may send a minute; then every call of that client is "
+        "429 `rate_limited` until the minute ends (0: no throttle).",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds a connection has to send a request's headers, from its opening or the "
+        "previous answer; then it is closed (`sdproxy serve`).",
+    )
+    body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a request has to send its whole body once its headers are in; then the "
+        "connection is closed (`sdproxy serve`).",
+    )
+    keep_alive_timeout_s: int = Field(
+        default=5, ge=1, description="Seconds an idle keep-alive connection is kept (`sdproxy serve`)."
+    )
+    max_connections: int = Field(
+        default=1000,
+        ge=1,
+        description="Connections (or requests in progress) per worker; a request beyond is answered "
+        "503 (`sdproxy serve`, uvicorn's `limit_concurrency`).",
+    )
     rate_limit_per_minute: float = Field(
         default=10.0, ge=0, description="Token-bucket refill per client, requests a minute (0: off)."
     )

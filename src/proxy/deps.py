@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, TypedDict
+from typing import TYPE_CHECKING, Annotated, TypedDict, TypeVar
 
 from fastapi import Depends, Request
 
 from .config import IPNetwork, Settings
-from .errors import NotFound, NotReady, SecretRegistry, Unauthorized
+from .errors import NotFound, NotReady, ProxyError, SecretRegistry, Unauthorized
 from .limits import ClientLimiter
 from .service import GenerationService
 from .store import Admitted, Store
@@ -20,19 +22,25 @@ from .store import Admitted, Store
 if TYPE_CHECKING:
     from .jobs import JobManager
 
+T = TypeVar("T")
+
 __all__ = [
     "AdminDep",
     "Admission",
     "AdmissionDep",
     "AppState",
+    "ClientGone",
     "LifespanState",
     "StateDep",
     "StreamAdmissionDep",
     "admit",
     "admit_caller",
+    "admit_settled",
     "client_ip",
+    "client_network",
     "get_state",
     "identify_caller",
+    "while_connected",
 ]
 
 
@@ -82,8 +90,10 @@ def client_ip(request: Request, trusted_proxies: Sequence[IPNetwork]) -> str:
     """The caller's IP address.
 
     `X-Forwarded-For` is only believed when the direct peer is a trusted proxy; it is then read
-    from the right, skipping trusted proxies, so a client cannot pick its own address by sending
-    the header itself.
+    from the right, skipping trusted proxies: the first address that is not one is the client,
+    so a client cannot pick its own address by sending the header itself. When every entry is
+    trusted, the last one (written by the peer) is the client, never the first (which the client
+    may have written).
     """
     peer = request.client.host if request.client else "unknown"
     if not trusted_proxies or not _in_networks(peer, trusted_proxies):
@@ -95,7 +105,66 @@ def client_ip(request: Request, trusted_proxies: Sequence[IPNetwork]) -> str:
                 return str(ipaddress.ip_address(hop))
             except ValueError:
                 return peer  # a garbled header: fall back to the proxy that sent it
-    return hops[0] if hops else peer
+    # Every entry is a trusted address (so a valid one): the client is inside a trusted range.
+    # Only the last entry, written by the trusted peer, is believed; the client may have written
+    # the ones before it.
+    return str(ipaddress.ip_address(hops[-1])) if hops else peer
+
+
+def client_network(address: str, ipv6_prefix: int) -> str:
+    """What limits are kept under for a client address: an IPv4 address as it is, an IPv6 one as
+    its network of `ipv6_prefix` bits (`2001:db8:1:2::/64`). One IPv6 host or home is given a
+    whole /64 and may pick any address in it: per address, it would get a fresh bucket per request.
+    An IPv4-mapped IPv6 address (`::ffff:203.0.113.7`) is its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
+    return str(ip)
+
+
+class ClientGone(ProxyError):
+    """The caller closed its connection before the answer was ready (499, nginx's code: only
+    logged, as nobody receives it)."""
+
+    status_code, code = 499, "client_closed_request"
+
+    def __init__(self) -> None:
+        super().__init__("The caller closed the connection before the answer was ready.")
+
+
+async def while_connected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work` until it is done or the caller goes away, whichever comes first; in the second
+    case `work` is cancelled (a generation nobody waits for stops and frees its slot, unless
+    another request shares it). A streamed answer needs none of this: Starlette cancels the
+    stream when its caller goes away.
+
+    Raises:
+        ClientGone: The caller closed the connection first.
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        gone.cancel()
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the caller has closed the connection (the body was read before)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _presented_key(request: Request, header: str) -> str | None:
@@ -113,24 +182,49 @@ def _matches(presented: str, secret: str) -> bool:
     return hmac.compare_digest(presented.encode(), secret.encode())
 
 
-def identify_caller(request: Request, state: AppState) -> str:
+def _client_address(request: Request, state: AppState) -> str:
+    settings = state.settings
+    return client_network(client_ip(request, settings.trusted_proxies), settings.ipv6_prefix)
+
+
+async def _check_key(request: Request, state: AppState, header: str, secrets: Sequence[str]) -> str | None:
+    """The presented key (None when there is none) if it is one of `secrets`; a wrong one counts
+    against the client address's throttle on wrong keys, which applies first.
+
+    Raises:
+        RateLimitExceeded: The address sent too many wrong keys this minute.
+        Unauthorized: The key is wrong.
+    """
+    address = _client_address(request, state)
+    await state.limiter.check_auth_failures(address)
+    presented = _presented_key(request, header)
+    if presented is None:
+        return None
+    if not any(_matches(presented, secret) for secret in secrets):
+        await state.limiter.auth_failed(address)
+        raise Unauthorized("Unknown API key." if header == "x-api-key" else "The admin key is wrong.")
+    return presented
+
+
+async def identify_caller(request: Request, state: AppState) -> str:
     """The id that rate limits, quotas and counts are kept under: `key:<hash>` of the caller's API
-    key when keys are configured (and a valid one is required), else `ip:<address>`.
+    key when keys are configured (and a valid one is required), else `ip:<address>` (an IPv6
+    client's network, see `client_network`).
 
     Raises:
         Unauthorized: Keys are configured and the request has none, or an unknown one.
+        RateLimitExceeded: Keys are configured and the client's address sent too many wrong
+            ones this minute (`SDPROXY_AUTH_FAILURES_PER_MINUTE`).
     """
     keys = state.settings.api_keys
     if keys:
-        presented = _presented_key(request, "x-api-key")
+        presented = await _check_key(request, state, "x-api-key", [key.get_secret_value() for key in keys])
         if presented is None:
             raise Unauthorized(
                 "An API key is required: send it as `Authorization: Bearer <key>` or `X-API-Key`."
             )
-        if not any(_matches(presented, key.get_secret_value()) for key in keys):
-            raise Unauthorized("Unknown API key.")
         return "key:" + hashlib.sha256(presented.encode()).hexdigest()[:12]
-    return "ip:" + client_ip(request, state.settings.trusted_proxies)
+    return "ip:" + _client_address(request, state)
 
 
 async def require_admin(request: Request, state: StateDep) -> None:
@@ -139,12 +233,12 @@ async def require_admin(request: Request, state: StateDep) -> None:
     Raises:
         NotFound: No admin key is configured.
         Unauthorized: The key is missing or wrong.
+        RateLimitExceeded: The client's address sent too many wrong keys this minute.
     """
     admin_key = state.settings.admin_key
     if admin_key is None:
         raise NotFound("This endpoint is disabled: set SDPROXY_ADMIN_KEY to enable it.")
-    presented = _presented_key(request, "x-admin-key")
-    if presented is None or not _matches(presented, admin_key.get_secret_value()):
+    if await _check_key(request, state, "x-admin-key", [admin_key.get_secret_value()]) is None:
         raise Unauthorized("The admin key is missing or wrong.")
 
 
@@ -199,11 +293,14 @@ async def admit(request: Request) -> Admission:
         StoreUnavailable: The store cannot be reached (and fail-open is off).
     """
     state = await get_state(request)
-    return await admit_caller(state, identify_caller(request, state))
+    return await admit_caller(state, await identify_caller(request, state))
 
 
-async def admit_for_stream(request: Request) -> AsyncIterator[Admission]:
-    """`admit`, with the held image given back when the stream ends without one."""
+async def admit_settled(request: Request) -> AsyncIterator[Admission]:
+    """`admit`, with the held image given back unless the route settled the admission: FastAPI
+    validates the body *after* its dependencies, so a request answered 422 (or failing in any way
+    before the route runs, or a stream ending without an image) is charged nothing of the quota.
+    It was counted and rate limited like any other request: invalid requests cost a token."""
     admission = await admit(request)
     try:
         yield admission
@@ -211,8 +308,8 @@ async def admit_for_stream(request: Request) -> AsyncIterator[Admission]:
         await admission.release()
 
 
-AdmissionDep = Annotated[Admission, Depends(admit)]
+AdmissionDep = Annotated[Admission, Depends(admit_settled)]
 """For `/generate`, which settles the admission itself (`deliver` or `release`)."""
 
-StreamAdmissionDep = Annotated[Admission, Depends(admit_for_stream)]
+StreamAdmissionDep = Annotated[Admission, Depends(admit_settled)]
 """For `/generate/stream`: a dependency with teardown, as the stream outlives the route call."""

@@ -57,6 +57,7 @@ __all__ = [
     "Busy",
     "Conflict",
     "InvalidInput",
+    "MAX_RETRY_AFTER_S",
     "ModelLoading",
     "NotFound",
     "NotReady",
@@ -74,6 +75,7 @@ __all__ = [
     "UpstreamJobFailed",
     "UpstreamRejected",
     "UpstreamTimeout",
+    "bounded_seconds",
     "current_secrets",
     "error_body",
     "error_from_body",
@@ -85,6 +87,19 @@ __all__ = [
 ]
 
 logger = logging.getLogger("proxy.errors")
+
+MAX_RETRY_AFTER_S = 86_400
+"""The longest `Retry-After` (and `retry_after`) the proxy sends: a day, the longest wait for a
+limit of its own to reset (a monthly budget's refusal says a day: asked again, it says so again).
+Estimates from upstream are clamped to it, however large (or infinite) they are."""
+
+
+def bounded_seconds(seconds: float) -> float:
+    """`seconds` within 0 and `MAX_RETRY_AFTER_S` (NaN and infinity included): for any wait or
+    estimate the proxy passes on from upstream."""
+    if math.isnan(seconds):
+        return float(MAX_RETRY_AFTER_S)
+    return min(max(0.0, seconds), float(MAX_RETRY_AFTER_S))
 
 
 class SecretRegistry:
@@ -134,7 +149,7 @@ class ProxyError(Exception):
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.retry_after = None if retry_after is None else max(1, math.ceil(retry_after))
+        self.retry_after = None if retry_after is None else max(1, math.ceil(bounded_seconds(retry_after)))
 
 
 class InvalidInput(ProxyError):
@@ -254,7 +269,7 @@ def from_client_error(exc: sdclient.SDClientError) -> ProxyError:
         The matching `ProxyError` (not raised).
     """
     if isinstance(exc, sdclient.ModelLoadingTimeout):
-        eta = exc.estimated_time
+        eta = None if exc.estimated_time is None else bounded_seconds(exc.estimated_time)
         wait = f" (about {math.ceil(eta)} s more)" if eta else ""
         return ModelLoading(
             f"The model is still loading after {exc.waited_s:.0f} s{wait}. Try again shortly.",

@@ -13,6 +13,7 @@ counted when it succeeds, given back when it fails or is canceled. A repeated `P
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -155,7 +156,14 @@ class JobManager:
             if idem_key is not None:
                 await self.store.delete(idem_key)  # refused: the key may be used again
             raise
-        await self._save(record)
+        try:
+            await self._save(record)
+        except ProxyError:  # the store went away: no job, so nothing held and the key is free
+            await self.limiter.release(held)
+            if idem_key is not None:
+                with contextlib.suppress(ProxyError):
+                    await self.store.delete(idem_key)
+            raise
         task = asyncio.create_task(self._run(record, body, held), name=f"sdproxy-{record.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -1,5 +1,5 @@
 """Per-client protection: a token-bucket rate limit, a daily image quota, a monthly budget per API
-key, and per-client usage counts, all kept in the app's store.
+key, a throttle on wrong keys, and per-client usage counts, all kept in the app's store.
 
 With the memory store each process has its own buckets and counters (several workers multiply the
 limits); with Redis every instance shares them, and the check-and-take is one atomic script.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -45,6 +46,8 @@ class ClientLimiter:
         daily_quota: Images per client per UTC day; 0 means unlimited.
         key_monthly_budget: Images per API key per calendar month (UTC); 0 means unlimited.
             Applies to callers identified by an API key only.
+        auth_failures_per_minute: Wrong API (or admin) keys a client address may send in one
+            minute; then all its calls are refused until the minute ends. 0 turns it off.
         fail_open: When the store cannot be reached, let requests through unchecked (logged)
             instead of answering 503 `store_unavailable`.
         clock: Seconds since the epoch (injectable for tests).
@@ -58,6 +61,7 @@ class ClientLimiter:
         burst: int,
         daily_quota: int,
         key_monthly_budget: int = 0,
+        auth_failures_per_minute: int = 0,
         fail_open: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -66,6 +70,7 @@ class ClientLimiter:
         self.burst = burst
         self.daily_quota = daily_quota
         self.key_monthly_budget = key_monthly_budget
+        self.auth_failures_per_minute = auth_failures_per_minute
         self.fail_open = fail_open
         self._clock = clock
 
@@ -114,6 +119,46 @@ class ClientLimiter:
             f"Daily limit of {self.daily_quota} images reached. It resets at midnight UTC.",
             retry_after=outcome.retry_after,
         )
+
+    def _auth_failures_key(self, client: str) -> tuple[str, float]:
+        """The counter of `client`'s wrong keys this minute, and the seconds until the minute ends."""
+        now = self._clock()
+        minute = int(now // 60)
+        return f"authfail:{minute}:{client}", (minute + 1) * 60 - now
+
+    async def check_auth_failures(self, client: str) -> None:
+        """Refuse every call of a client address that sent too many wrong keys this minute, the
+        right key included: otherwise a guesser would still learn which guess is right.
+
+        Raises:
+            RateLimitExceeded: The address sent `auth_failures_per_minute` wrong keys this minute.
+            StoreUnavailable: The store cannot be reached (and `fail_open` is off).
+        """
+        if self.auth_failures_per_minute <= 0:
+            return
+        key, ends_in = self._auth_failures_key(client)
+        try:
+            failures = int(await self.store.get(key) or 0)
+        except StoreUnavailable:
+            if not self.fail_open:
+                raise
+            return
+        if failures >= self.auth_failures_per_minute:
+            raise RateLimitExceeded(
+                f"Too many wrong API keys from this address: at most {self.auth_failures_per_minute} "
+                f"a minute. Try again in {math.ceil(ends_in)} s.",
+                retry_after=ends_in,
+            )
+
+    async def auth_failed(self, client: str) -> None:
+        """Count a wrong key sent from `client` (never failing the request for it)."""
+        if self.auth_failures_per_minute <= 0:
+            return
+        key, ends_in = self._auth_failures_key(client)
+        try:
+            await self.store.incr(key, ttl_s=ends_in + 60)
+        except StoreUnavailable:
+            logger.warning("store unavailable: a wrong API key was not counted")
 
     async def deliver(self, held: Admitted) -> None:
         """The held images were answered: count them (they stay counted in the windows)."""

@@ -146,6 +146,14 @@ return 1
 """
 
 
+# KEYS: counter; ARGV: ttl ms (set on the first increment only).
+_INCR = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""
+
+
 def _ms(seconds: float) -> int:
     return max(1, int(seconds * 1000))
 
@@ -185,6 +193,7 @@ class RedisStore(Store):
         self._cache_get = self._redis.register_script(_CACHE_GET)
         self._cache_put = self._redis.register_script(_CACHE_PUT)
         self._acquire = self._redis.register_script(_ACQUIRE)
+        self._incr = self._redis.register_script(_INCR)
 
     @asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
@@ -357,6 +366,10 @@ class RedisStore(Store):
         async with self._guard():
             old = await self._redis.set(self.prefix + key, value, px=_ms(ttl_s), nx=True, get=True)
         return old if isinstance(old, bytes) else None
+
+    async def incr(self, key: str, *, ttl_s: float) -> int:
+        async with self._guard():
+            return int(await self._incr(keys=[self.prefix + key], args=[_ms(ttl_s)]))
 
     async def delete(self, *keys: str) -> None:
         async with self._guard():

@@ -16,6 +16,9 @@ Progress events of a flight, in the order a page sees them:
 then the route sends `image` or `error`. A request that joins a flight in the air first receives
 the events the flight already sent.
 
+A flight stops (leaves the queue, or its upstream call is cancelled) once no request waits for it
+any more: the visitors closed their tabs. A flight that other instances may follow goes on.
+
 With a shared store (Redis) the flight is shared by every instance: the first instance to claim
 the request's fingerprint calls upstream and writes the flight's events and outcome to a log in
 the store; the others follow that log. A follower whose leader vanished without an outcome (its
@@ -38,7 +41,15 @@ import sdclient
 from sdclient import Timings
 
 from .admission import AdmissionQueue
-from .errors import ProxyError, StoreUnavailable, error_body, error_from_body, from_client_error, redact
+from .errors import (
+    ProxyError,
+    StoreUnavailable,
+    bounded_seconds,
+    error_body,
+    error_from_body,
+    from_client_error,
+    redact,
+)
 from .schemas import GenerateBody
 from .store import Store
 
@@ -124,6 +135,13 @@ class _Flight:
     """The shared log this flight writes its events to, when it leads a shared flight."""
     followed: bool = False
     """Whether the image came from another instance's flight."""
+    key: str | None = None
+    """The fingerprint other requests join it by (coalesced flights only)."""
+    waiters: int = 0
+    """Requests of this instance waiting for the flight's result."""
+    cancellable: bool = True
+    """Whether the call may stop once no request waits for it: not when requests of other
+    instances may follow it (a seeded call shared through the store)."""
 
     def subscribe(self, listener: EventListener | None) -> None:
         if listener is None:
@@ -131,6 +149,10 @@ class _Flight:
         for name, data in self.history:
             listener(name, data)
         self.listeners.append(listener)
+
+    def unsubscribe(self, listener: EventListener | None) -> None:
+        if listener is not None and listener in self.listeners:
+            self.listeners.remove(listener)
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
         if name == "generating" and self.history and self.history[-1][0] == "generating":
@@ -190,6 +212,7 @@ class GenerationService:
         self.flight_lease_s = flight_lease_s
         self.upstream_calls = 0
         self.followed = 0
+        self.abandoned = 0
         self._flights: dict[str, _Flight] = {}
 
     async def generate(
@@ -215,20 +238,42 @@ class GenerationService:
                 return GenerationResult.from_bytes(cached).as_cache_hit(), "cache"
         if key is not None and self.coalesce and (flight := self._flights.get(key)) is not None:
             flight.subscribe(listener)
-            assert flight.task is not None
-            return await asyncio.shield(flight.task), "coalesced"
+            return await self._wait(flight, listener), "coalesced"
 
         flight = _Flight()
         flight.subscribe(listener)
         if key is not None and self.coalesce:
+            flight.key = key
+            flight.cancellable = not self.store.shared
             flight.task = asyncio.create_task(self._share(flight, body, key))
             self._flights[key] = flight
-            flight.task.add_done_callback(lambda _: self._flights.pop(key, None))
+            flight.task.add_done_callback(lambda _: self._forget(flight))
         else:
             flight.task = asyncio.create_task(self._fly(flight, body))
-        # Shielded: a caller that goes away (a closed tab) does not cancel a call others may share.
-        result = await asyncio.shield(flight.task)
+        result = await self._wait(flight, listener)
         return result, "coalesced" if flight.followed else "upstream"
+
+    async def _wait(self, flight: _Flight, listener: EventListener | None) -> GenerationResult:
+        """The flight's result. A request that goes away meanwhile (a closed tab cancels it) stops
+        listening; when it was the last one waiting, the call stops too, queued or running, and
+        frees its slot. A call that other requests still wait for goes on (it is shielded), and so
+        does one that other instances may follow."""
+        assert flight.task is not None
+        flight.waiters += 1
+        try:
+            return await asyncio.shield(flight.task)
+        except asyncio.CancelledError:
+            flight.waiters -= 1
+            flight.unsubscribe(listener)
+            if flight.waiters == 0 and flight.cancellable and not flight.task.done():
+                self._forget(flight)  # a request coming now starts a call of its own
+                flight.task.cancel()
+                self.abandoned += 1
+            raise
+
+    def _forget(self, flight: _Flight) -> None:
+        if flight.key is not None and self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
 
     async def _share(self, flight: _Flight, body: GenerateBody, key: str) -> GenerationResult:
         """Lead or follow the store's flight for `key` (only this instance's, with a memory store)."""
@@ -348,9 +393,8 @@ class GenerationService:
         def on_client_event(event: sdclient.GenerationEvent) -> None:
             if event.kind == "loading":
                 flight.cancel_pending()
-                self._emit(
-                    flight, "loading", {"eta_s": None if event.eta_s is None else round(event.eta_s, 1)}
-                )
+                eta = None if event.eta_s is None else round(bounded_seconds(event.eta_s), 1)
+                self._emit(flight, "loading", {"eta_s": eta})
             elif event.kind == "sending":
                 status = self.client.status
                 if status.state == "loading" and (status.eta_s or 0) > ETA_PASSED_S:
@@ -408,6 +452,7 @@ class GenerationService:
         return {
             "upstream_calls": self.upstream_calls,
             "followed": self.followed,
+            "abandoned": self.abandoned,
             "flights": len(self._flights),
             "at": time.time(),
         }

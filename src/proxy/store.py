@@ -10,7 +10,7 @@ What a store keeps:
   each entry counted with its key and a fixed overhead (`cache_entry_size`), so that many tiny
   entries cannot hold far more memory than the bound says;
 - **records**: bytes under a key with a time to live (jobs, stored images, idempotency keys,
-  coalesced calls), `put_new` setting one only if it is absent;
+  coalesced calls), `put_new` setting one only if it is absent, `incr` counting in one;
 - **logs**: lists of events that readers replay and follow (`append`, `read`);
 - **notifications**: `watch(channel)` wakes a waiter when `notify(channel)` is called, in any
   instance; waiters always re-read what they wait for, so a lost notification only delays them;
@@ -182,6 +182,11 @@ class Store(ABC):
         Returns:
             None when it was stored, else the record already there (left as it is).
         """
+
+    @abstractmethod
+    async def incr(self, key: str, *, ttl_s: float) -> int:
+        """Add one to the counter record under `key` (read it with `get`: the number in ASCII) and
+        return the new count; a new counter expires `ttl_s` after its first increment."""
 
     @abstractmethod
     async def delete(self, *keys: str) -> None:
@@ -419,6 +424,15 @@ class MemoryStore(Store):
             return entry.value
         await self.put(key, value, ttl_s=ttl_s)
         return None
+
+    async def incr(self, key: str, *, ttl_s: float) -> int:
+        entry = self._live(key)
+        if entry is None:
+            await self.put(key, b"1", ttl_s=ttl_s)
+            return 1
+        count = int(entry.value) + 1
+        entry.value = str(count).encode()
+        return count
 
     async def delete(self, *keys: str) -> None:
         for key in keys:

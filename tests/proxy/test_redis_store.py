@@ -8,6 +8,7 @@ import asyncio
 import pytest
 from redis_harness import RedisServer
 from test_units import (
+    check_auth_failures,
     check_cache,
     check_cache_counts_each_entrys_overhead,
     check_daily_quota,
@@ -40,6 +41,10 @@ async def test_daily_quota(redis_store: Store) -> None:
 
 async def test_key_budget(redis_store: Store) -> None:
     await check_key_budget(redis_store)
+
+
+async def test_auth_failures(redis_store: Store) -> None:
+    await check_auth_failures(redis_store)
 
 
 async def test_cache(redis_store: Store) -> None:

@@ -11,9 +11,16 @@ import pytest
 from pydantic import ValidationError
 
 from proxy.admission import AdmissionQueue
-from proxy.errors import Busy, QuotaExceeded, RateLimitExceeded, describe_validation_errors
+from proxy.errors import (
+    Busy,
+    QuotaExceeded,
+    RateLimitExceeded,
+    StoreUnavailable,
+    describe_validation_errors,
+)
+from proxy.jobs import JobManager
 from proxy.limits import ClientLimiter
-from proxy.schemas import GenerateBody
+from proxy.schemas import GenerateBody, JobBody
 from proxy.store import CACHE_ENTRY_OVERHEAD, MemoryStore, Store, cache_entry_size
 
 
@@ -84,6 +91,31 @@ async def check_key_budget(store: Store) -> None:
     await limiter.admit("ip:1.2.3.4")  # not a key: no budget
     clock.now += 3600
     await limiter.admit("key:abc")
+
+
+async def check_auth_failures(store: Store) -> None:
+    """Wrong keys are counted per address and minute; at the limit every call of the address is
+    refused until the minute ends, and other addresses are not."""
+    clock = Clock(now=60 * 1_000_000 + 15)
+    limiter = ClientLimiter(
+        store, per_minute=0, burst=1, daily_quota=0, auth_failures_per_minute=2, clock=clock
+    )
+    assert await store.incr("counter", ttl_s=10) == 1
+    assert await store.incr("counter", ttl_s=10) == 2
+    assert await store.get("counter") == b"2"
+    for _ in range(2):
+        await limiter.check_auth_failures("203.0.113.7")
+        await limiter.auth_failed("203.0.113.7")
+    with pytest.raises(RateLimitExceeded) as caught:
+        await limiter.check_auth_failures("203.0.113.7")
+    assert caught.value.retry_after == 45
+    await limiter.check_auth_failures("203.0.113.8")
+    clock.now += 45
+    await limiter.check_auth_failures("203.0.113.7")
+
+
+async def test_auth_failures() -> None:
+    await check_auth_failures(MemoryStore())
 
 
 async def check_cache(store: Store) -> None:
@@ -220,3 +252,23 @@ def test_validation_messages_name_the_field() -> None:
     assert "width: Input should be a multiple of 8" in message
     assert "steps: unknown field (allowed: prompt, negative_prompt" in message
     assert "guidance_scale: Input should be a valid number" in message
+
+
+class _JobsUnsaved(MemoryStore):
+    """A store that cannot write job records (Redis going away between two calls)."""
+
+    async def put(self, key: str, value: bytes, *, ttl_s: float) -> None:
+        if key.startswith("job:"):
+            raise StoreUnavailable("gone")
+        await super().put(key, value, ttl_s=ttl_s)
+
+
+async def test_a_job_that_cannot_be_saved_gives_its_image_and_idempotency_key_back() -> None:
+    store = _JobsUnsaved()
+    limiter = ClientLimiter(store, per_minute=0, burst=1, daily_quota=1)
+    jobs = JobManager(store, None, limiter, ttl_s=60, webhooks=None)  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable):
+        await jobs.create("a", JobBody(prompt="fox"), idempotency_key="k1", request_id=None)
+    await limiter.admit("a")  # the quota of one image is whole again
+    assert await store.counts() == {"a": {"requests": 2}}
+    assert not [key for key in store._records if key.startswith("idem:")]

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from ..budget import within_budget
-from ..deps import AdmissionDep, AppState, StreamAdmissionDep
+from ..deps import AdmissionDep, AppState, ClientGone, StreamAdmissionDep, while_connected
 from ..errors import ProxyError, error_body
 from ..logs import prompt_fields, request_id_var
 from ..schemas import ErrorResponse, GenerateBody, GenerateResult
@@ -131,10 +131,12 @@ async def generate(body: GenerateBody, request: Request, admission: AdmissionDep
     """
     state = admission.state
     try:
-        result, source = await state.service.generate(body)
+        result, source = await while_connected(request, state.service.generate(body))
     except BaseException as exc:
         await admission.release()  # no image: the caller keeps its quota
-        if isinstance(exc, ProxyError):
+        if isinstance(exc, ClientGone):
+            logger.info("the caller left before its image was ready", extra={"client": admission.caller})
+        elif isinstance(exc, ProxyError):
             await state.limiter.count(admission.caller, "errors")
             _log_error(state, body, admission.caller, exc)
         raise
@@ -204,4 +206,6 @@ async def generate_stream(
         yield ServerSentEvent(event="image", data=result_json(result, request_id))
     finally:
         if not task.done():
-            task.cancel()  # only this request's wait: a flight shared with others goes on
+            # The caller left: this request stops waiting, and the call stops with it unless
+            # another request shares it.
+            task.cancel()

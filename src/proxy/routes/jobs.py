@@ -39,7 +39,7 @@ async def owned_job(job_id: str, request: Request, state: StateDep) -> tuple[str
         Unauthorized: API keys are configured and the request has none, or an unknown one.
         NotFound: No such job for this caller.
     """
-    owner = identify_caller(request, state)
+    owner = await identify_caller(request, state)
     return owner, await state.jobs.get(owner, job_id)
 
 
@@ -98,7 +98,7 @@ async def create_job(
 ) -> JobView:
     """Answer at once with the job's id; poll `GET /v1/jobs/{id}`, read its events, or get a
     signed webhook at `webhook_url` when it finishes."""
-    owner = identify_caller(request, state)
+    owner = await identify_caller(request, state)
     check_budget(state.settings, body)
     record, created = await state.jobs.create(
         owner,
@@ -118,7 +118,7 @@ async def create_job(
 )
 async def get_job(job_id: str, request: Request, state: StateDep) -> JobView:
     """Status, place in line, ETA of a loading model, and the result URL or the error."""
-    return view(await state.jobs.get(identify_caller(request, state), job_id), request)
+    return view(await state.jobs.get(await identify_caller(request, state), job_id), request)
 
 
 @router.get(
@@ -162,7 +162,7 @@ async def job_events(job: OwnedJobDep, state: StateDep) -> AsyncIterator[ServerS
 async def delete_job(job_id: str, request: Request, state: StateDep) -> Response | JobView:
     """A job still queued or running is canceled (its image is not charged); a finished job is
     deleted with its image."""
-    record = await state.jobs.cancel(identify_caller(request, state), job_id)
+    record = await state.jobs.cancel(await identify_caller(request, state), job_id)
     if record is None:
         return Response(status_code=204)
     return view(record, request)
@@ -182,6 +182,6 @@ async def delete_job(job_id: str, request: Request, state: StateDep) -> Response
 )
 async def get_image(image_id: str, request: Request, state: StateDep) -> Response:
     """Kept for `SDPROXY_JOB_TTL_S` seconds, for the caller that made it."""
-    result = await state.jobs.image(identify_caller(request, state), image_id)
+    result = await state.jobs.image(await identify_caller(request, state), image_id)
     headers = {"X-Seed": str(result.seed), "Cache-Control": "private, max-age=3600"}
     return Response(result.data, media_type=result.content_type, headers=headers)

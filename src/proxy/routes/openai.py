@@ -23,7 +23,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..budget import check_budget
-from ..deps import admit_caller, get_state, identify_caller
+from ..deps import ClientGone, admit_caller, get_state, identify_caller, while_connected
 from ..errors import ProxyError, describe_validation_errors
 from ..schemas import MAX_IMAGES, MAX_PROMPT_LENGTH, MAX_SEED, GenerateBody
 
@@ -151,7 +151,7 @@ def _format(content_type: str) -> str:
 async def generations(body: ImageGenerationBody, request: Request) -> dict[str, Any]:
     """OpenAI's `POST /v1/images/generations`: `{"created", "data": [{"b64_json" | "url"}]}`."""
     state = await get_state(request)
-    caller = identify_caller(request, state)
+    caller = await identify_caller(request, state)
     try:
         bodies = body.generations()
     except ValidationError as exc:
@@ -159,10 +159,11 @@ async def generations(body: ImageGenerationBody, request: Request) -> dict[str, 
     check_budget(state.settings, bodies[0], images=len(bodies))
     admission = await admit_caller(state, caller, images=len(bodies))
     try:
-        results = await asyncio.gather(*(state.service.generate(b) for b in bodies))
-    except BaseException:
+        results = await while_connected(request, asyncio.gather(*(state.service.generate(b) for b in bodies)))
+    except BaseException as exc:
         await admission.release()
-        await state.limiter.count(caller, "errors")
+        if not isinstance(exc, ClientGone):
+            await state.limiter.count(caller, "errors")
         raise
     await admission.deliver()
     data: list[dict[str, Any]] = []

@@ -7,7 +7,7 @@ import os
 from fastapi import APIRouter
 
 from ..deps import AdminDep, StateDep
-from ..errors import NotReady
+from ..errors import NotReady, bounded_seconds
 from ..schemas import ErrorResponse, Health, ModelStatusOut, UsageReport
 
 __all__ = ["router"]
@@ -28,7 +28,7 @@ async def status(state: StateDep) -> ModelStatusOut:
     """`ready`, `loading` (with `eta_s`, seconds left), `unavailable` (an error retrying will not
     fix, e.g. a refused token) or `unknown` (nothing sent yet). Sends nothing upstream."""
     model = state.service.status()
-    eta = None if model.eta_s is None else round(model.eta_s, 1)
+    eta = None if model.eta_s is None else round(bounded_seconds(model.eta_s), 1)
     # The proxy's own words: the client's message is the upstream's text (its URL, its errors).
     return ModelStatusOut(state=model.state, eta_s=eta, message=STATUS_MESSAGES[model.state])
 
@@ -77,5 +77,6 @@ async def usage(state: StateDep) -> UsageReport:
             **service.admission.snapshot(),
             "upstream_calls": service.upstream_calls,
             "followed": service.followed,
+            "abandoned": service.abandoned,
         },
     )
