@@ -164,10 +164,10 @@ def _text_config(
     }
 
 
-def _sdxl_configs(size: Size, vocab_size: int) -> PipelineConfigs:
-    """SDXL base 1.0: CLIP ViT-L + OpenCLIP ViT-bigG, a ``text_time`` UNet, an Euler scheduler."""
+def _clip_vit_l(size: Size, vocab_size: int) -> dict[str, Any]:
+    """CLIP ViT-L/14's text encoder (SDXL's first, FLUX's pooled one), or its miniature."""
     tiny = size == "tiny"
-    text = _text_config(
+    return _text_config(
         hidden=32 if tiny else 768,
         layers=2 if tiny else 12,
         heads=4 if tiny else 12,
@@ -176,6 +176,12 @@ def _sdxl_configs(size: Size, vocab_size: int) -> PipelineConfigs:
         size=size,
         vocab_size=vocab_size,
     )
+
+
+def _sdxl_configs(size: Size, vocab_size: int) -> PipelineConfigs:
+    """SDXL base 1.0: CLIP ViT-L + OpenCLIP ViT-bigG, a ``text_time`` UNet, an Euler scheduler."""
+    tiny = size == "tiny"
+    text = _clip_vit_l(size, vocab_size)
     # bigG: 10 layers is the fewest that single-file tools recognise as SDXL (they look for
     # `conditioner.embedders.1.model.transformer.resblocks.9.*`), and a width other than the first
     # encoder's, which is how diffusers' single-file loader tells the two encoders apart.
@@ -425,15 +431,7 @@ def _build_flux(out: Path, size: Size, seed: int) -> Path:
     tiny = size == "tiny"
     vocab_size = write_byte_level_tokenizer(out / "tokenizer")
     t5_vocab = write_t5_tokenizer(out / "tokenizer_2") if tiny else 32128
-    clip = _text_config(
-        hidden=32 if tiny else 768,
-        layers=2 if tiny else 12,
-        heads=4 if tiny else 12,
-        projection=32 if tiny else 768,
-        act="quick_gelu",
-        size=size,
-        vocab_size=vocab_size if tiny else 49408,
-    )
+    clip = _clip_vit_l(size, vocab_size if tiny else 49408)
     t5 = T5Config(
         vocab_size=t5_vocab,
         d_model=32 if tiny else 4096,
