@@ -141,8 +141,14 @@ class UsageReport(BaseModel):
     clients: dict[str, dict[str, int]] = Field(
         description="Per-client counts (API-key hash or IP), of every instance with Redis."
     )
-    cache: dict[str, int]
-    queue: dict[str, int]
+    cache: dict[str, int] = Field(
+        description="`items`, `bytes`, `hits`, `misses` and `max_bytes` of the cache."
+    )
+    queue: dict[str, int] = Field(
+        description="This worker's `active`, `waiting`, `refused`, `max_concurrency`, `queue_size`, "
+        "`upstream_calls`, `followed` (calls another instance made) and `abandoned` (calls every "
+        "visitor waiting for them left)."
+    )
 
 
 class JobBody(GenerateBody):
