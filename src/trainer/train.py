@@ -391,6 +391,10 @@ def train(
         raise TrainingError("No instance photos to train on.")
     if record.with_prior_preservation and any(not images for images in data.class_images):
         raise TrainingError("Prior preservation is on but a concept has no class images.")
+    if record.architecture == "flux":
+        from trainer.train_flux import train_flux
+
+        return train_flux(record, data, resume=resume, save_model=save_model)
 
     output_dir = record.output_dir
     accelerator = Accelerator(
