@@ -189,7 +189,7 @@ class RunConfig(BaseModel):
     base_model: str = Field(
         min_length=1,
         description="Hub id (stable-diffusion-v1-5/stable-diffusion-v1-5, "
-        "stabilityai/stable-diffusion-xl-base-1.0) or diffusers folder.",
+        "stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev) or diffusers folder.",
         json_schema_extra=_cli(INPUT, show=False),
     )
     concepts: list[Concept] = Field(min_length=1, description="The subjects to learn (at least one).")
