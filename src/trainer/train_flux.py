@@ -45,7 +45,7 @@ from trainer.train import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FLUX_MAX_SEQUENCE_LENGTH", "flow_matching_pair", "flux_loss", "train_flux"]
+__all__ = ["FLUX_MAX_SEQUENCE_LENGTH", "flow_matching_pair", "flux_loss", "noise_levels", "train_flux"]
 
 # T5 tokens per prompt: FluxPipeline's default, so training sees the embeddings sampling makes.
 FLUX_MAX_SEQUENCE_LENGTH = 512
@@ -62,6 +62,22 @@ def flow_matching_pair(
     sigma = sigmas.reshape(-1, *([1] * (latents.ndim - 1))).to(latents.dtype)
     noisy = (1.0 - sigma) * latents + sigma * noise
     return noisy, noise - latents
+
+
+def noise_levels(noise_scheduler: Any, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(timesteps, sigmas)`` on the scheduler's training grid for draws ``u`` in [0, 1).
+
+    ``u`` picks index ``floor(u * N)`` of the grid (N = ``num_train_timesteps``), which runs from
+    sigma 1 (timestep 1000, pure noise) down to 1 / N. FLUX.1-dev shifts the grid only at inference
+    (dynamic shifting), so training draws from it unshifted, as diffusers' FLUX script does.
+    """
+    import torch
+
+    n = int(noise_scheduler.config.num_train_timesteps)
+    indices = (u * n).long().clamp(0, n - 1).cpu()
+    timesteps: torch.Tensor = noise_scheduler.timesteps[indices].to(u.device, dtype=torch.float32)
+    sigmas: torch.Tensor = noise_scheduler.sigmas[indices].to(u.device, dtype=torch.float32)
+    return timesteps, sigmas
 
 
 def flux_loss(
@@ -189,11 +205,6 @@ def train_flux(
     shift_factor = float(vae.config.shift_factor or 0.0)
     scaling_factor = float(vae.config.scaling_factor)
     vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    # The schedule's training grid: sigma i / N for i = N..1 (timestep = 1000 * sigma); FLUX.1-dev
-    # shifts it only at inference (dynamic shifting), so training sees it unshifted, as diffusers does.
-    schedule_sigmas = noise_scheduler.sigmas.to(device=device, dtype=torch.float32)
-    schedule_timesteps = noise_scheduler.timesteps.to(device=device, dtype=torch.float32)
-    num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
     guidance_embeds = bool(transformer.config.guidance_embeds)
 
     # -- 3. Optimizer, LR schedule, resume -------------------------------------------------------
@@ -265,9 +276,7 @@ def train_flux(
             device=device,
             generator=rng.generator,
         )
-        indices = (u * num_train_timesteps).long().clamp(0, num_train_timesteps - 1)
-        timesteps = schedule_timesteps[indices]
-        sigmas = schedule_sigmas[indices]
+        timesteps, sigmas = noise_levels(noise_scheduler, u)
         noisy, target = flow_matching_pair(model_input, noise, sigmas)
         # The transformer sees 2 x 2 latent patches as tokens, each with its (row, column) id.
         packed = pipeline_cls._pack_latents(noisy, bsz, channels, height, width)

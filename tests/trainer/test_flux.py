@@ -95,6 +95,17 @@ def test_flow_matching_mixes_toward_noise_and_targets_the_velocity() -> None:
     assert torch.allclose(noisy[1] - target[1], latents[1])
 
 
+def test_noise_levels_come_from_the_unshifted_training_grid() -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from trainer.train_flux import noise_levels
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)  # FLUX.1-dev's
+    timesteps, sigmas = noise_levels(scheduler, torch.tensor([0.0, 0.5, 0.9999]))
+    assert torch.allclose(sigmas, torch.tensor([1.0, 0.5, 0.001]), atol=1e-6)
+    assert torch.allclose(timesteps, 1000 * sigmas)
+
+
 def test_flux_loss_weights_the_class_half() -> None:
     from trainer.train_flux import flux_loss
 
