@@ -2,8 +2,10 @@
 
 CPU (default): the tiny models (``trainer.tiny``) at 64 px, batch 1 with prior preservation. On the
 tiny SD 1 model: LoRA with and without cached latents and gradient checkpointing, and a full
-fine-tune; on the tiny SDXL model: LoRA. Reports the median step time, the process's peak RSS and
-the number of trained parameters, then LoRA beside full and SDXL beside SD 1 with their ratios.
+fine-tune; on the tiny SDXL model: LoRA; on the tiny FLUX.1-dev-architecture model: LoRA on the
+transformer (flow matching, cached prompt embeddings and latents). Reports the median step time, the
+process's peak RSS and the number of trained parameters, then LoRA beside full and SDXL and FLUX
+beside SD 1 with their ratios.
 
 GPU (``--gpu``): the SD 1.5 and SDXL base architectures with random weights
 (``build_random_pipeline(size="full")``), LoRA at 512 px (SD 1.5) and 1024 px (SDXL), fp16 and bf16
@@ -19,6 +21,7 @@ class images are synthetic pictures like the photos (what they show does not cha
     .venv/bin/python benchmarks/bench_train.py                 # CPU, about a minute
     .venv/bin/python benchmarks/bench_train.py --gpu
     .venv/bin/python benchmarks/bench_train.py --repeat 3 --json results.json   # noisy machines
+    .venv/bin/python benchmarks/bench_train.py --only FLUX     # the settings whose name has "FLUX"
 """
 
 from __future__ import annotations
@@ -58,8 +61,14 @@ def _photos(folder: Path, count: int, size: int, seed: int = 0) -> Path:
 
 
 # The base models and the training size of each on the CPU (tiny) and on a GPU (full size).
-RESOLUTION = {("sd1", False): 64, ("sdxl", False): 64, ("sd1", True): 512, ("sdxl", True): 1024}
-ARCHITECTURE_NAME = {"sd1": "SD 1.5", "sdxl": "SDXL"}
+RESOLUTION = {
+    ("sd1", False): 64,
+    ("sdxl", False): 64,
+    ("flux", False): 64,
+    ("sd1", True): 512,
+    ("sdxl", True): 1024,
+}
+ARCHITECTURE_NAME = {"sd1": "SD 1.5", "sdxl": "SDXL", "flux": "FLUX.1"}
 
 
 def _setting(name: str, variant: str, method: str, **options: Any) -> dict[str, Any]:
@@ -87,6 +96,7 @@ def _settings(gpu: bool) -> list[dict[str, Any]]:
             ),
             _setting("SD 1 full, cached latents", "sd1", "full", cache_latents=True),
             _setting("SDXL LoRA, cached latents", "sdxl", "lora", cache_latents=True),
+            _setting("FLUX LoRA, cached latents", "flux", "lora", cache_latents=True),
         ]
     import importlib.util
 
@@ -180,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat", type=int, default=1, help="run the settings N times, interleaved; keep each one's best"
     )
+    parser.add_argument("--only", default=None, help="run only the settings whose name contains this")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -200,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     size = "full" if args.gpu else "tiny"
-    settings = _settings(args.gpu)
+    settings = [s for s in _settings(args.gpu) if args.only is None or args.only in s["name"]]
     started_all = time.perf_counter()
     data: dict[str, tuple[Path, Path, Path]] = {}  # variant: base model, photos, class images
     for variant in dict.fromkeys(s["variant"] for s in settings):
@@ -292,10 +303,12 @@ def _comparisons(results: list[dict[str, Any]], gpu: bool) -> list[tuple[str, st
     if gpu:
         lora, full = by_name.get("SD 1.5 LoRA fp16"), by_name.get("SD 1.5 full fp16")
         sdxl = by_name.get("SDXL LoRA fp16")
+        flux = None
         memory_key, memory_label = "peak_gpu_mb", "peak GPU memory (MiB)"
     else:
         lora, full = by_name.get("SD 1 LoRA, cached latents"), by_name.get("SD 1 full, cached latents")
         sdxl = by_name.get("SDXL LoRA, cached latents")
+        flux = by_name.get("FLUX LoRA, cached latents")
         memory_key, memory_label = "peak_rss_mb", "peak RSS (MB)"
     rows = []
     if lora and full:
@@ -331,6 +344,15 @@ def _comparisons(results: list[dict[str, Any]], gpu: bool) -> list[tuple[str, st
                 f"{sdxl['median_step_s'] * 1000:.0f}",
                 f"{lora['median_step_s'] * 1000:.0f}",
                 f"{sdxl['median_step_s'] / lora['median_step_s']:.2f}x",
+            )
+        )
+    if lora and flux:
+        rows.append(
+            (
+                "step time (ms): FLUX LoRA / SD 1 LoRA",
+                f"{flux['median_step_s'] * 1000:.0f}",
+                f"{lora['median_step_s'] * 1000:.0f}",
+                f"{flux['median_step_s'] / lora['median_step_s']:.2f}x",
             )
         )
     return rows

@@ -28,6 +28,7 @@ __all__ = ["IMAGE_SUFFIXES", "ClassImagesResult", "ensure_class_images", "existi
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CLASS_GUIDANCE_SCALE = 7.5
+FLUX_CLASS_GUIDANCE_SCALE = 3.5  # FluxPipeline's default (FLUX.1-dev takes the scale as an input)
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,8 @@ def _generate(
     device = pipe.device
     # CPU generators give the same pictures on any machine; CUDA generators are faster to use there.
     gen_device = "cpu" if device.type == "mps" else device.type
+    flux = type(pipe).__name__ == "FluxPipeline"
+    guidance_scale = FLUX_CLASS_GUIDANCE_SCALE if flux else CLASS_GUIDANCE_SCALE
     written: list[Path] = []
     index = start
     with progress_bar() as progress:
@@ -163,7 +166,7 @@ def _generate(
                     height=resolution,
                     width=resolution,
                     num_inference_steps=steps,
-                    guidance_scale=CLASS_GUIDANCE_SCALE,
+                    guidance_scale=guidance_scale,
                     generator=generators,
                 ).images
             for i, image in zip(indices, images, strict=True):

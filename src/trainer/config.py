@@ -24,6 +24,8 @@ from trainer.errors import ConfigError
 __all__ = [
     "DEFAULT_LEARNING_RATE",
     "DEFAULT_LORA_LEARNING_RATE",
+    "FLUX_ATTENTION_EXTRA",
+    "FLUX_GUIDANCE_SCALE",
     "LORA_TARGET_PRESETS",
     "TEXT_ENCODER_LORA_TARGETS",
     "STEPS_WARNING_THRESHOLD",
@@ -40,7 +42,8 @@ __all__ = [
 ]
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
-PredictionType = Literal["epsilon", "v_prediction"]
+# FLUX models learn a flow (the velocity from image to noise) rather than a noise prediction.
+PredictionType = Literal["epsilon", "v_prediction", "flow_matching"]
 
 # diffusers' DreamBooth guide trains SD 1.x at 5e-6 with prior preservation; the Colab notebook
 # this project follows used 1e-6 to 2e-6 at 512 px for ~1000+ steps. 5e-6 learns a face in the
@@ -49,12 +52,23 @@ DEFAULT_LEARNING_RATE = 5e-6
 # diffusers' LoRA DreamBooth scripts and guides train adapters at 1e-4.
 DEFAULT_LORA_LEARNING_RATE = 1e-4
 Method = Literal["lora", "full"]
-Architecture = Literal["sd1", "sd2", "sdxl"]
+Architecture = Literal["sd1", "sd2", "sdxl", "flux"]
+# How FLUX runs sample training timesteps (and weight the loss), as in diffusers' FLUX/SD3 scripts.
+WeightingScheme = Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"]
 # The UNet modules that get a LoRA adapter, by preset name (diffusers' scripts default to "attention").
 LORA_TARGET_PRESETS: dict[str, list[str]] = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
     "attention-ff": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
 }
+# On FLUX the "attention" preset also covers the text stream's projections of the double blocks
+# (diffusers' FLUX LoRA script adapts both streams).
+FLUX_ATTENTION_EXTRA = ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# FLUX.1-dev is guidance-distilled: the guidance scale is an input of the transformer, and 3.5 is
+# both the value diffusers' FLUX LoRA script trains with and FluxPipeline's default.
+FLUX_GUIDANCE_SCALE = 3.5
+FLUX_SAMPLE_STEPS = 28  # FluxPipeline's default number of inference steps
+SD_GUIDANCE_SCALE = 7.5
+SD_SAMPLE_STEPS = 50
 # The CLIP text-encoder modules of a text-encoder adapter (as diffusers' LoRA scripts choose them).
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 STEPS_PER_PHOTO = 100
@@ -93,6 +107,7 @@ LORA = "LoRA (--method lora)"
 PRIOR = "Prior preservation (class images)"
 SPEED = "Memory and speed"
 CKPT = "Checkpoints and resuming"
+FLUX = "FLUX (flow matching)"
 SAMPLE = "Samples"
 EXPORT = "Export and publish"
 
@@ -174,7 +189,7 @@ class RunConfig(BaseModel):
     base_model: str = Field(
         min_length=1,
         description="Hub id (stable-diffusion-v1-5/stable-diffusion-v1-5, "
-        "stabilityai/stable-diffusion-xl-base-1.0) or diffusers folder.",
+        "stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev) or diffusers folder.",
         json_schema_extra=_cli(INPUT, show=False),
     )
     concepts: list[Concept] = Field(min_length=1, description="The subjects to learn (at least one).")
@@ -287,6 +302,30 @@ class RunConfig(BaseModel):
         json_schema_extra=_cli(LORA, show="attention"),
     )
 
+    # -- FLUX -------------------------------------------------------------------------------------
+    flux_guidance: float = Field(
+        default=FLUX_GUIDANCE_SCALE,
+        ge=0,
+        description="FLUX: the guidance value the transformer is given while training (FLUX.1-dev "
+        "takes it as an input).",
+        json_schema_extra=_cli(FLUX),
+    )
+    weighting_scheme: WeightingScheme = Field(
+        default="none",
+        description="FLUX: timestep sampling and loss weighting: none (uniform), logit_normal, mode, "
+        "sigma_sqrt or cosmap.",
+        json_schema_extra=_cli(FLUX),
+    )
+    logit_mean: float = Field(
+        default=0.0, description="FLUX: mean of the logit_normal sampling.", json_schema_extra=_cli(FLUX)
+    )
+    logit_std: float = Field(
+        default=1.0, gt=0, description="FLUX: std of the logit_normal sampling.", json_schema_extra=_cli(FLUX)
+    )
+    mode_scale: float = Field(
+        default=1.29, description="FLUX: scale of the mode sampling.", json_schema_extra=_cli(FLUX)
+    )
+
     # -- prior preservation ---------------------------------------------------------------------
     with_prior_preservation: bool = Field(
         default=True,
@@ -302,8 +341,11 @@ class RunConfig(BaseModel):
     class_batch_size: int = Field(
         default=4, ge=1, description="Class images generated per batch.", json_schema_extra=_cli(PRIOR)
     )
-    class_image_steps: int = Field(
-        default=50, ge=1, description="Inference steps per class image.", json_schema_extra=_cli(PRIOR)
+    class_image_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Inference steps per class image.",
+        json_schema_extra=_cli(PRIOR, show=f"{SD_SAMPLE_STEPS}, FLUX {FLUX_SAMPLE_STEPS}"),
     )
 
     # -- memory and speed -----------------------------------------------------------------------
@@ -360,11 +402,17 @@ class RunConfig(BaseModel):
     num_samples: int = Field(
         default=4, ge=0, le=64, description="Sample images (0: none).", json_schema_extra=_cli(SAMPLE)
     )
-    sample_steps: int = Field(
-        default=50, ge=1, description="Inference steps per sample.", json_schema_extra=_cli(SAMPLE)
+    sample_steps: int | None = Field(
+        default=None,
+        ge=1,
+        description="Inference steps per sample.",
+        json_schema_extra=_cli(SAMPLE, show=f"{SD_SAMPLE_STEPS}, FLUX {FLUX_SAMPLE_STEPS}"),
     )
-    sample_guidance_scale: float = Field(
-        default=7.5, ge=0, description="Guidance scale of the samples.", json_schema_extra=_cli(SAMPLE)
+    sample_guidance_scale: float | None = Field(
+        default=None,
+        ge=0,
+        description="Guidance scale of the samples.",
+        json_schema_extra=_cli(SAMPLE, show=f"{SD_GUIDANCE_SCALE}, FLUX {FLUX_GUIDANCE_SCALE}"),
     )
     sample_seed: int | None = Field(
         default=None,
@@ -472,7 +520,7 @@ class RunRecord(RunConfig):
     ``max_train_steps``, ``train_text_encoder``, ``learning_rate``, ``seed``, ``prediction_type``,
     ``sample_prompt``, ``mixed_precision``, ``with_prior_preservation`` and ``num_class_images``;
     for a LoRA run also ``method``, ``lora_rank``, ``lora_alpha``, ``lora_dropout``,
-    ``lora_target_modules`` and ``architecture`` (``sd1``, ``sd2`` or ``sdxl``).
+    ``lora_target_modules`` and ``architecture`` (``sd1``, ``sd2``, ``sdxl`` or ``flux``).
     """
 
     model_config = ConfigDict(extra="ignore", validate_assignment=True)
@@ -483,6 +531,9 @@ class RunRecord(RunConfig):
     mixed_precision: MixedPrecision
     sample_prompt: str
     sample_seed: int
+    sample_steps: int = Field(default=SD_SAMPLE_STEPS, ge=1)
+    class_image_steps: int = Field(default=SD_SAMPLE_STEPS, ge=1)
+    sample_guidance_scale: float = Field(default=SD_GUIDANCE_SCALE, ge=0)
     base_model_license: str | None = None
     prediction_type: PredictionType = "epsilon"
     architecture: Architecture = "sd1"
@@ -490,12 +541,22 @@ class RunRecord(RunConfig):
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     sdtrain_version: str = ""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sd_defaults_when_undecided(cls, data: Any) -> Any:
+        """Steps and guidance left undecided (``None``) take the SD defaults (FLUX runs decide them in
+        :func:`trainer.run.prepare_run`)."""
+        if isinstance(data, dict):
+            undecided = ("sample_steps", "sample_guidance_scale", "class_image_steps")
+            data = {k: v for k, v in data.items() if not (k in undecided and v is None)}
+        return data
+
     def training_fingerprint(self) -> dict[str, Any]:
         """The settings a checkpoint depends on: a resumed run must match them.
 
         ``max_train_steps`` is left out on purpose: resuming with more steps trains longer.
         """
-        keys = (
+        keys: tuple[str, ...] = (
             "base_model",
             "resolution",
             "train_batch_size",
@@ -517,6 +578,8 @@ class RunRecord(RunConfig):
             "use_8bit_adam",
             "num_instance_images",
         )
+        if self.architecture == "flux":
+            keys += ("flux_guidance", "weighting_scheme", "logit_mean", "logit_std", "mode_scale")
         data = self.model_dump(mode="json")
         fingerprint = {k: data[k] for k in keys}
         fingerprint["concepts"] = [

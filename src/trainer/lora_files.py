@@ -11,6 +11,9 @@ sd-scripts write and A1111, ComfyUI and Forge read: ``lora_unet_<module>.lora_do
 ``.lora_up.weight`` / ``.alpha`` (module path with ``_`` for ``.``; the UNet keeps diffusers' block
 names, as kohya does), ``lora_te_`` for the text encoder of SD 1.x/2.x and ``lora_te1_`` /
 ``lora_te2_`` for SDXL's two. diffusers' own kohya converter reads it back (see the tests).
+
+A FLUX run adapts the transformer only: its file holds ``transformer.`` prefixed keys, written by
+``FluxPipeline.save_lora_weights`` (``transformer_lora_layers``).
 """
 
 from __future__ import annotations
@@ -46,9 +49,11 @@ _METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the PEFT config
 
 
 def pipeline_class(architecture: str) -> Any:
-    """The diffusers pipeline class of an architecture (``sd1``/``sd2``: SD, ``sdxl``: SDXL)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """The diffusers pipeline class of an architecture (``sd1``/``sd2``: SD, ``sdxl``: SDXL, ``flux``)."""
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if architecture == "flux":
+        return FluxPipeline
     return StableDiffusionXLPipeline if architecture == "sdxl" else StableDiffusionPipeline
 
 
@@ -67,23 +72,38 @@ def _adapter_metadata(model: Any) -> dict[str, Any] | None:
     return None if config is None else dict(config.to_dict())
 
 
-def save_lora_weights(out: Path, *, architecture: str, unet: Any, text_encoders: list[Any]) -> Path:
+def save_lora_weights(
+    out: Path,
+    *,
+    architecture: str,
+    unet: Any = None,
+    text_encoders: list[Any] | None = None,
+    transformer: Any = None,
+) -> Path:
     """Write the adapters of ``unet`` (and the text encoders, first then second) to ``out``, atomically.
 
     Args:
         out: The folder (``OUT/lora``); replaced as a whole.
-        architecture: ``sd1``, ``sd2`` or ``sdxl`` (picks the pipeline class that writes the file).
-        unet: The UNet with its PEFT adapter.
+        architecture: ``sd1``, ``sd2``, ``sdxl`` or ``flux`` (picks the pipeline class that writes
+            the file).
+        unet: The UNet with its PEFT adapter (SD/SDXL).
         text_encoders: The text encoders that have adapters (empty when only the UNet was trained).
+        transformer: FLUX's transformer with its PEFT adapter (instead of a UNet).
 
     Returns:
         ``out``, holding :data:`LORA_WEIGHTS`.
     """
-    kwargs: dict[str, Any] = {
-        "unet_lora_layers": _adapter_layers(unet),
-        "unet_lora_adapter_metadata": _adapter_metadata(unet),
-    }
-    for name, text_encoder in zip(TEXT_ENCODER_NAMES, text_encoders, strict=False):
+    if architecture == "flux":
+        kwargs: dict[str, Any] = {
+            "transformer_lora_layers": _adapter_layers(transformer),
+            "transformer_lora_adapter_metadata": _adapter_metadata(transformer),
+        }
+    else:
+        kwargs = {
+            "unet_lora_layers": _adapter_layers(unet),
+            "unet_lora_adapter_metadata": _adapter_metadata(unet),
+        }
+    for name, text_encoder in zip(TEXT_ENCODER_NAMES, text_encoders or [], strict=False):
         layers = _adapter_layers(text_encoder)
         # transformers 5 leaves out the `text_model.` level of CLIPTextModel; the released files have it.
         kwargs[f"{name}_lora_layers"] = {

@@ -547,6 +547,11 @@ def _lora_uploads(run_dir: Path, repo_id: str) -> list[tuple[Path, str]]:
         raise PublishError(
             f"{weights} is missing: train first (`sdtrain run --method lora`), then publish the run folder."
         )
+    if _read_run(run_dir).architecture == "flux":
+        raise PublishError(
+            f"{run_dir} is a FLUX LoRA run: publishing FLUX adapters is not in this version yet. Upload "
+            f"{weights} yourself (it loads with FluxPipeline.load_lora_weights)."
+        )
     kohya = lora_dir / KOHYA_WEIGHTS
     if not kohya.is_file():
         logger.info("Writing the kohya file %s (the run stopped before its export step)", kohya)

@@ -19,6 +19,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from trainer._console import console, warning
 from trainer.config import (
+    FLUX_ATTENTION_EXTRA,
+    FLUX_GUIDANCE_SCALE,
+    FLUX_SAMPLE_STEPS,
+    LORA_TARGET_PRESETS,
+    SD_GUIDANCE_SCALE,
+    SD_SAMPLE_STEPS,
     STEPS_WARNING_THRESHOLD,
     Architecture,
     RunConfig,
@@ -59,10 +65,12 @@ class BaseModelInfo:
 
     Attributes:
         resolution: Native image size: ``unet.sample_size * vae_scale_factor`` (512 for SD 1.5,
-            768 for SD 2.1, 64 for the tiny test model).
-        prediction_type: ``epsilon`` or ``v_prediction`` (from the scheduler config).
+            768 for SD 2.1, 64 for the tiny test model); for FLUX, FluxPipeline's default size
+            (``default_sample_size`` 128 latent pixels x the VAE's scale: 1024 for FLUX.1-dev).
+        prediction_type: ``epsilon`` or ``v_prediction`` (from the scheduler config);
+            ``flow_matching`` for FLUX.
         license: The model card's ``license`` (e.g. ``creativeml-openrail-m``), if known.
-        architecture: ``sd1``, ``sd2`` or ``sdxl`` (see :func:`detect_architecture`).
+        architecture: ``sd1``, ``sd2``, ``sdxl`` (see :func:`detect_architecture`) or ``flux``.
     """
 
     resolution: int
@@ -72,7 +80,7 @@ class BaseModelInfo:
 
     def describe(self) -> str:
         """``"SD 2.x (v_prediction, 768 px)"``: what the console says was found."""
-        name = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}[self.architecture]
+        name = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "flux": "FLUX.1"}[self.architecture]
         return f"{name} ({self.prediction_type}, {self.resolution} px)"
 
 
@@ -123,10 +131,19 @@ class RunResult:
     class_images: list[ClassImagesResult] = field(default_factory=list)
 
 
-def _load_config(base_model: str, subfolder: str) -> dict[str, Any]:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+# FluxPipeline draws at ``default_sample_size`` latent pixels per side unless told otherwise.
+FLUX_DEFAULT_SAMPLE_SIZE = 128
 
-    reader: Any = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "scheduler": DDPMScheduler}[subfolder]
+
+def _load_config(base_model: str, subfolder: str) -> dict[str, Any]:
+    from diffusers import AutoencoderKL, DDPMScheduler, FluxTransformer2DModel, UNet2DConditionModel
+
+    reader: Any = {
+        "unet": UNet2DConditionModel,
+        "transformer": FluxTransformer2DModel,
+        "vae": AutoencoderKL,
+        "scheduler": DDPMScheduler,
+    }[subfolder]
     config: dict[str, Any] = reader.load_config(base_model, subfolder=subfolder)
     return config
 
@@ -156,14 +173,9 @@ def inspect_base_model(base_model: str) -> BaseModelInfo:
         )
     from trainer.loading import pipeline_class_name
 
-    if pipeline_class_name(base_model) == "FluxPipeline":
-        raise ModelLoadError(
-            f"{base_model} is a FLUX model (a transformer, not a UNet): this version of sdtrain trains "
-            "SD 1.x, SD 2.x and SDXL. For a LoRA that Inference Providers serve, train on "
-            "stabilityai/stable-diffusion-xl-base-1.0."
-        )
+    flux = pipeline_class_name(base_model) == "FluxPipeline"
     try:
-        unet = _load_config(base_model, "unet")
+        unet = _load_config(base_model, "transformer" if flux else "unet")
         vae = _load_config(base_model, "vae")
         scheduler = _load_config(base_model, "scheduler")
     except (OSError, ValueError) as exc:
@@ -172,6 +184,13 @@ def inspect_base_model(base_model: str) -> BaseModelInfo:
             "model needs `hf auth login` and accepted terms; offline, the model must be in the cache."
         ) from exc
     vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    if flux:
+        return BaseModelInfo(
+            resolution=FLUX_DEFAULT_SAMPLE_SIZE * vae_scale_factor,
+            prediction_type="flow_matching",
+            license=base_model_license(base_model),
+            architecture="flux",
+        )
     sample_size = unet.get("sample_size")
     if not isinstance(sample_size, int):  # some configs give [h, w]
         sample_size = int(sample_size[0]) if sample_size else 64
@@ -250,7 +269,10 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
         ConfigError: the prediction type is not supported.
     """
     info = info or inspect_base_model(config.base_model)
-    if info.prediction_type not in ("epsilon", "v_prediction"):
+    flux = info.architecture == "flux"
+    if flux:
+        _check_flux_options(config)
+    elif info.prediction_type not in ("epsilon", "v_prediction"):
         raise ConfigError(
             f"{config.base_model} predicts {info.prediction_type!r}; only epsilon and v_prediction "
             "models (SD 1.x, SD 2.x, SDXL) can be fine-tuned."
@@ -258,6 +280,11 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
     what = "a LoRA adapter" if config.method == "lora" else "a full fine-tune"
     console.print(f"Base model: {info.describe()}; training {what}")
     resolution = config.resolution or info.resolution
+    if flux and resolution % 16:
+        raise ConfigError(
+            f"FLUX trains at multiples of 16 px (latents are packed 2 x 2): use --resolution "
+            f"{resolution - resolution % 16}."
+        )
     concepts = config.resolved_concepts()
     checks = check_photos(
         [c.instance_dir for c in concepts],
@@ -276,7 +303,18 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
             "fewer --max-train-steps or a lower --learning-rate."
         )
     data = config.model_dump()
+    targets = config.lora_target_modules
+    if flux and targets == LORA_TARGET_PRESETS["attention"]:
+        targets = targets + FLUX_ATTENTION_EXTRA
     data.update(
+        lora_target_modules=targets,
+        sample_steps=config.sample_steps or (FLUX_SAMPLE_STEPS if flux else SD_SAMPLE_STEPS),
+        class_image_steps=config.class_image_steps or (FLUX_SAMPLE_STEPS if flux else SD_SAMPLE_STEPS),
+        sample_guidance_scale=(
+            config.sample_guidance_scale
+            if config.sample_guidance_scale is not None
+            else (FLUX_GUIDANCE_SCALE if flux else SD_GUIDANCE_SCALE)
+        ),
         concepts=[c.model_dump() for c in concepts],
         resolution=resolution,
         max_train_steps=max_steps,
@@ -290,6 +328,26 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
         sdtrain_version=_version(),
     )
     return PreparedRun(RunRecord.model_validate(data), checks)
+
+
+def _check_flux_options(config: RunConfig) -> None:
+    """Refuse the options a FLUX run cannot honour (before anything slow happens).
+
+    Raises:
+        ConfigError: a full fine-tune, a trained text encoder, a noise offset or ``--hub-repo``.
+    """
+    if config.method == "full" or config.train_text_encoder:
+        raise ConfigError(
+            "FLUX: LoRA on the transformer only (--method lora, without --train-text-encoder). A full "
+            "fine-tune of its 12B-parameter transformer does not fit the GPUs sdtrain targets."
+        )
+    if config.noise_offset:
+        raise ConfigError("FLUX: --noise-offset is for SD/SDXL noise prediction; flow matching has none.")
+    if config.hub_repo:
+        raise ConfigError(
+            "FLUX: publishing the adapter (--hub-repo) is not in this version yet; train without it and "
+            "upload OUT/lora/pytorch_lora_weights.safetensors yourself."
+        )
 
 
 def make_class_images(record: RunRecord) -> list[ClassImagesResult]:
@@ -425,7 +483,12 @@ def run(
         _free_memory()
 
     # 5. export: the adapter in kohya's format (LoRA), or one original-layout checkpoint file (full).
-    if "export" in wanted and record.method == "lora":
+    if "export" in wanted and record.method == "lora" and record.architecture == "flux":
+        console.print(
+            "No kohya/A1111/ComfyUI file for a FLUX adapter yet: use the diffusers file "
+            f"{out / 'lora'} (FluxPipeline.load_lora_weights)."
+        )
+    elif "export" in wanted and record.method == "lora":
         from trainer.lora_files import LORA_DIR, write_kohya_file
 
         result.export_path = write_kohya_file(out / LORA_DIR, architecture=record.architecture)

@@ -35,7 +35,7 @@ import math
 import shutil
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -391,9 +391,12 @@ def train(
         raise TrainingError("No instance photos to train on.")
     if record.with_prior_preservation and any(not images for images in data.class_images):
         raise TrainingError("Prior preservation is on but a concept has no class images.")
+    if record.architecture == "flux":
+        from trainer.train_flux import train_flux
+
+        return train_flux(record, data, resume=resume, save_model=save_model)
 
     output_dir = record.output_dir
-    checkpoints_dir = output_dir / "checkpoints"
     accelerator = Accelerator(
         mixed_precision=record.mixed_precision,
         gradient_accumulation_steps=record.gradient_accumulation_steps,
@@ -485,19 +488,7 @@ def train(
     rng = TrainingRNG(record.seed + accelerator.process_index, device)
 
     # -- 3. Resume: weights, optimizer, LR schedule and every RNG state ----------------------------
-    if accelerator.is_main_process:
-        remove_stale_temp(checkpoints_dir)  # half-written checkpoints of a killed run
-        if resume == "never":
-            delete_checkpoints(checkpoints_dir)
-    accelerator.wait_for_everyone()
-    resume_from = resolve_resume(resume, checkpoints_dir)
-    global_step = 0
-    if resume_from is not None:
-        state = check_fingerprint(resume_from, record)
-        accelerator.load_state(str(resume_from))
-        rng.load(resume_from / f"training_rng_{accelerator.process_index}.pt")
-        global_step = int(state["global_step"])
-        console.print(f"Resuming from {resume_from} (step {global_step} of {record.max_train_steps})")
+    resume_from, global_step = resume_state(accelerator, record, resume, rng)
 
     # -- 4. Caches: prompts to embeddings, photos to latent distributions ---------------------------
     prompts = sorted({p for c in record.concepts for p in (c.instance_prompt, c.class_prompt) if p})
@@ -562,127 +553,67 @@ def train(
         """SDXL's size and crop conditioning of each image: (orig h, orig w, top, left, h, w)."""
         return torch.tensor([geometries[p].time_ids for p in paths], device=device, dtype=torch.float32)
 
-    num_instances = len(data.instance)
-
-    def micro_batch(micro_step: int) -> tuple[list[Path], list[str]]:
-        """The photos and prompts of a micro-step: instance examples first, then their class images."""
-        picks = batch_positions(
-            micro_step,
-            seed=record.seed,
-            num_examples=num_instances,
-            batch_size=record.train_batch_size,
-            num_processes=accelerator.num_processes,
-            process_index=accelerator.process_index,
+    def unet_loss(micro_step: int) -> torch.Tensor:
+        """One micro-step of the SD/SDXL objective: noise the latents, predict, compare."""
+        paths, batch_prompts = micro_batch(record, data, micro_step, accelerator)
+        # Latents of the photos (VAE posterior sample, scaled as the UNet expects).
+        model_input = encode_latents(paths)
+        # Sample the noise to add; an offset shifts whole channels (darker/brighter images).
+        noise = torch.randn(
+            model_input.shape, generator=rng.generator, device=device, dtype=model_input.dtype
         )
-        paths, batch_prompts = [], []
-        for _, _, example in picks:
-            path, concept = data.instance[example]
-            paths.append(path)
-            batch_prompts.append(record.concepts[concept].instance_prompt)
-        if record.with_prior_preservation:
-            for epoch, pos, example in picks:
-                concept = data.instance[example][1]
-                images = data.class_images[concept]
-                # Walk through the class images across epochs so every one of them gets used.
-                paths.append(images[(epoch * num_instances + pos) % len(images)])
-                batch_prompts.append(record.concepts[concept].class_prompt or "")
-        return paths, batch_prompts
+        if record.noise_offset:
+            noise = noise + record.noise_offset * torch.randn(
+                (model_input.shape[0], model_input.shape[1], 1, 1),
+                generator=rng.generator,
+                device=device,
+                dtype=model_input.dtype,
+            )
+        bsz = model_input.shape[0]
+        # A random timestep for each image.
+        timesteps = torch.randint(
+            0,
+            noise_scheduler.config.num_train_timesteps,
+            (bsz,),
+            generator=rng.generator,
+            device=device,
+        ).long()
+        # Add noise to the latents according to the noise magnitude at each timestep.
+        noisy_model_input = noise_scheduler.add_noise(model_input, noise, timesteps)
+        # The text conditioning (SDXL: plus the pooled embedding and the size/crop ids).
+        encoder_hidden_states, pooled = encode_prompts(batch_prompts)
+        added_cond = {"text_embeds": pooled, "time_ids": time_ids(paths)} if sdxl else None
+        # Predict the noise (or velocity) residual.
+        model_pred = unet(
+            noisy_model_input,
+            timesteps,
+            encoder_hidden_states,
+            added_cond_kwargs=added_cond,
+            return_dict=False,
+        )[0]
+        # The target depends on the prediction type (noise for epsilon, velocity for v).
+        target = training_target(noise_scheduler, model_input, noise, timesteps)
+
+        # MSE on the instance half (+ weighted MSE on the class half with prior preservation).
+        return dreambooth_loss(
+            model_pred,
+            target,
+            prior_preservation=record.with_prior_preservation,
+            prior_loss_weight=record.prior_loss_weight,
+        )
 
     # -- 5. The loop ---------------------------------------------------------------------------
-    for model in trained_models:
-        model.train()
-    params_to_clip = [p for m in trained_models for p in m.parameters() if p.requires_grad]
-    step_times: list[float] = []
-    last_loss: float | None = None
-    micro_step = global_step * record.gradient_accumulation_steps
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    with (
-        StopSignal() as stop,  # from here on SIGINT/SIGTERM mean "checkpoint, then stop"
-        StepProgress("Training", record.max_train_steps, completed=global_step) as bar,
-    ):
-        console.print(
-            f"Training {record.max_train_steps} steps on {num_instances} photo(s) at {record.resolution} "
-            f"px ({device}, mixed precision: {record.mixed_precision}, batch {record.train_batch_size} x "
-            f"{accelerator.num_processes} process(es) x {record.gradient_accumulation_steps} accumulation)"
-        )
-        step_started = time.perf_counter()
-        while global_step < record.max_train_steps:
-            with accelerator.accumulate(*trained_models):
-                paths, batch_prompts = micro_batch(micro_step)
-                # Latents of the photos (VAE posterior sample, scaled as the UNet expects).
-                model_input = encode_latents(paths)
-                # Sample the noise to add; an offset shifts whole channels (darker/brighter images).
-                noise = torch.randn(
-                    model_input.shape, generator=rng.generator, device=device, dtype=model_input.dtype
-                )
-                if record.noise_offset:
-                    noise = noise + record.noise_offset * torch.randn(
-                        (model_input.shape[0], model_input.shape[1], 1, 1),
-                        generator=rng.generator,
-                        device=device,
-                        dtype=model_input.dtype,
-                    )
-                bsz = model_input.shape[0]
-                # A random timestep for each image.
-                timesteps = torch.randint(
-                    0,
-                    noise_scheduler.config.num_train_timesteps,
-                    (bsz,),
-                    generator=rng.generator,
-                    device=device,
-                ).long()
-                # Add noise to the latents according to the noise magnitude at each timestep.
-                noisy_model_input = noise_scheduler.add_noise(model_input, noise, timesteps)
-                # The text conditioning (SDXL: plus the pooled embedding and the size/crop ids).
-                encoder_hidden_states, pooled = encode_prompts(batch_prompts)
-                added_cond = {"text_embeds": pooled, "time_ids": time_ids(paths)} if sdxl else None
-                # Predict the noise (or velocity) residual.
-                model_pred = unet(
-                    noisy_model_input,
-                    timesteps,
-                    encoder_hidden_states,
-                    added_cond_kwargs=added_cond,
-                    return_dict=False,
-                )[0]
-                # The target depends on the prediction type (noise for epsilon, velocity for v).
-                target = training_target(noise_scheduler, model_input, noise, timesteps)
-
-                # MSE on the instance half (+ weighted MSE on the class half with prior preservation).
-                loss = dreambooth_loss(
-                    model_pred,
-                    target,
-                    prior_preservation=record.with_prior_preservation,
-                    prior_loss_weight=record.prior_loss_weight,
-                )
-
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params_to_clip, record.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_step += 1
-
-            if not accelerator.sync_gradients:
-                continue  # still accumulating gradients for this optimizer step
-            global_step += 1
-            last_loss = float(loss.detach().item())
-            now = time.perf_counter()
-            step_times.append(now - step_started)
-            step_started = now
-            bar.advance(last_loss)
-
-            saved_now = False
-            if global_step % record.checkpointing_steps == 0 and global_step < record.max_train_steps:
-                save_checkpoint(accelerator, checkpoints_dir, global_step, record, rng)
-                saved_now = True
-            if global_step < record.max_train_steps and stop_requested(accelerator, stop):
-                checkpoint = checkpoints_dir / f"{CHECKPOINT_PREFIX}{global_step}"
-                if not saved_now:
-                    checkpoint = save_checkpoint(accelerator, checkpoints_dir, global_step, record, rng)
-                raise TrainingInterrupted(global_step, checkpoint, stop.signum or signal.SIGTERM)
-            step_started = time.perf_counter()
+    loop = training_loop(
+        accelerator,
+        record,
+        trained_models,
+        optimizer,
+        lr_scheduler,
+        unet_loss,
+        global_step=global_step,
+        rng=rng,
+        num_instances=len(data.instance),
+    )
 
     # -- 6. Save the fine-tuned pipeline ---------------------------------------------------------
     peak = int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
@@ -710,8 +641,143 @@ def train(
         console.print(f"Saved the fine-tuned model in {model_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    trainable = sum(p.numel() for p in params_to_clip)
-    return TrainResult(global_step, model_dir, resume_from, last_loss, step_times, peak, trainable)
+    return TrainResult(
+        loop.global_step, model_dir, resume_from, loop.last_loss, loop.step_times, peak, loop.trainable
+    )
+
+
+def micro_batch(
+    record: RunRecord, data: TrainingData, micro_step: int, accelerator: Any
+) -> tuple[list[Path], list[str]]:
+    """The photos and prompts of a micro-step: instance examples first, then their class images."""
+    num_instances = len(data.instance)
+    picks = batch_positions(
+        micro_step,
+        seed=record.seed,
+        num_examples=num_instances,
+        batch_size=record.train_batch_size,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+    )
+    paths, batch_prompts = [], []
+    for _, _, example in picks:
+        path, concept = data.instance[example]
+        paths.append(path)
+        batch_prompts.append(record.concepts[concept].instance_prompt)
+    if record.with_prior_preservation:
+        for epoch, pos, example in picks:
+            concept = data.instance[example][1]
+            images = data.class_images[concept]
+            # Walk through the class images across epochs so every one of them gets used.
+            paths.append(images[(epoch * num_instances + pos) % len(images)])
+            batch_prompts.append(record.concepts[concept].class_prompt or "")
+    return paths, batch_prompts
+
+
+def resume_state(
+    accelerator: Any, record: RunRecord, resume: str, rng: TrainingRNG
+) -> tuple[Path | None, int]:
+    """Restore the newest (or the named) checkpoint: ``(checkpoint or None, steps already done)``.
+
+    Weights, optimizer, LR schedule and every RNG state come back, so the run continues exactly.
+    """
+    checkpoints_dir = record.output_dir / "checkpoints"
+    if accelerator.is_main_process:
+        remove_stale_temp(checkpoints_dir)  # half-written checkpoints of a killed run
+        if resume == "never":
+            delete_checkpoints(checkpoints_dir)
+    accelerator.wait_for_everyone()
+    resume_from = resolve_resume(resume, checkpoints_dir)
+    global_step = 0
+    if resume_from is not None:
+        state = check_fingerprint(resume_from, record)
+        accelerator.load_state(str(resume_from))
+        rng.load(resume_from / f"training_rng_{accelerator.process_index}.pt")
+        global_step = int(state["global_step"])
+        console.print(f"Resuming from {resume_from} (step {global_step} of {record.max_train_steps})")
+    return resume_from, global_step
+
+
+@dataclass
+class LoopResult:
+    """What :func:`training_loop` did: the step reached, the last loss, the time of each step."""
+
+    global_step: int
+    last_loss: float | None
+    step_times: list[float]
+    trainable: int
+
+
+def training_loop(
+    accelerator: Any,
+    record: RunRecord,
+    trained_models: Sequence[Any],
+    optimizer: Any,
+    lr_scheduler: Any,
+    loss_of: Callable[[int], torch.Tensor],
+    *,
+    global_step: int,
+    rng: TrainingRNG,
+    num_instances: int,
+) -> LoopResult:
+    """Run optimizer steps until ``max_train_steps``: ``loss_of(micro_step)`` is one forward pass.
+
+    Shared by every architecture: gradient accumulation and clipping, the progress bar, a checkpoint
+    every ``checkpointing_steps`` and on SIGINT/SIGTERM (then :class:`TrainingInterrupted`).
+    """
+    import torch
+
+    checkpoints_dir = record.output_dir / "checkpoints"
+    for model in trained_models:
+        model.train()
+    params_to_clip = [p for m in trained_models for p in m.parameters() if p.requires_grad]
+    step_times: list[float] = []
+    last_loss: float | None = None
+    micro_step = global_step * record.gradient_accumulation_steps
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with (
+        StopSignal() as stop,  # from here on SIGINT/SIGTERM mean "checkpoint, then stop"
+        StepProgress("Training", record.max_train_steps, completed=global_step) as bar,
+    ):
+        console.print(
+            f"Training {record.max_train_steps} steps on {num_instances} photo(s) at {record.resolution} "
+            f"px ({accelerator.device}, mixed precision: {record.mixed_precision}, batch "
+            f"{record.train_batch_size} x {accelerator.num_processes} process(es) x "
+            f"{record.gradient_accumulation_steps} accumulation)"
+        )
+        step_started = time.perf_counter()
+        while global_step < record.max_train_steps:
+            with accelerator.accumulate(*trained_models):
+                loss = loss_of(micro_step)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params_to_clip, record.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_step += 1
+
+            if not accelerator.sync_gradients:
+                continue  # still accumulating gradients for this optimizer step
+            global_step += 1
+            last_loss = float(loss.detach().item())
+            now = time.perf_counter()
+            step_times.append(now - step_started)
+            step_started = now
+            bar.advance(last_loss)
+
+            saved_now = False
+            if global_step % record.checkpointing_steps == 0 and global_step < record.max_train_steps:
+                save_checkpoint(accelerator, checkpoints_dir, global_step, record, rng)
+                saved_now = True
+            if global_step < record.max_train_steps and stop_requested(accelerator, stop):
+                checkpoint = checkpoints_dir / f"{CHECKPOINT_PREFIX}{global_step}"
+                if not saved_now:
+                    checkpoint = save_checkpoint(accelerator, checkpoints_dir, global_step, record, rng)
+                raise TrainingInterrupted(global_step, checkpoint, stop.signum or signal.SIGTERM)
+            step_started = time.perf_counter()
+    return LoopResult(global_step, last_loss, step_times, sum(p.numel() for p in params_to_clip))
 
 
 def add_lora_adapters(record: RunRecord, unet: Any, text_encoders: list[Any]) -> None:

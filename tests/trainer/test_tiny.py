@@ -152,9 +152,11 @@ def test_tiny_flux_loads_and_generates(tiny_flux: Path) -> None:
     assert not torch.equal(first, image(0, guidance=7.0))  # the guidance embedding is used
 
 
-def test_training_a_flux_base_says_what_to_train_instead(tiny_flux: Path) -> None:
-    from trainer.loading import ModelLoadError
+def test_a_flux_base_is_recognised_with_its_default_size(tiny_flux: Path) -> None:
     from trainer.run import inspect_base_model
 
-    with pytest.raises(ModelLoadError, match="is a FLUX model.*stable-diffusion-xl-base-1.0"):
-        inspect_base_model(str(tiny_flux))
+    info = inspect_base_model(str(tiny_flux))
+    assert (info.architecture, info.prediction_type) == ("flux", "flow_matching")
+    # FluxPipeline's default: 128 latent pixels x the VAE's scale (2 for the tiny VAE, 8 for dev).
+    assert info.resolution == 256
+    assert info.describe() == "FLUX.1 (flow_matching, 256 px)"
