@@ -556,8 +556,13 @@ def publish(
         repo = repo_id or record.hub_repo
         if not repo:
             raise ConfigError("Give the repo id: sdtrain publish RUN_DIR owner/name.")
-        from trainer.publish import publish_run
+        from trainer.publish import FLUX_DEV_LICENSE_LINK, publish_run
 
+        if record.architecture == "flux":
+            console.print(
+                "Note: FLUX.1-dev's license is non-commercial, and it covers this adapter "
+                f"({FLUX_DEV_LICENSE_LINK})."
+            )
         url = publish_run(run_dir, repo, private=private)
         console.print(styled(("Published", "green"), f" {url}"))
 

@@ -23,7 +23,9 @@ A LoRA run (``method: lora`` in run.json), as an adapter of its base model:
 The LoRA card's metadata carries ``base_model`` with ``base_model_relation: adapter`` (the Hub then
 lists the repo among the base's adapters and tags it ``base_model:adapter:<base>``), the ``lora``
 and ``template:sd-lora`` tags, ``instance_prompt`` (the trigger words) and a ``widget`` entry per
-sample. A merged export (``sdtrain export --merge``) is not uploaded with the adapter.
+sample. A merged export (``sdtrain export --merge``) is not uploaded with the adapter. A FLUX LoRA's
+card names FLUX.1-dev's license (``license: other``, ``license_name: flux-1-dev-non-commercial-license``)
+and says that it is non-commercial; its usage section shows ``FluxPipeline`` in bfloat16.
 
 The card is also written to ``OUT/README.md``. The token comes from the argument, else
 ``HF_TOKEN`` / ``hf auth login`` (``huggingface_hub.get_token()``); it is never written anywhere.
@@ -52,6 +54,9 @@ if TYPE_CHECKING:
     from huggingface_hub import CommitOperationAdd, HfApi, ModelCard
 
 __all__ = [
+    "FLUX_DEV",
+    "FLUX_DEV_LICENSE_LINK",
+    "FLUX_DEV_LICENSE_NAME",
     "LICENSE_SD1",
     "LICENSE_SD2",
     "PublishError",
@@ -66,6 +71,10 @@ logger = logging.getLogger(__name__)
 # Both are OpenRAIL licenses whose use restrictions carry over to derivatives.
 LICENSE_SD1 = "creativeml-openrail-m"
 LICENSE_SD2 = "openrail++"
+# FLUX.1-dev's own license: non-commercial, so adapters of it are too (the Hub's id for it is "other").
+FLUX_DEV = "black-forest-labs/FLUX.1-dev"
+FLUX_DEV_LICENSE_NAME = "flux-1-dev-non-commercial-license"
+FLUX_DEV_LICENSE_LINK = f"https://huggingface.co/{FLUX_DEV}/blob/main/LICENSE.md"
 TAGS = ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "diffusers", "dreambooth"]
 # The tags diffusers' own LoRA training scripts give their cards (template:sd-lora: the Hub's LoRA
 # gallery template), then the family's.
@@ -74,6 +83,7 @@ FAMILY_TAGS = {
     "sd1": ["stable-diffusion", "stable-diffusion-diffusers"],
     "sd2": ["stable-diffusion", "stable-diffusion-diffusers"],
     "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"],
+    "flux": ["flux"],
 }
 TOKENS_URL = "https://huggingface.co/settings/tokens"
 
@@ -273,6 +283,9 @@ def _lora_model_card(run_dir: Path, repo_id: str, info: _RunInfo) -> ModelCard:
     # No model folder to look at: the family comes from run.json (SDXL's license is Open RAIL++-M too).
     inferred = not info.base_model_license
     license_id = info.base_model_license or (LICENSE_SD1 if architecture == "sd1" else LICENSE_SD2)
+    flux_dev = architecture == "flux" and info.base_model_license in (None, "other")
+    if flux_dev:
+        license_id = "other"
     samples = [p for p in _samples(run_dir) if p.stem != "grid"][:_MAX_SAMPLES_SHOWN]
     grid = run_dir / "samples" / "grid.png"
     prompts = [c.instance_prompt for c in info.concepts]
@@ -285,6 +298,8 @@ def _lora_model_card(run_dir: Path, repo_id: str, info: _RunInfo) -> ModelCard:
         base_model=info.base_model if on_hub else None,
         base_model_relation="adapter" if on_hub else None,
         license=license_id,
+        license_name=FLUX_DEV_LICENSE_NAME if flux_dev else None,
+        license_link=FLUX_DEV_LICENSE_LINK if flux_dev else None,
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=[*LORA_TAGS, *FAMILY_TAGS.get(architecture, [])],
@@ -300,6 +315,16 @@ def _lora_model_card(run_dir: Path, repo_id: str, info: _RunInfo) -> ModelCard:
         f"A DreamBooth LoRA adapter for {link}, trained with `sdtrain` on photos of the subject below. "
         "It is small and needs its base model to make images.",
         "",
+        *(
+            [
+                f"**Non-commercial.** FLUX.1-dev's license ([{FLUX_DEV_LICENSE_NAME}]"
+                f"({FLUX_DEV_LICENSE_LINK})) allows non-commercial use only, and it covers this adapter "
+                "and the images made with it.",
+                "",
+            ]
+            if flux_dev
+            else []
+        ),
         "## Trigger words",
         "",
         *_prompts_and_samples(info, samples, grid, f"Put them in your prompt, e.g. `{example_prompt}`."),
@@ -310,25 +335,37 @@ def _lora_model_card(run_dir: Path, repo_id: str, info: _RunInfo) -> ModelCard:
         "| file | for |",
         "| --- | --- |",
         f"| `{LORA_WEIGHTS}` | diffusers (`pipe.load_lora_weights`), the Hub and Inference Providers |",
-        f"| `{_kohya_name(repo_id)}` | AUTOMATIC1111, ComfyUI, Forge (kohya's key names) |",
+        (
+            f"| `{_kohya_name(repo_id)}` | ComfyUI, Forge (BFL's key names, as sd-scripts writes them) |"
+            if architecture == "flux"
+            else f"| `{_kohya_name(repo_id)}` | AUTOMATIC1111, ComfyUI, Forge (kohya's key names) |"
+        ),
         "",
     ]
     body += ["## Training", "", "| setting | value |", "| --- | --- |"]
     body += [f"| {k} | {v} |" for k, v in _settings(info)]
     body += ["", *_lora_usage(repo_id, info, example_prompt, on_hub)]
     note = " (inferred from the architecture: check the base model's card)" if inferred else ""
-    body += [
-        "",
-        "## License",
-        "",
-        f"`{license_id}`, inherited from the base model{note}. Its use restrictions apply to this adapter "
-        "and to the images made with it.",
-        "",
-    ]
+    body += ["", "## License", ""]
+    if flux_dev:
+        body += [
+            f"The [FLUX.1 [dev] Non-Commercial License]({FLUX_DEV_LICENSE_LINK}), inherited from "
+            "FLUX.1-dev: non-commercial use only. It applies to this adapter and to the images made "
+            "with it.",
+            "",
+        ]
+    else:
+        body += [
+            f"`{license_id}`, inherited from the base model{note}. Its use restrictions apply to this "
+            "adapter and to the images made with it.",
+            "",
+        ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
 
 
 def _lora_usage(repo_id: str, info: _RunInfo, prompt: str, on_hub: bool) -> list[str]:
+    if info.architecture == "flux":
+        return _flux_lora_usage(repo_id, info, prompt, on_hub)
     literal = json.dumps(prompt)  # a valid Python string literal, whatever the prompt holds
     pipeline = "StableDiffusionXLPipeline" if info.architecture == "sdxl" else "StableDiffusionPipeline"
     base = info.base_model if on_hub else "<the base model>"
@@ -389,6 +426,57 @@ def _lora_usage(repo_id: str, info: _RunInfo, prompt: str, on_hub: bool) -> list
         "`models/loras` and load it with a `LoraLoader` node after the base checkpoint.",
     ]
     return lines
+
+
+def _flux_lora_usage(repo_id: str, info: _RunInfo, prompt: str, on_hub: bool) -> list[str]:
+    literal = json.dumps(prompt)
+    base = info.base_model if on_hub else FLUX_DEV
+    kohya = _kohya_name(repo_id)
+    return [
+        "## Use it",
+        "",
+        "With diffusers, on top of FLUX.1-dev (a gated repo: accept its license on the Hub first):",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import FluxPipeline",
+        "",
+        f'pipe = FluxPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
+        f'pipe.load_lora_weights("{repo_id}")',
+        f"image = pipe({literal}, num_inference_steps=28, guidance_scale=3.5).images[0]",
+        'image.save("image.png")',
+        "```",
+        "",
+        "Through Inference Providers: fal-ai serves FLUX.1-dev LoRAs (its `fal-ai/flux-lora` endpoint) "
+        "from this card's adapter metadata once the repo is public; the model page shows the providers "
+        'under "Inference Providers":',
+        "",
+        "```python",
+        "from huggingface_hub import InferenceClient",
+        "",
+        'client = InferenceClient(provider="fal-ai")  # token: HF_TOKEN or `hf auth login`',
+        f'image = client.text_to_image({literal}, model="{repo_id}")',
+        'image.save("image.png")',
+        "```",
+        "",
+        "or with `sdclient`, which finds the provider itself:",
+        "",
+        "```python",
+        "import asyncio",
+        "from sdclient import SDClient",
+        "",
+        "async def main() -> None:",
+        f'    async with SDClient("{repo_id}") as client:',
+        f"        image = await client.generate({literal}, seed=42)",
+        '        image.save("image.png")',
+        "",
+        "asyncio.run(main())",
+        "```",
+        "",
+        f"In ComfyUI: put `{kohya}` (BFL's key names, as sd-scripts writes them) in `models/loras` and "
+        "load it with a `LoraLoaderModelOnly` node after the FLUX.1-dev model. In Forge: put it in "
+        f"`models/Lora` and add `<lora:{kohya.removesuffix('.safetensors')}:1>` to the prompt.",
+    ]
 
 
 def _kohya_name(repo_id: str) -> str:
@@ -546,11 +634,6 @@ def _lora_uploads(run_dir: Path, repo_id: str) -> list[tuple[Path, str]]:
     if not weights.is_file():
         raise PublishError(
             f"{weights} is missing: train first (`sdtrain run --method lora`), then publish the run folder."
-        )
-    if _read_run(run_dir).architecture == "flux":
-        raise PublishError(
-            f"{run_dir} is a FLUX LoRA run: publishing FLUX adapters is not in this version yet. Upload "
-            f"{weights} yourself (it loads with FluxPipeline.load_lora_weights)."
         )
     kohya = lora_dir / KOHYA_WEIGHTS
     if not kohya.is_file():

@@ -212,8 +212,25 @@ def test_flux_trains_a_transformer_lora_only(
 
 
 @pytest.mark.slow
-def test_a_flux_run_is_not_published_yet(flux_run: Path) -> None:
-    from trainer.publish import PublishError, planned_uploads
+def test_publishing_a_flux_run(flux_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
 
-    with pytest.raises(PublishError, match="FLUX LoRA run: publishing FLUX adapters is not in this version"):
-        planned_uploads(flux_run, "me/flux-lora")
+    import huggingface_hub.constants
+
+    from trainer.publish import planned_uploads
+
+    run = tmp_path / "run"  # a copy: planning writes the kohya file beside the adapter
+    shutil.copytree(flux_run, run, ignore=shutil.ignore_patterns("checkpoints", "class_images"))
+    uploads = {name for _, name in planned_uploads(run, "me/flux-lora")}
+    assert {LORA_WEIGHTS, "flux-lora_kohya.safetensors"} <= uploads
+    kohya = load_file(run / LORA_DIR / KOHYA_WEIGHTS)
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
+    assert "lora_unet_single_blocks_0_linear1.alpha" in kohya
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    result = CliRunner().invoke(app, ["publish", str(run), "me/flux-lora"])
+    assert result.exit_code == 1
+    output = " ".join(result.output.split())
+    assert "FLUX.1-dev's license is non-commercial" in output
+    assert "No Hugging Face token found" in output

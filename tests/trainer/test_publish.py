@@ -414,3 +414,103 @@ def test_an_sdxl_lora_card(tmp_path: Path) -> None:
     ]
     assert "StableDiffusionXLPipeline.from_pretrained" in card.text
     assert "providers such as fal-ai pick up LoRAs of the bases they host" in card.text
+
+
+def test_a_flux_lora_card(tmp_path: Path) -> None:
+    """A FLUX.1-dev LoRA's card: FLUX.1-dev's non-commercial license, FluxPipeline, fal-ai."""
+    from trainer.publish import FLUX_DEV, FLUX_DEV_LICENSE_LINK, FLUX_DEV_LICENSE_NAME, build_model_card
+
+    run = tmp_path / "flux"
+    (run / "samples").mkdir(parents=True)
+    _sample(run / "samples" / "sample-00.png", "a photo of sks toy in snow", 1)
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "method": "lora",
+                "architecture": "flux",
+                "base_model": FLUX_DEV,
+                "base_model_license": "other",  # what FLUX.1-dev's card says
+                "concepts": [{"instance_prompt": "a photo of sks toy"}],
+                "lora_rank": 16,
+                "lora_alpha": 16,
+                "sample_prompt": "a photo of sks toy in snow",
+            }
+        )
+    )
+
+    card = build_model_card(run, "me/flux-toy")
+
+    reloaded = ModelCard(str(card))
+    data = reloaded.data.to_dict()
+    assert data["base_model"] == "black-forest-labs/FLUX.1-dev"
+    assert data["base_model_relation"] == "adapter"
+    assert {"lora", "flux", "diffusers", "template:sd-lora", "text-to-image"} <= set(data["tags"])
+    assert "stable-diffusion" not in data["tags"]
+    assert data["license"] == "other"
+    assert data["license_name"] == FLUX_DEV_LICENSE_NAME == "flux-1-dev-non-commercial-license"
+    assert data["license_link"] == FLUX_DEV_LICENSE_LINK
+    assert FLUX_DEV_LICENSE_LINK == "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md"
+    assert data["instance_prompt"] == "a photo of sks toy"
+    assert data["widget"] == [
+        {"text": "a photo of sks toy in snow", "output": {"url": "samples/sample-00.png"}}
+    ]
+    text = reloaded.text
+    assert "**Non-commercial.**" in text and "non-commercial use only" in text
+    assert 'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16)' in text
+    assert 'pipe.load_lora_weights("me/flux-toy")' in text
+    assert "fal-ai/flux-lora" in text and 'InferenceClient(provider="fal-ai")' in text
+    assert 'SDClient("me/flux-toy")' in text
+    assert "me_flux-toy_kohya" not in text and "flux-toy_kohya.safetensors" in text
+    assert "StableDiffusion" not in text and "AUTOMATIC1111" not in text
+
+
+def test_a_flux_lora_card_of_a_local_base(tmp_path: Path) -> None:
+    from trainer.publish import build_model_card
+
+    run = tmp_path / "flux"
+    run.mkdir()
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "method": "lora",
+                "architecture": "flux",
+                "base_model": str(tmp_path),  # a local copy: no base_model in the metadata
+                "concepts": [{"instance_prompt": "a photo of sks toy"}],
+            }
+        )
+    )
+    card = build_model_card(run, "me/flux-toy")
+    data = card.data.to_dict()
+    assert "base_model" not in data
+    assert data["license"] == "other" and data["license_name"] == "flux-1-dev-non-commercial-license"
+    assert 'FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev"' in card.text
+
+
+def test_publishes_a_flux_lora_run_with_its_comfyui_file(hub: FakeHub, tmp_path: Path) -> None:
+    from test_flux_lora_files import make_flux_lora
+
+    from trainer.publish import FLUX_DEV
+    from trainer.tiny import build_tiny_pipeline
+
+    base = build_tiny_pipeline(tmp_path / "base", variant="flux")
+    run = tmp_path / "run"
+    make_flux_lora(base, run, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    (run / "run.json").write_text(
+        json.dumps(
+            {
+                "method": "lora",
+                "architecture": "flux",
+                "base_model": FLUX_DEV,
+                "concepts": [{"instance_prompt": "a photo of sks toy"}],
+            }
+        )
+    )
+    publish_run(run, "me/flux-toy", token=WRITE_TOKEN, api=HfApi(endpoint=hub.url))
+
+    files = hub.commits("me/flux-toy")[0]["files"]
+    assert {"pytorch_lora_weights.safetensors", "flux-toy_kohya.safetensors", "README.md"} <= set(files)
+    from safetensors.torch import load
+
+    kohya = load(files["flux-toy_kohya.safetensors"])
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in kohya
+    assert "license_name: flux-1-dev-non-commercial-license" in files["README.md"].decode()
