@@ -63,13 +63,18 @@ def pipeline_class(architecture: str) -> Any:
     return StableDiffusionXLPipeline if architecture == "sdxl" else StableDiffusionPipeline
 
 
-def _adapter_layers(model: Any) -> dict[str, Any]:
-    """A model's adapter weights in diffusers naming (from PEFT's state dict)."""
+def _adapter_layers(model: Any, *, peft_names: bool = False) -> dict[str, Any]:
+    """A model's adapter weights from PEFT's state dict: in diffusers' older ``lora.down`` /
+    ``lora.up`` naming (UNets and text encoders, as diffusers' SD scripts save them), or with
+    ``peft_names`` as PEFT's ``lora_A`` / ``lora_B`` (FLUX's transformer, as diffusers' FLUX script
+    saves it: its loader reads one naming per file, and the older one does not cover every layer)."""
     from diffusers.utils import state_dict_utils
     from peft.utils import get_peft_model_state_dict
 
-    convert: Any = state_dict_utils.convert_state_dict_to_diffusers  # untyped
-    layers: dict[str, Any] = convert(get_peft_model_state_dict(model))
+    layers: dict[str, Any] = get_peft_model_state_dict(model)
+    if not peft_names:
+        convert: Any = state_dict_utils.convert_state_dict_to_diffusers  # untyped
+        layers = convert(layers)
     return {k: v.detach().float().contiguous().cpu() for k, v in layers.items()}
 
 
@@ -101,7 +106,7 @@ def save_lora_weights(
     """
     if architecture == "flux":
         kwargs: dict[str, Any] = {
-            "transformer_lora_layers": _adapter_layers(transformer),
+            "transformer_lora_layers": _adapter_layers(transformer, peft_names=True),
             "transformer_lora_adapter_metadata": _adapter_metadata(transformer),
         }
     else:

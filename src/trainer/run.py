@@ -334,7 +334,7 @@ def _check_flux_options(config: RunConfig) -> None:
     """Refuse the options a FLUX run cannot honour (before anything slow happens).
 
     Raises:
-        ConfigError: a full fine-tune, a trained text encoder, a noise offset or ``--hub-repo``.
+        ConfigError: a full fine-tune, a trained text encoder or a noise offset.
     """
     if config.method == "full" or config.train_text_encoder:
         raise ConfigError(
@@ -343,11 +343,6 @@ def _check_flux_options(config: RunConfig) -> None:
         )
     if config.noise_offset:
         raise ConfigError("FLUX: --noise-offset is for SD/SDXL noise prediction; flow matching has none.")
-    if config.hub_repo:
-        raise ConfigError(
-            "FLUX: publishing the adapter (--hub-repo) is not in this version yet; train without it and "
-            "upload OUT/lora/pytorch_lora_weights.safetensors yourself."
-        )
 
 
 def make_class_images(record: RunRecord) -> list[ClassImagesResult]:
@@ -483,12 +478,7 @@ def run(
         _free_memory()
 
     # 5. export: the adapter in kohya's format (LoRA), or one original-layout checkpoint file (full).
-    if "export" in wanted and record.method == "lora" and record.architecture == "flux":
-        console.print(
-            "No kohya/A1111/ComfyUI file for a FLUX adapter yet: use the diffusers file "
-            f"{out / 'lora'} (FluxPipeline.load_lora_weights)."
-        )
-    elif "export" in wanted and record.method == "lora":
+    if "export" in wanted and record.method == "lora":
         from trainer.lora_files import LORA_DIR, write_kohya_file
 
         result.export_path = write_kohya_file(out / LORA_DIR, architecture=record.architecture)
