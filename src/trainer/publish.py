@@ -395,6 +395,22 @@ def _lora_usage(repo_id: str, info: _RunInfo, prompt: str, on_hub: bool) -> list
             "instead, see below):"
         ),
         "",
+        *_provider_usage(repo_id, literal),
+        "",
+        "When no provider serves it, run the base with the adapter on a dedicated Inference Endpoint "
+        "or locally: `sdtrain serve RUN_DIR` (the training run folder) serves the base model with this "
+        "adapter.",
+        "",
+        f"In AUTOMATIC1111 / Forge: put `{kohya}` in `models/Lora` and add "
+        f"`<lora:{kohya.removesuffix('.safetensors')}:1>` to the prompt. In ComfyUI: put it in "
+        "`models/loras` and load it with a `LoraLoader` node after the base checkpoint.",
+    ]
+    return lines
+
+
+def _provider_usage(repo_id: str, literal: str) -> list[str]:
+    """The card's snippets calling the adapter through Inference Providers."""
+    return [
         "```python",
         "from huggingface_hub import InferenceClient",
         "",
@@ -416,16 +432,7 @@ def _lora_usage(repo_id: str, info: _RunInfo, prompt: str, on_hub: bool) -> list
         "",
         "asyncio.run(main())",
         "```",
-        "",
-        "When no provider serves it, run the base with the adapter on a dedicated Inference Endpoint "
-        "or locally: `sdtrain serve RUN_DIR` (the training run folder) serves the base model with this "
-        "adapter.",
-        "",
-        f"In AUTOMATIC1111 / Forge: put `{kohya}` in `models/Lora` and add "
-        f"`<lora:{kohya.removesuffix('.safetensors')}:1>` to the prompt. In ComfyUI: put it in "
-        "`models/loras` and load it with a `LoraLoader` node after the base checkpoint.",
     ]
-    return lines
 
 
 def _flux_lora_usage(repo_id: str, info: _RunInfo, prompt: str, on_hub: bool) -> list[str]:
@@ -451,27 +458,7 @@ def _flux_lora_usage(repo_id: str, info: _RunInfo, prompt: str, on_hub: bool) ->
         "from this card's adapter metadata once the repo is public; the model page shows the providers "
         'under "Inference Providers":',
         "",
-        "```python",
-        "from huggingface_hub import InferenceClient",
-        "",
-        'client = InferenceClient(provider="fal-ai")  # token: HF_TOKEN or `hf auth login`',
-        f'image = client.text_to_image({literal}, model="{repo_id}")',
-        'image.save("image.png")',
-        "```",
-        "",
-        "or with `sdclient`, which finds the provider itself:",
-        "",
-        "```python",
-        "import asyncio",
-        "from sdclient import SDClient",
-        "",
-        "async def main() -> None:",
-        f'    async with SDClient("{repo_id}") as client:',
-        f"        image = await client.generate({literal}, seed=42)",
-        '        image.save("image.png")',
-        "",
-        "asyncio.run(main())",
-        "```",
+        *_provider_usage(repo_id, literal),
         "",
         f"In ComfyUI: put `{kohya}` (BFL's key names, as sd-scripts writes them) in `models/loras` and "
         "load it with a `LoraLoaderModelOnly` node after the FLUX.1-dev model. In Forge: put it in "

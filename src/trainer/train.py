@@ -277,6 +277,27 @@ def _tokenize(tokenizer: Any, prompts: Sequence[str]) -> torch.Tensor:
     return ids
 
 
+def optimizer_and_schedule(record: RunRecord, params: list[Any], num_processes: int) -> tuple[Any, Any]:
+    """The run's optimizer over ``params`` and its learning-rate schedule (not yet prepared)."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = _select_optimizer(record)(
+        params,
+        lr=record.learning_rate,
+        betas=(record.adam_beta1, record.adam_beta2),
+        weight_decay=record.adam_weight_decay,
+        eps=record.adam_epsilon,
+    )
+    # The prepared scheduler steps once per process per optimizer step, hence the multiplication.
+    lr_scheduler = get_scheduler(
+        record.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=record.lr_warmup_steps * num_processes,
+        num_training_steps=record.max_train_steps * num_processes,
+    )
+    return optimizer, lr_scheduler
+
+
 def _select_optimizer(record: RunRecord) -> Any:
     import torch
 
@@ -381,7 +402,6 @@ def train(
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from trainer.loading import ModelLoadError
@@ -464,20 +484,7 @@ def train(
     # -- 2. Optimizer and learning-rate schedule ----------------------------------------------------
     trained = [unet, *text_encoders] if record.train_text_encoder else [unet]
     params_to_optimize = [p for model in trained for p in model.parameters() if p.requires_grad]
-    optimizer = _select_optimizer(record)(
-        params_to_optimize,
-        lr=record.learning_rate,
-        betas=(record.adam_beta1, record.adam_beta2),
-        weight_decay=record.adam_weight_decay,
-        eps=record.adam_epsilon,
-    )
-    # The prepared scheduler steps once per process per optimizer step, hence the multiplication.
-    lr_scheduler = get_scheduler(
-        record.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=record.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=record.max_train_steps * accelerator.num_processes,
-    )
+    optimizer, lr_scheduler = optimizer_and_schedule(record, params_to_optimize, accelerator.num_processes)
     *prepared, optimizer, lr_scheduler = accelerator.prepare(*trained, optimizer, lr_scheduler)
     trained_models: tuple[Any, ...] = tuple(prepared)
     unet = trained_models[0]

@@ -35,9 +35,9 @@ from trainer.train import (
     _enable_xformers,
     _load_part,
     _pixels,
-    _select_optimizer,
     add_lora_adapters,
     micro_batch,
+    optimizer_and_schedule,
     resume_state,
     training_loop,
 )
@@ -162,7 +162,6 @@ def train_flux(
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import (
         compute_density_for_timestep_sampling,
         compute_loss_weighting_for_sd3,
@@ -209,19 +208,7 @@ def train_flux(
 
     # -- 3. Optimizer, LR schedule, resume -------------------------------------------------------
     params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = _select_optimizer(record)(
-        params,
-        lr=record.learning_rate,
-        betas=(record.adam_beta1, record.adam_beta2),
-        weight_decay=record.adam_weight_decay,
-        eps=record.adam_epsilon,
-    )
-    lr_scheduler = get_scheduler(
-        record.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=record.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=record.max_train_steps * accelerator.num_processes,
-    )
+    optimizer, lr_scheduler = optimizer_and_schedule(record, params, accelerator.num_processes)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     save_adapters_only(accelerator)
     rng = TrainingRNG(record.seed + accelerator.process_index, device)
