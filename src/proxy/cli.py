@@ -112,7 +112,7 @@ def serve(
 
     import uvicorn
 
-    from .server import protocol_class
+    from .server import MAX_HEADER_BYTES, protocol_class
 
     uvicorn.run(
         "proxy.app:create_app",
@@ -130,7 +130,7 @@ def serve(
         http=protocol_class(),
         timeout_keep_alive=settings.keep_alive_timeout_s,
         limit_concurrency=settings.max_connections,
-        h11_max_incomplete_event_size=16 * 1024,  # request line and headers, with h11
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,  # the same bound with h11 as with httptools
     )
 
 

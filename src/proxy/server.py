@@ -28,8 +28,8 @@ __all__ = ["H11DeadlineProtocol", "HttpToolsDeadlineProtocol", "protocol_class"]
 logger = logging.getLogger("proxy.server")
 
 MAX_HEADER_BYTES = 64 * 1024
-"""Most bytes a connection may send before a request's headers are complete: h11 has a bound of
-its own (16 KiB), httptools none."""
+"""Most bytes a connection may send before a request's headers are complete (httptools has no
+bound of its own; `sdproxy serve` gives h11 this one)."""
 
 
 class _Deadlines(asyncio.Protocol):
