@@ -939,9 +939,12 @@ class SDClient:
         sent: float,
         route: Route,
     ) -> GeneratedImage:
-        headers = response.headers
         if not 200 <= response.status_code < 300:
             raise self._status_error(response)
+        # One pass over the answer's headers (last value wins) rather than a search per name.
+        headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1") for name, value in response.headers.raw
+        }
         compute = headers.get(Header.COMPUTE_TIME)
         try:
             compute_s = float(compute) if compute is not None else None

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import tenacity
-from tenacity.asyncio import AsyncRetrying
 
 from ._constants import (
     COLD_START_PROBE_INTERVAL,
@@ -220,12 +219,21 @@ async def call_with_retries(
     Raises:
         Exception: The last failure, once retries, the deadline or retryability run out.
     """
-    retrying = AsyncRetrying(
-        sleep=sleep or asyncio.sleep,
+    # tenacity's attempt loop, synchronous (its asyncio variant re-wraps every callback in a
+    # coroutine on every try); the sleep tenacity decides on is awaited here, before the next try.
+    sleeps: list[float] = []
+    retrying = tenacity.Retrying(
+        sleep=sleeps.append,
         retry=tenacity.retry_if_exception(lambda exc: is_retryable(exc, policy)),
         wait=_Wait(policy),
         stop=_Stop(policy.max_retries, deadline, clock),
         before_sleep=before_sleep,
         reraise=True,
     )
-    return await retrying(attempt)
+    pause = sleep or asyncio.sleep
+    for try_ in retrying:
+        if sleeps:
+            await pause(sleeps.pop())
+        with try_:
+            result = await attempt()
+    return result
