@@ -8,7 +8,8 @@ the rounding to the bucket's shape is cut off.
 
 The sizes are diffusers' ladder (``generate_aspect_ratio_buckets``: 1:1, 4:5, 2:3, 3:4, 9:16, 1:2
 and their landscape twins), each side a multiple of :data:`BUCKET_STEP`: 64 px for the UNets (SD's
-downsamples the latents three times, 8 x 8 = 64), 16 px for FLUX (the VAE's 8 x the 2 x 2 patches).
+downsamples its latents three times, 8 x 8 = 64 px; SDXL takes the same step, as kohya's scripts
+do by default), 16 px for FLUX (the VAE's 8 x the 2 x 2 patches).
 
 Sizes are ``(height, width)`` throughout, as diffusers and SDXL's time ids write them.
 """
