@@ -28,6 +28,7 @@ from trainer.config import (
     CKPT,
     INPUT,
     MAX_PHOTO_MEGAPIXELS,
+    Architecture,
     Concept,
     RunConfig,
     RunRecord,
@@ -253,7 +254,8 @@ def check(
         ),
     ] = None,
     base_model: Annotated[
-        str | None, typer.Option(help="Take the resolution from this model.", show_default=False)
+        str | None,
+        typer.Option(help="Take the resolution and the bucket default from this model.", show_default=False),
     ] = None,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="Run config file.", show_default=False)
@@ -266,42 +268,63 @@ def check(
             show_default=f"from --config, else {MAX_PHOTO_MEGAPIXELS:g}",
         ),
     ] = None,
+    aspect_buckets: Annotated[
+        bool | None,
+        typer.Option(
+            "--aspect-buckets/--no-aspect-buckets",
+            help="Show the aspect-ratio bucket each photo trains at.",
+            show_default="from --config, else on for SDXL and FLUX --base-model",
+        ),
+    ] = None,
 ) -> None:
     """Check photos before training: every unusable file is listed at once, with the fix."""
-    from trainer.photos import check_photos
+    from trainer.buckets import describe_counts, run_buckets
+    from trainer.photos import check_photos, crop_cut
 
     with _errors():
         data = load_config_file(config) if config else {}
         base = base_model or data.get("base_model")
         res = resolution or data.get("resolution")
-        if res is None and base:
+        choice = aspect_buckets if aspect_buckets is not None else data.get("aspect_buckets")
+        architecture: Architecture = "sd1"  # without a base model: a UNet's bucket step, buckets off
+        if base and (res is None or choice is not False):
             _quiet_libraries()
             from trainer.run import inspect_base_model
 
-            res = inspect_base_model(str(base)).resolution
+            info = inspect_base_model(str(base))
+            res, architecture = res or info.resolution, info.architecture
         res = int(res or 512)
+        buckets = run_buckets(architecture, res, choice)
         dirs = list(folders or [])
         if not dirs:
             dirs = [Path(c["instance_dir"]) for c in data.get("concepts", []) if isinstance(c, dict)]
         if not dirs:
             raise ConfigError("Give photo folders (sdtrain check photos/) or a --config with concepts.")
         limit = float(max_megapixels or data.get("max_photo_megapixels") or MAX_PHOTO_MEGAPIXELS)
-        checks = check_photos(dirs, resolution=res, max_megapixels=limit)
+        checks = check_photos(dirs, resolution=res, max_megapixels=limit, buckets=buckets)
+        in_buckets = " in aspect-ratio buckets" if buckets else ""
         for result in checks:
-            title = f"{shown(result.folder)} ({len(result.photos)} photos, {res} px training size)"
+            size = f"{res} px training size{in_buckets}"
+            title = f"{shown(result.folder)} ({len(result.photos)} photos, {size})"
             table = Table(title=title)
             table.add_column("photo")
             table.add_column("size", justify="right")
             table.add_column("format")
+            table.add_column("trains at", justify="right")
             table.add_column("notes")
             for photo in result.photos:
+                height, width = photo.target
+                side, cut = crop_cut(photo.geometry)
                 table.add_row(
                     shown(photo.path.name),
                     f"{photo.width}x{photo.height}",
                     photo.format,
+                    f"{width}x{height}" + (f", {cut:.0%} of {side} cut" if cut >= 0.005 else ""),
                     ", ".join(photo.notes),
                 )
             console.print(table)
+            if buckets and result.photos:
+                console.print(f"Buckets: {describe_counts(result.bucket_counts)}")
             for message in result.warnings:
                 warning(message)
         total = sum(len(c.photos) for c in checks)

@@ -218,6 +218,14 @@ class RunConfig(BaseModel):
         description="Training size in px.",
         json_schema_extra=_cli(TRAIN, show="from the model: 512 SD 1.5, 768 SD 2.1, 1024 SDXL"),
     )
+    aspect_buckets: bool | None = Field(
+        default=None,
+        description="Train each photo at the aspect-ratio bucket nearest its shape (about "
+        "resolution² pixels, cropped as little as possible) instead of a centre-cropped square.",
+        json_schema_extra=_cli(
+            TRAIN, "--aspect-buckets/--no-aspect-buckets", show="on for SDXL and FLUX, off for SD 1.x/2.x"
+        ),
+    )
     max_train_steps: int | None = Field(
         default=None,
         ge=1,
@@ -538,6 +546,7 @@ class RunRecord(RunConfig):
     prediction_type: PredictionType = "epsilon"
     architecture: Architecture = "sd1"
     num_instance_images: int = Field(default=0, ge=0)
+    aspect_buckets: bool = False  # decided: runs recorded before buckets existed trained on squares
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     sdtrain_version: str = ""
 
@@ -545,9 +554,9 @@ class RunRecord(RunConfig):
     @classmethod
     def _sd_defaults_when_undecided(cls, data: Any) -> Any:
         """Steps and guidance left undecided (``None``) take the SD defaults (FLUX runs decide them in
-        :func:`trainer.run.prepare_run`)."""
+        :func:`trainer.run.prepare_run`), and undecided buckets are off."""
         if isinstance(data, dict):
-            undecided = ("sample_steps", "sample_guidance_scale", "class_image_steps")
+            undecided = ("sample_steps", "sample_guidance_scale", "class_image_steps", "aspect_buckets")
             data = {k: v for k, v in data.items() if not (k in undecided and v is None)}
         return data
 
@@ -582,6 +591,8 @@ class RunRecord(RunConfig):
             keys += ("flux_guidance", "weighting_scheme", "logit_mean", "logit_std", "mode_scale")
         data = self.model_dump(mode="json")
         fingerprint = {k: data[k] for k in keys}
+        # Off is None, as in checkpoints saved before buckets existed (they trained on squares).
+        fingerprint["aspect_buckets"] = True if self.aspect_buckets else None
         fingerprint["concepts"] = [
             {"instance_prompt": c["instance_prompt"], "class_prompt": c["class_prompt"]}
             for c in data["concepts"]

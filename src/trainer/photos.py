@@ -9,9 +9,10 @@ Sizes are read from the file's header before any pixel is decoded: a photo over 
 size (a decompression bomb, or a 16-bit PNG of one colour) costs no memory. A large JPEG is decoded
 at a reduced scale (Pillow's ``draft``), never bigger than checking or training needs.
 Usable photos are normalised the same way for checking and for training: EXIF orientation applied,
-converted to RGB (transparency on white), then resized and centre-cropped with Pillow. Where a photo
-was cropped is kept (:class:`CropGeometry`): SDXL is conditioned on each photo's original size and
-crop corner.
+converted to RGB (transparency on white), then resized to cover the training size and centre-cropped
+with Pillow. The training size is a ``resolution`` square, or with aspect-ratio buckets the bucket
+nearest the photo's shape (:mod:`trainer.buckets`). Where a photo was cropped is kept
+(:class:`CropGeometry`): SDXL is conditioned on each photo's original size and crop corner.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from trainer._console import shown
+from trainer.buckets import Size, nearest_bucket
 from trainer.config import MAX_PHOTO_MEGAPIXELS
 from trainer.errors import PhotoError
 
@@ -39,6 +42,7 @@ __all__ = [
     "PhotoProblem",
     "check_photo_folder",
     "check_photos",
+    "crop_cut",
     "crop_geometry",
     "load_photo",
     "load_photo_with_geometry",
@@ -54,6 +58,8 @@ MAX_MEGAPIXELS = MAX_PHOTO_MEGAPIXELS
 _CHECK_DRAFT_SIZE = 512
 # Files that operating systems drop into folders; never photos, never worth an error.
 _IGNORED_NAMES = {"thumbs.db", "desktop.ini", "icon\r"}
+# A crop that cuts more than this share of a photo's height or width is warned about.
+_CROP_WARNING = 0.25
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class Photo:
         mode: Pillow's colour mode as stored (``RGB``, ``RGBA``, ``CMYK``, ``L``, ...).
         rotated: Whether an EXIF orientation tag turned it.
         digest: SHA-256 of the normalised RGB pixels (duplicates share it).
+        target: ``(height, width)`` it trains at: the ``resolution`` square, or its bucket.
     """
 
     path: Path
@@ -77,6 +84,12 @@ class Photo:
     mode: str
     rotated: bool
     digest: str
+    target: Size
+
+    @property
+    def geometry(self) -> CropGeometry:
+        """How training resizes and crops it to :attr:`target`."""
+        return crop_geometry(self.width, self.height, self.target)
 
     @property
     def notes(self) -> list[str]:
@@ -110,22 +123,39 @@ class PhotoCheck:
         photos: Usable photos, sorted by file name.
         problems: Unusable files (or the folder itself).
         duplicates: ``(duplicate, original)`` pairs of identical photos.
+        buckets: Whether the photos were given aspect-ratio buckets (else the square).
     """
 
     folder: Path
     photos: list[Photo] = field(default_factory=list)
     problems: list[PhotoProblem] = field(default_factory=list)
     duplicates: list[tuple[Path, Path]] = field(default_factory=list)
+    buckets: bool = False
 
     @property
     def warnings(self) -> list[str]:
-        """Human-readable warnings (duplicates), one per line."""
-        return [
+        """Human-readable warnings (duplicates, photos the training crop cuts a lot of), one per line."""
+        messages = [
             f"{shown(dup.name)} is the same picture as {shown(orig.name)} in {shown(self.folder)}: "
             "it will be seen twice as "
             "often; remove one copy unless that is intended."
             for dup, orig in self.duplicates
         ]
+        for photo in self.photos:
+            side, cut = crop_cut(photo.geometry)
+            if cut > _CROP_WARNING:
+                height, width = photo.target
+                hint = "" if self.buckets else ", or train in aspect-ratio buckets (--aspect-buckets)"
+                messages.append(
+                    f"{shown(photo.path.name)}: its {width}x{height} training crop cuts {cut:.0%} of "
+                    f"its {side}; keep the subject in the middle, crop the photo yourself{hint}."
+                )
+        return messages
+
+    @property
+    def bucket_counts(self) -> dict[Size, int]:
+        """How many photos train at each size (``(height, width)``), largest count first."""
+        return dict(Counter(photo.target for photo in self.photos).most_common())
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -160,7 +190,7 @@ class CropGeometry:
 
     Attributes:
         original_size: ``(height, width)`` of the upright photo before resizing.
-        resized_size: ``(height, width)`` after the shorter side was scaled to the resolution.
+        resized_size: ``(height, width)`` after it was scaled to cover the target size.
         crop_top_left: ``(top, left)`` of the crop, in the resized image's pixels.
         target_size: ``(height, width)`` of the training image.
     """
@@ -176,39 +206,65 @@ class CropGeometry:
         return (*self.original_size, *self.crop_top_left, *self.target_size)
 
 
-def crop_geometry(width: int, height: int, resolution: int) -> CropGeometry:
-    """Where :func:`prepare_image` resizes and crops a ``width`` x ``height`` image.
+def _size(target: int | Size) -> Size:
+    """``(height, width)`` of a training size given as a square's side or as ``(height, width)``."""
+    return (target, target) if isinstance(target, int) else target
+
+
+def crop_geometry(width: int, height: int, target: int | Size) -> CropGeometry:
+    """Where :func:`prepare_image` resizes and crops a ``width`` x ``height`` image to ``target``
+    (a square's side, or ``(height, width)``): scaled to cover it, then centre-cropped.
 
     >>> crop_geometry(80, 96, 64).time_ids
     (96, 80, 6, 0, 64, 64)
+    >>> crop_geometry(80, 96, (80, 48)).time_ids
+    (96, 80, 0, 9, 80, 48)
     """
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
-    return CropGeometry((height, width), (new_h, new_w), (top, left), (resolution, resolution))
+    target_h, target_w = _size(target)
+    scale = max(target_h / height, target_w / width)
+    new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
+    top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
+    return CropGeometry((height, width), (new_h, new_w), (top, left), (target_h, target_w))
 
 
-def prepare_image(image: Image.Image, resolution: int, geometry: CropGeometry | None = None) -> Image.Image:
-    """Resize the shorter side to ``resolution`` (Lanczos) and centre-crop to a square.
+def crop_cut(geometry: CropGeometry) -> tuple[str, float]:
+    """Which side of a photo its crop cuts (``"height"`` or ``"width"``) and what share of it.
+
+    >>> side, cut = crop_cut(crop_geometry(80, 96, 64))
+    >>> side, round(cut, 3)
+    ('height', 0.169)
+    """
+    (resized_h, resized_w), (target_h, target_w) = geometry.resized_size, geometry.target_size
+    cut_h, cut_w = 1 - target_h / resized_h, 1 - target_w / resized_w
+    return ("height", cut_h) if cut_h >= cut_w else ("width", cut_w)
+
+
+def prepare_image(
+    image: Image.Image, target: int | Size, geometry: CropGeometry | None = None
+) -> Image.Image:
+    """Resize to cover ``target`` (a square's side, or ``(height, width)``; Lanczos) and centre-crop
+    to it.
 
     The input should already be upright RGB (see :func:`to_rgb`, ``ImageOps.exif_transpose``);
     :func:`crop_geometry` says where the crop falls. ``geometry`` is the crop of the photo at its
     full size, for an image decoded at a reduced scale (``draft``): it lands on the same pixels.
     """
-    geometry = geometry or crop_geometry(*image.size, resolution)
+    geometry = geometry or crop_geometry(*image.size, target)
     new_h, new_w = geometry.resized_size
     if (new_w, new_h) != image.size:
         image = image.resize((new_w, new_h), Image.Resampling.LANCZOS)
     top, left = geometry.crop_top_left
-    return image.crop((left, top, left + resolution, top + resolution))
+    target_h, target_w = geometry.target_size
+    return image.crop((left, top, left + target_w, top + target_h))
 
 
 def load_photo_with_geometry(
-    path: Path, resolution: int, *, max_megapixels: float = MAX_MEGAPIXELS
+    path: Path, target: int | Size, *, max_megapixels: float = MAX_MEGAPIXELS
 ) -> tuple[Image.Image, CropGeometry]:
-    """Open a photo and return it upright, RGB, ``resolution`` x ``resolution``, and how it was cropped.
+    """Open a photo and return it upright, RGB, at ``target`` (a square's side, or ``(height, width)``),
+    and how it was cropped.
 
-    A large JPEG is decoded at the smallest scale that still covers ``resolution``; the crop is
+    A large JPEG is decoded at the smallest scale that still covers the resized photo; the crop is
     the one of the photo at full size.
 
     Raises:
@@ -219,13 +275,16 @@ def load_photo_with_geometry(
             problem = _too_large(path, im, max_megapixels)
             if problem is None:
                 stored_size = im.size  # before draft shrinks it
+                orientation = _orientation(im)
+                geometry = crop_geometry(*_upright_size(stored_size, orientation), target)
                 if im.format == "JPEG":
-                    # The smallest scale whose shorter side still covers the resolution.
-                    im.draft(im.mode, (resolution, resolution))
+                    # The smallest scale that still covers the target (sides in stored orientation);
+                    # the photo's shape then covers its resized size too.
+                    target_h, target_w = geometry.target_size
+                    im.draft(im.mode, _upright_size((target_w, target_h), orientation))
                 im.load()
-                geometry = crop_geometry(*_upright_size(stored_size, _orientation(im)), resolution)
                 upright = to_rgb(ImageOps.exif_transpose(im))
-                return prepare_image(upright, resolution, geometry), geometry
+                return prepare_image(upright, target, geometry), geometry
     except Image.DecompressionBombError as exc:
         problem = _bomb_problem(path, exc, max_megapixels)
     except (OSError, SyntaxError, ValueError) as exc:
@@ -307,7 +366,9 @@ def _upright(image: Image.Image, orientation: int | None) -> Image.Image:
     return image if method is None else image.transpose(method)
 
 
-def _check_file(path: Path, resolution: int, max_megapixels: float) -> Photo | PhotoProblem:
+def _check_file(
+    path: Path, resolution: int, max_megapixels: float, buckets: Sequence[Size] | None
+) -> Photo | PhotoProblem:
     try:
         with _open(path) as im:
             fmt = im.format or "unknown"
@@ -347,7 +408,8 @@ def _check_file(path: Path, resolution: int, max_megapixels: float) -> Photo | P
             f"use a photo at least {resolution} px on its shorter side, or train at a lower --resolution",
         )
     digest = hashlib.sha256(f"{width}x{height}".encode() + rgb.tobytes()).hexdigest()
-    return Photo(path, width, height, fmt, mode, rotated, digest)
+    target = nearest_bucket(width, height, buckets) if buckets else (resolution, resolution)
+    return Photo(path, width, height, fmt, mode, rotated, digest, target)
 
 
 def _orientation(image: Image.Image) -> int | None:
@@ -367,7 +429,11 @@ def _candidates(folder: Path) -> list[Path]:
 
 
 def check_photo_folder(
-    folder: Path, *, resolution: int, max_megapixels: float = MAX_MEGAPIXELS
+    folder: Path,
+    *,
+    resolution: int,
+    max_megapixels: float = MAX_MEGAPIXELS,
+    buckets: Sequence[Size] | None = None,
 ) -> PhotoCheck:
     """Check every file in ``folder`` (not recursive; hidden files are skipped). Never raises.
 
@@ -375,11 +441,13 @@ def check_photo_folder(
         folder: The photo folder.
         resolution: The training resolution: photos must be at least this big on their shorter side.
         max_megapixels: Photos with more pixels are refused (from their header, undecoded).
+        buckets: The run's aspect-ratio buckets (see :func:`trainer.buckets.bucket_sizes`): each
+            photo's ``target`` is the one nearest its shape. ``None``: the ``resolution`` square.
 
     Returns:
         The usable photos, the problems and the duplicates.
     """
-    result = PhotoCheck(folder)
+    result = PhotoCheck(folder, buckets=bool(buckets))
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         problem = PhotoProblem(folder, f"the photo folder {shown(folder)} {what}", "check the path")
@@ -395,7 +463,7 @@ def check_photo_folder(
         return result
     seen: dict[str, Path] = {}
     for path in files:
-        checked = _check_file(path, resolution, max_megapixels)
+        checked = _check_file(path, resolution, max_megapixels, buckets)
         if isinstance(checked, PhotoProblem):
             result.problems.append(checked)
             continue
@@ -418,7 +486,11 @@ def _message(problems: Sequence[PhotoProblem], *, total: int, folder: Path | Non
 
 
 def check_photos(
-    folders: Iterable[Path], *, resolution: int, max_megapixels: float = MAX_MEGAPIXELS
+    folders: Iterable[Path],
+    *,
+    resolution: int,
+    max_megapixels: float = MAX_MEGAPIXELS,
+    buckets: Sequence[Size] | None = None,
 ) -> list[PhotoCheck]:
     """Check several photo folders and raise one error listing every problem in all of them.
 
@@ -426,6 +498,7 @@ def check_photos(
         folders: The instance folders of a run (one per concept).
         resolution: The training resolution.
         max_megapixels: Photos with more pixels are refused (from their header, undecoded).
+        buckets: The aspect-ratio buckets the photos go to (``None``: the square).
 
     Returns:
         One :class:`PhotoCheck` per folder, every photo usable (duplicates only warned about).
@@ -434,7 +507,8 @@ def check_photos(
         PhotoError: at least one file or folder cannot be used; the message lists them all.
     """
     checks = [
-        check_photo_folder(Path(f), resolution=resolution, max_megapixels=max_megapixels) for f in folders
+        check_photo_folder(Path(f), resolution=resolution, max_megapixels=max_megapixels, buckets=buckets)
+        for f in folders
     ]
     problems = [p for c in checks for p in c.problems]
     if problems:

@@ -13,11 +13,13 @@ process writes ``run.json``, generates class images, samples, exports and publis
 from __future__ import annotations
 
 import gc
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from trainer._console import console, warning
+from trainer.buckets import describe_counts, run_buckets
 from trainer.config import (
     FLUX_ATTENTION_EXTRA,
     FLUX_GUIDANCE_SCALE,
@@ -285,15 +287,20 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
             f"FLUX trains at multiples of 16 px (latents are packed 2 x 2): use --resolution "
             f"{resolution - resolution % 16}."
         )
+    buckets = run_buckets(info.architecture, resolution, config.aspect_buckets)
     concepts = config.resolved_concepts()
     checks = check_photos(
         [c.instance_dir for c in concepts],
         resolution=resolution,
         max_megapixels=config.max_photo_megapixels,
+        buckets=buckets,
     )
     for check in checks:
         for message in check.warnings:
             warning(message)
+    if buckets is not None:
+        counts = Counter(photo.target for check in checks for photo in check.photos)
+        console.print(f"Aspect-ratio buckets: {describe_counts(dict(counts.most_common()))}")
     num_photos = sum(len(c.photos) for c in checks)
     max_steps = config.max_train_steps or default_max_train_steps(num_photos)
     if max_steps > STEPS_WARNING_THRESHOLD:
@@ -317,6 +324,7 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
         ),
         concepts=[c.model_dump() for c in concepts],
         resolution=resolution,
+        aspect_buckets=buckets is not None,
         max_train_steps=max_steps,
         mixed_precision=resolve_mixed_precision(config.mixed_precision),
         sample_prompt=config.sample_prompt or concepts[0].instance_prompt,
@@ -367,7 +375,9 @@ def make_class_images(record: RunRecord) -> list[ClassImagesResult]:
 def training_data(record: RunRecord, checks: list[PhotoCheck]) -> TrainingData:
     """The instance photos and class images of every concept, as the training loop takes them.
 
-    Class images are checked like photos (a damaged cached image is reported, not trained on).
+    Each photo trains at the size its check gave it (its bucket, or the square); class images are
+    cropped to the size of the photos they are batched with. Class images are checked like photos
+    (a damaged cached image is reported, not trained on).
 
     Raises:
         PhotoError: a class image is unusable.
@@ -376,6 +386,7 @@ def training_data(record: RunRecord, checks: list[PhotoCheck]) -> TrainingData:
     from trainer.train import TrainingData
 
     instance = [(photo.path, i) for i, check in enumerate(checks) for photo in check.photos]
+    sizes = [photo.target for check in checks for photo in check.photos]
     class_images: list[list[Path]] = []
     for concept in record.concepts:
         if record.with_prior_preservation and concept.class_dir is not None:
@@ -388,7 +399,7 @@ def training_data(record: RunRecord, checks: list[PhotoCheck]) -> TrainingData:
             class_images.append([p.path for p in check.photos if p.path in wanted])
         else:
             class_images.append([])
-    return TrainingData(instance=instance, class_images=class_images)
+    return TrainingData(instance=instance, class_images=class_images, sizes=sizes)
 
 
 def _check_publish_token(record: RunRecord) -> None:

@@ -5,7 +5,8 @@ The loop is written out step by step, in the manner of diffusers' ``train_dreamb
 1. load the base model's parts; freeze the VAE (and the text encoder unless it is trained);
 2. optionally encode every photo to latents and every prompt to embeddings once (``cache_latents``,
    frozen text encoder): each step then only runs the UNet;
-3. each step: pick a batch (the order is a pure function of the seed and the step number), add noise
+3. each step: pick a batch (the order is a pure function of the seed and the step number; with
+   aspect-ratio buckets every batch holds photos of one bucket, see :func:`batch_positions`), add noise
    at random timesteps, predict it, and compare with the target the scheduler's ``prediction_type``
    asks for (the noise for epsilon models such as SD 1.5, the velocity for v-prediction models such
    as SD 2.1 768); with prior preservation the loss is instance MSE + ``prior_loss_weight`` x class MSE;
@@ -35,15 +36,16 @@ import math
 import shutil
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from trainer._console import StepProgress, console
 from trainer._fs import disk_errors, publish_dir, remove_stale_temp, temp_sibling
+from trainer.buckets import Size
 from trainer.checkpoints import (
     CHECKPOINT_PREFIX,
     StopSignal,
@@ -65,15 +67,20 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "ImageKey",
+    "MicroBatch",
     "TrainResult",
     "TrainingData",
     "add_lora_adapters",
     "batch_positions",
     "dreambooth_loss",
     "encode_prompt",
+    "micro_batch",
     "preflight",
     "train",
+    "training_images",
     "training_target",
+    "vae_posteriors",
 ]
 
 _LATENT_BATCH = 8  # photos encoded per VAE call when caching latents
@@ -86,10 +93,35 @@ class TrainingData:
     Attributes:
         instance: ``(photo, concept index)`` for every instance photo of every concept.
         class_images: Per concept, its class images (empty without prior preservation).
+        sizes: ``(height, width)`` each instance photo trains at (its aspect-ratio bucket), in the
+            order of ``instance``; empty: every photo at the run's ``resolution`` square.
     """
 
     instance: list[tuple[Path, int]]
     class_images: list[list[Path]]
+    sizes: list[Size] = field(default_factory=list)
+
+    def size_of(self, example: int, resolution: int) -> Size:
+        """The size instance photo ``example`` trains at."""
+        return self.sizes[example] if self.sizes else (resolution, resolution)
+
+
+ImageKey = tuple[Path, Size]
+"""An image at one training size: latents and crops are kept per ``(path, (height, width))``."""
+
+
+class MicroBatch(NamedTuple):
+    """The images of one micro-step: instance photos first, then their class images (with prior
+    preservation), all at one size."""
+
+    paths: list[Path]
+    prompts: list[str]
+    size: Size
+
+    @property
+    def keys(self) -> list[ImageKey]:
+        """Each image with the batch's size."""
+        return [(path, self.size) for path in self.paths]
 
 
 @dataclass
@@ -172,19 +204,39 @@ def batch_positions(
     batch_size: int,
     num_processes: int = 1,
     process_index: int = 0,
+    buckets: Sequence[Hashable] | None = None,
 ) -> list[tuple[int, int, int]]:
     """Which examples a process trains on at a given micro-step: ``(epoch, position, example)``.
 
-    Every epoch visits the examples in a fresh order drawn from ``(seed, epoch)``; the batches of all
-    processes tile that order (the last batch of an epoch wraps around to its start). The result
-    depends on nothing else, so a resumed run sees exactly the batches the interrupted one would have.
+    Every epoch visits the examples in a fresh order drawn from ``(seed, epoch)``; ``position`` is an
+    example's place in it. ``buckets`` (one key per example, e.g. its training size) splits that
+    order by bucket, keeping it within each bucket; the batches of all processes together (the
+    global batch) tile each bucket's part, its last batch wrapping around to its start, so every
+    global batch holds examples of one bucket only. The batches run in the order of their first
+    example's position. Without buckets (or with one) this is the whole order tiled in turn.
+
+    The result depends on nothing else, so a resumed run sees exactly the batches the interrupted
+    one would have.
     """
     global_batch = batch_size * num_processes
-    steps_per_epoch = math.ceil(num_examples / global_batch)
+    keys: Sequence[Hashable] = buckets if buckets is not None else [0] * num_examples
+    counts: dict[Hashable, int] = {}
+    for key in keys:
+        counts[key] = counts.get(key, 0) + 1
+    steps_per_epoch = sum(math.ceil(n / global_batch) for n in counts.values())
     epoch, slot = divmod(micro_step, steps_per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-    start = slot * global_batch + process_index * batch_size
-    positions = [(start + j) % num_examples for j in range(batch_size)]
+    # The positions of each bucket's examples, in the epoch's order.
+    groups: dict[Hashable, list[int]] = {}
+    for pos, example in enumerate(order):
+        groups.setdefault(keys[int(example)], []).append(pos)
+    batches = [
+        [members[(start + j) % len(members)] for j in range(global_batch)]
+        for members in groups.values()
+        for start in range(0, len(members), global_batch)
+    ]
+    batches.sort(key=lambda batch: batch[0])
+    positions = batches[slot][process_index * batch_size : (process_index + 1) * batch_size]
     return [(epoch, pos, int(order[pos])) for pos in positions]
 
 
@@ -231,16 +283,60 @@ def preflight(record: RunRecord) -> None:
 
 
 def _pixels(
-    paths: Sequence[Path], resolution: int, max_megapixels: float
+    paths: Sequence[Path], size: Size, max_megapixels: float
 ) -> tuple[torch.Tensor, list[CropGeometry]]:
-    """Photos as a float tensor in [-1, 1], shape (n, 3, resolution, resolution), and how each was
-    resized and cropped."""
+    """Photos as a float tensor in [-1, 1], shape (n, 3, height, width) for ``size`` ``(height,
+    width)``, and how each was resized and cropped."""
     import torch
 
-    loaded = [load_photo_with_geometry(p, resolution, max_megapixels=max_megapixels) for p in paths]
+    loaded = [load_photo_with_geometry(p, size, max_megapixels=max_megapixels) for p in paths]
     arrays = [np.asarray(image, dtype=np.float32) for image, _ in loaded]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return batch / 127.5 - 1.0, [geometry for _, geometry in loaded]
+
+
+def training_images(data: TrainingData, resolution: int) -> list[ImageKey]:
+    """Every image a run may train on, at every size it may train at (what latent caching encodes).
+
+    Each instance photo at its own size; each class image at every size of its concept's photos
+    (class images join the batches of those photos, cropped to their size).
+    """
+    keys: dict[ImageKey, None] = {}
+    for example, (path, _) in enumerate(data.instance):
+        keys[(path, data.size_of(example, resolution))] = None
+    for concept, images in enumerate(data.class_images):
+        sizes = {data.size_of(i, resolution): None for i, (_, c) in enumerate(data.instance) if c == concept}
+        for path in images:
+            for size in sizes:
+                keys[(path, size)] = None
+    return list(keys)
+
+
+def vae_posteriors(
+    vae: Any,
+    keys: Sequence[ImageKey],
+    *,
+    max_megapixels: float,
+    device: Any,
+    dtype: torch.dtype,
+    per_call: int = _LATENT_BATCH,
+) -> dict[ImageKey, tuple[torch.Tensor, torch.Tensor, CropGeometry]]:
+    """The VAE posterior ``(mean, std)`` of each image at its size, and how it was cropped.
+
+    Images of one size are encoded together, ``per_call`` per VAE call.
+    """
+    by_size: dict[Size, list[Path]] = {}
+    for path, size in dict.fromkeys(keys):
+        by_size.setdefault(size, []).append(path)
+    out: dict[ImageKey, tuple[torch.Tensor, torch.Tensor, CropGeometry]] = {}
+    for size, paths in by_size.items():
+        for i in range(0, len(paths), per_call):
+            chunk = paths[i : i + per_call]
+            pixels, geometry = _pixels(chunk, size, max_megapixels)
+            dist = vae.encode(pixels.to(device, dtype=dtype)).latent_dist
+            for j, path in enumerate(chunk):
+                out[(path, size)] = (dist.mean[j], dist.std[j], geometry[j])
+    return out
 
 
 def encode_prompt(
@@ -507,19 +603,19 @@ def train(
             for p in prompts:
                 cached_embeddings[p] = encode_prompt(text_encoders, token_ids[p])
 
-    all_images = [path for path, _ in data.instance] + [p for images in data.class_images for p in images]
-    latent_cache: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
-    geometries: dict[Path, CropGeometry] = {}  # how each photo was resized and cropped (SDXL's time ids)
+    # Keyed by image and training size: a class image may join batches of several buckets.
+    latent_cache: dict[ImageKey, tuple[torch.Tensor, torch.Tensor, CropGeometry]] = {}
+    geometries: dict[ImageKey, CropGeometry] = {}  # how each image was resized and cropped (time ids)
     if record.cache_latents and global_step < record.max_train_steps:
         with torch.no_grad():
-            unique = list(dict.fromkeys(all_images))
-            for i in range(0, len(unique), _LATENT_BATCH):
-                chunk = unique[i : i + _LATENT_BATCH]
-                pixels, chunk_geometry = _pixels(chunk, record.resolution, record.max_photo_megapixels)
-                dist = vae.encode(pixels.to(device, dtype=vae_dtype)).latent_dist
-                for j, path in enumerate(chunk):
-                    latent_cache[path] = (dist.mean[j], dist.std[j])
-                    geometries[path] = chunk_geometry[j]
+            latent_cache = vae_posteriors(
+                vae,
+                training_images(data, record.resolution),
+                max_megapixels=record.max_photo_megapixels,
+                device=device,
+                dtype=vae_dtype,
+            )
+        geometries.update((key, geometry) for key, (_, _, geometry) in latent_cache.items())
     if record.cache_latents and not record.train_text_encoder:
         # Nothing else needs the encoders: give their memory back to the UNet.
         for text_encoder in text_encoders:
@@ -531,17 +627,22 @@ def train(
 
     scaling_factor = float(vae.config.scaling_factor)
 
-    def encode_latents(paths: list[Path]) -> torch.Tensor:
-        """Sample latents of the photos from the VAE's posterior (cached mean/std, or the VAE now)."""
-        if latent_cache:
-            mean = torch.stack([latent_cache[p][0] for p in paths])
-            std = torch.stack([latent_cache[p][1] for p in paths])
-        else:
+    def encode_latents(keys: list[ImageKey]) -> torch.Tensor:
+        """Sample latents of the images from the VAE's posterior (cached mean/std, or the VAE now)."""
+        posteriors = latent_cache
+        if not posteriors:
             with torch.no_grad():
-                pixels, batch_geometry = _pixels(paths, record.resolution, record.max_photo_megapixels)
-                dist = vae.encode(pixels.to(device, dtype=vae_dtype)).latent_dist
-            geometries.update(zip(paths, batch_geometry, strict=True))
-            mean, std = dist.mean, dist.std
+                posteriors = vae_posteriors(
+                    vae,
+                    keys,
+                    max_megapixels=record.max_photo_megapixels,
+                    device=device,
+                    dtype=vae_dtype,
+                    per_call=len(keys),
+                )
+            geometries.update((key, geometry) for key, (_, _, geometry) in posteriors.items())
+        mean = torch.stack([posteriors[k][0] for k in keys])
+        std = torch.stack([posteriors[k][1] for k in keys])
         sample = mean + std * torch.randn(
             mean.shape, generator=rng.generator, device=device, dtype=mean.dtype
         )
@@ -556,15 +657,15 @@ def train(
         ids = [torch.cat([token_ids[p][k] for p in batch_prompts]) for k in range(len(tokenizers))]
         return encode_prompt(text_encoders, ids)
 
-    def time_ids(paths: list[Path]) -> torch.Tensor:
+    def time_ids(keys: list[ImageKey]) -> torch.Tensor:
         """SDXL's size and crop conditioning of each image: (orig h, orig w, top, left, h, w)."""
-        return torch.tensor([geometries[p].time_ids for p in paths], device=device, dtype=torch.float32)
+        return torch.tensor([geometries[k].time_ids for k in keys], device=device, dtype=torch.float32)
 
     def unet_loss(micro_step: int) -> torch.Tensor:
         """One micro-step of the SD/SDXL objective: noise the latents, predict, compare."""
-        paths, batch_prompts = micro_batch(record, data, micro_step, accelerator)
+        batch = micro_batch(record, data, micro_step, accelerator)
         # Latents of the photos (VAE posterior sample, scaled as the UNet expects).
-        model_input = encode_latents(paths)
+        model_input = encode_latents(batch.keys)
         # Sample the noise to add; an offset shifts whole channels (darker/brighter images).
         noise = torch.randn(
             model_input.shape, generator=rng.generator, device=device, dtype=model_input.dtype
@@ -588,8 +689,8 @@ def train(
         # Add noise to the latents according to the noise magnitude at each timestep.
         noisy_model_input = noise_scheduler.add_noise(model_input, noise, timesteps)
         # The text conditioning (SDXL: plus the pooled embedding and the size/crop ids).
-        encoder_hidden_states, pooled = encode_prompts(batch_prompts)
-        added_cond = {"text_embeds": pooled, "time_ids": time_ids(paths)} if sdxl else None
+        encoder_hidden_states, pooled = encode_prompts(batch.prompts)
+        added_cond = {"text_embeds": pooled, "time_ids": time_ids(batch.keys)} if sdxl else None
         # Predict the noise (or velocity) residual.
         model_pred = unet(
             noisy_model_input,
@@ -653,11 +754,14 @@ def train(
     )
 
 
-def micro_batch(
-    record: RunRecord, data: TrainingData, micro_step: int, accelerator: Any
-) -> tuple[list[Path], list[str]]:
-    """The photos and prompts of a micro-step: instance examples first, then their class images."""
+def micro_batch(record: RunRecord, data: TrainingData, micro_step: int, accelerator: Any) -> MicroBatch:
+    """The photos and prompts of a micro-step: instance examples first, then their class images.
+
+    All are at one size: the photos share a bucket (see :func:`batch_positions`) and the class
+    images are cropped to it.
+    """
     num_instances = len(data.instance)
+    sizes = [data.size_of(i, record.resolution) for i in range(num_instances)]
     picks = batch_positions(
         micro_step,
         seed=record.seed,
@@ -665,6 +769,7 @@ def micro_batch(
         batch_size=record.train_batch_size,
         num_processes=accelerator.num_processes,
         process_index=accelerator.process_index,
+        buckets=sizes,
     )
     paths, batch_prompts = [], []
     for _, _, example in picks:
@@ -678,7 +783,7 @@ def micro_batch(
             # Walk through the class images across epochs so every one of them gets used.
             paths.append(images[(epoch * num_instances + pos) % len(images)])
             batch_prompts.append(record.concepts[concept].class_prompt or "")
-    return paths, batch_prompts
+    return MicroBatch(paths, batch_prompts, sizes[picks[0][2]])
 
 
 def resume_state(
@@ -743,13 +848,14 @@ def training_loop(
     micro_step = global_step * record.gradient_accumulation_steps
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    buckets = " in aspect-ratio buckets" if record.aspect_buckets else ""
     with (
         StopSignal() as stop,  # from here on SIGINT/SIGTERM mean "checkpoint, then stop"
         StepProgress("Training", record.max_train_steps, completed=global_step) as bar,
     ):
         console.print(
             f"Training {record.max_train_steps} steps on {num_instances} photo(s) at {record.resolution} "
-            f"px ({accelerator.device}, mixed precision: {record.mixed_precision}, batch "
+            f"px{buckets} ({accelerator.device}, mixed precision: {record.mixed_precision}, batch "
             f"{record.train_batch_size} x {accelerator.num_processes} process(es) x "
             f"{record.gradient_accumulation_steps} accumulation)"
         )

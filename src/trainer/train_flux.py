@@ -6,8 +6,8 @@ diffusers' ``train_dreambooth_lora_flux.py``:
 
 1. every prompt is encoded once with FluxPipeline's own ``encode_prompt`` (CLIP's pooled output and
    T5's hidden states, the very embeddings sampling uses); then both text encoders are freed;
-2. every photo is encoded once by the 16-channel VAE (its posterior mean and std are cached); the
-   latents are ``(sample - shift_factor) * scaling_factor``;
+2. every photo is encoded once by the 16-channel VAE at its training size (its aspect-ratio bucket;
+   its posterior mean and std are cached); the latents are ``(sample - shift_factor) * scaling_factor``;
 3. each step draws a noise level ``sigma`` per image (uniformly, or from ``weighting_scheme``), mixes
    ``noisy = (1 - sigma) * latents + sigma * noise`` and trains the transformer's LoRA to predict the
    flow ``noise - latents`` from the packed 2 x 2 latent patches, the prompt embeddings and the
@@ -20,7 +20,6 @@ Only LoRA on the transformer is trained (see :func:`trainer.run.prepare_run`).
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from trainer._console import console
@@ -29,17 +28,18 @@ from trainer.checkpoints import TrainingRNG, save_adapters_only, unwrap
 from trainer.config import RunRecord
 from trainer.lora_files import LORA_DIR, save_lora_weights
 from trainer.train import (
-    _LATENT_BATCH,
+    ImageKey,
     TrainingData,
     TrainResult,
     _enable_xformers,
     _load_part,
-    _pixels,
     add_lora_adapters,
     micro_batch,
     optimizer_and_schedule,
     resume_state,
+    training_images,
     training_loop,
+    vae_posteriors,
 )
 
 if TYPE_CHECKING:
@@ -215,31 +215,36 @@ def train_flux(
     resume_from, global_step = resume_state(accelerator, record, resume, rng)
 
     # -- 4. Latents: the VAE posterior of every photo, once (or per step without --cache-latents) ---
-    all_images = [path for path, _ in data.instance] + [p for images in data.class_images for p in images]
-    latent_cache: dict[Path, tuple[torch.Tensor, torch.Tensor]] = {}
+    # Keyed by image and training size: a class image may join batches of several buckets.
+    latent_cache: dict[ImageKey, tuple[torch.Tensor, torch.Tensor, Any]] = {}
     if record.cache_latents and global_step < record.max_train_steps:
         with torch.no_grad():
-            unique = list(dict.fromkeys(all_images))
-            for i in range(0, len(unique), _LATENT_BATCH):
-                chunk = unique[i : i + _LATENT_BATCH]
-                pixels, _ = _pixels(chunk, record.resolution, record.max_photo_megapixels)
-                dist = vae.encode(pixels.to(device, dtype=weight_dtype)).latent_dist
-                for j, path in enumerate(chunk):
-                    latent_cache[path] = (dist.mean[j], dist.std[j])
+            latent_cache = vae_posteriors(
+                vae,
+                training_images(data, record.resolution),
+                max_megapixels=record.max_photo_megapixels,
+                device=device,
+                dtype=weight_dtype,
+            )
     if record.cache_latents:
         vae.to("cpu")
         _free_memory()
 
-    def encode_latents(paths: list[Path]) -> torch.Tensor:
-        """A posterior sample of each photo's latents, shifted and scaled as the transformer expects."""
-        if latent_cache:
-            mean = torch.stack([latent_cache[p][0] for p in paths])
-            std = torch.stack([latent_cache[p][1] for p in paths])
-        else:
+    def encode_latents(keys: list[ImageKey]) -> torch.Tensor:
+        """A posterior sample of each image's latents, shifted and scaled as the transformer expects."""
+        posteriors = latent_cache
+        if not posteriors:
             with torch.no_grad():
-                pixels, _ = _pixels(paths, record.resolution, record.max_photo_megapixels)
-                dist = vae.encode(pixels.to(device, dtype=weight_dtype)).latent_dist
-            mean, std = dist.mean, dist.std
+                posteriors = vae_posteriors(
+                    vae,
+                    keys,
+                    max_megapixels=record.max_photo_megapixels,
+                    device=device,
+                    dtype=weight_dtype,
+                    per_call=len(keys),
+                )
+        mean = torch.stack([posteriors[k][0] for k in keys])
+        std = torch.stack([posteriors[k][1] for k in keys])
         sample = mean + std * torch.randn(
             mean.shape, generator=rng.generator, device=device, dtype=mean.dtype
         )
@@ -247,8 +252,8 @@ def train_flux(
 
     def flux_step_loss(micro_step: int) -> torch.Tensor:
         """One micro-step of flow matching: noise the latents to a random sigma, predict the flow."""
-        paths, batch_prompts = micro_batch(record, data, micro_step, accelerator)
-        model_input = encode_latents(paths)
+        batch = micro_batch(record, data, micro_step, accelerator)
+        model_input = encode_latents(batch.keys)
         bsz, channels, height, width = model_input.shape
         noise = torch.randn(
             model_input.shape, generator=rng.generator, device=device, dtype=model_input.dtype
@@ -268,8 +273,8 @@ def train_flux(
         # The transformer sees 2 x 2 latent patches as tokens, each with its (row, column) id.
         packed = pipeline_cls._pack_latents(noisy, bsz, channels, height, width)
         img_ids = pipeline_cls._prepare_latent_image_ids(bsz, height // 2, width // 2, device, weight_dtype)
-        prompt_embeds = torch.cat([embeddings[p][0] for p in batch_prompts])
-        pooled = torch.cat([embeddings[p][1] for p in batch_prompts])
+        prompt_embeds = torch.cat([embeddings[p][0] for p in batch.prompts])
+        pooled = torch.cat([embeddings[p][1] for p in batch.prompts])
         txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=weight_dtype)
         guidance = (
             torch.full((bsz,), record.flux_guidance, device=device, dtype=torch.float32)

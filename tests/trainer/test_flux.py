@@ -235,3 +235,104 @@ def test_publishing_a_flux_run(flux_run: Path, tmp_path: Path, monkeypatch: pyte
     output = " ".join(result.output.split())
     assert "FLUX.1-dev's license is non-commercial" in output
     assert "No Hugging Face token found" in output
+
+
+# -- aspect-ratio buckets ----------------------------------------------------------------------------
+
+
+def _tall_and_wide(folder: Path) -> Path:
+    """One tall (64x110) and one wide (110x64) photo: FLUX's 64 px buckets 48x80 and 80x48."""
+    make_photos(folder, 1, size=(64, 110))
+    (wide,) = make_photos(folder.parent / f"{folder.name}-wide", 1, size=(110, 64), seed=1)
+    wide.rename(folder / "wide.jpg")
+    return folder
+
+
+class TransformerCalls:
+    """Records what the transformer is given while it trains: the packed latents and their ids."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from diffusers import FluxTransformer2DModel
+
+        original = FluxTransformer2DModel.forward
+        calls = self.calls
+
+        def forward(model: Any, *args: Any, **kwargs: Any) -> Any:
+            ids = kwargs["img_ids"]
+            calls.append(
+                {
+                    "packed": tuple(kwargs["hidden_states"].shape),
+                    "rows": int(ids[:, 1].max()) + 1,
+                    "columns": int(ids[:, 2].max()) + 1,
+                }
+            )
+            return original(model, *args, **kwargs)
+
+        monkeypatch.setattr(FluxTransformer2DModel, "forward", forward)
+
+
+def _bucket_args(base: Path, photos: Path, out: Path, steps: int) -> list[str]:
+    args = flux_args(base, photos, out, "--train-batch-size", "2", "--checkpointing-steps", "2")
+    args[args.index("--max-train-steps") + 1] = str(steps)
+    return args
+
+
+@pytest.fixture(scope="module")
+def flux_bucket_run(tiny_flux: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``sdtrain train`` on a tall and a wide photo, batches of 2, buckets on (FLUX's default)."""
+    tmp = tmp_path_factory.mktemp("flux-buckets")
+    photos = _tall_and_wide(tmp / "photos")
+    calls = TransformerCalls()
+    with pytest.MonkeyPatch.context() as mp:
+        calls.install(mp)
+        result = CliRunner().invoke(app, ["train", *_bucket_args(tiny_flux, photos, tmp / "run", STEPS)])
+    assert result.exit_code == 0, result.output
+    return {"path": tmp / "run", "output": result.output, "calls": calls.calls, "photos": photos}
+
+
+@pytest.mark.slow
+def test_a_flux_run_trains_each_photo_in_its_bucket(flux_bucket_run: dict[str, Any], tiny_flux: Path) -> None:
+    record = json.loads((flux_bucket_run["path"] / "run.json").read_text(encoding="utf-8"))
+    assert record["aspect_buckets"] is True and record["train_batch_size"] == 2
+    output = " ".join(flux_bucket_run["output"].split())
+    assert "Aspect-ratio buckets: 1 photo at 48x80, 1 photo at 80x48 (width x height)" in output
+    assert "at 64 px in aspect-ratio buckets" in output
+    vae = json.loads((tiny_flux / "vae" / "config.json").read_text(encoding="utf-8"))
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)  # the tiny VAE's: 2 (FLUX.1-dev's: 8)
+    # 2 x 2 latent patches of each bucket, as (rows, columns): tall 80 x 48 px, wide 48 x 80 px.
+    tall, wide = (80 // scale // 2, 48 // scale // 2), (48 // scale // 2, 80 // scale // 2)
+    calls = flux_bucket_run["calls"]
+    assert len(calls) == STEPS
+    shapes = [(call["rows"], call["columns"]) for call in calls]
+    assert set(shapes) == {tall, wide}  # each epoch: one batch of each bucket
+    for call, (rows, columns) in zip(calls, shapes, strict=True):
+        batch, tokens, channels = call["packed"]
+        assert batch == 2 and tokens == rows * columns and channels == 64  # 16 latent channels x 2 x 2
+    assert (flux_bucket_run["path"] / ADAPTER).is_file()
+
+
+@pytest.mark.slow
+def test_a_resumed_flux_bucket_run_ends_with_the_uninterrupted_adapter(
+    flux_bucket_run: dict[str, Any], tiny_flux: Path, tmp_path: Path
+) -> None:
+    out, photos = tmp_path / "run", flux_bucket_run["photos"]
+    first = CliRunner().invoke(app, ["train", *_bucket_args(tiny_flux, photos, out, 3)])  # checkpoint at 2
+    assert first.exit_code == 0, first.output
+    resumed = CliRunner().invoke(
+        app, ["train", *_bucket_args(tiny_flux, photos, out, STEPS), "--resume", "latest"]
+    )
+    assert resumed.exit_code == 0, resumed.output
+    assert f"(step 2 of {STEPS})" in resumed.output
+    a, b = load_file(flux_bucket_run["path"] / ADAPTER), load_file(out / ADAPTER)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6, f"resumed adapter differs from the uninterrupted run by {worst}"
+    # Turning buckets off does not continue a checkpoint made with them.
+    square = CliRunner().invoke(
+        app, ["train", *_bucket_args(tiny_flux, photos, out, 6), "--no-aspect-buckets", "--resume", "latest"]
+    )
+    assert square.exit_code == 1
+    assert "aspect_buckets: True -> None" in " ".join(square.output.split())

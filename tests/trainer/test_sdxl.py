@@ -4,7 +4,8 @@ precision, serving and ``export --merge``.
 
 The shared SDXL LoRA run trains on photos of two shapes, so that the size and crop ids differ from
 photo to photo: tall 80x96 ones (resized to 64x77, cropped 6 px from the top) and wide 120x70 ones
-(resized to 110x64, cropped 23 px from the left).
+(resized to 110x64, cropped 23 px from the left). At 64 px SDXL's buckets (sides in multiples of
+64) are the square alone; a run at 128 px trains in its tall and wide buckets.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ class UNetCalls:
                         "time_ids_dtype": added["time_ids"].dtype,
                         "text_embeds": tuple(added["text_embeds"].shape),
                         "hidden": tuple(encoder_hidden_states.shape),
+                        "latents": tuple(sample.shape),
                     }
                 )
             return original(unet, sample, timestep, encoder_hidden_states, **kwargs)
@@ -536,3 +538,48 @@ def _draw(pipe: Any) -> torch.Tensor:
     out = pipe(INSTANCE_PROMPT, num_inference_steps=2, generator=generator, output_type="pt")
     image: torch.Tensor = out.images[0]
     return image
+
+
+# (original h, original w, crop top, crop left, target h, target w) at 128 px in buckets: a tall
+# 128x200 photo in the 128x192 bucket (resized to 128x200, 4 px cut at the top), a wide one in
+# 192x128, and the square class images (128x128) scaled by 1.5 and centre-cropped to each bucket.
+BUCKET_TALL_IDS = (200, 128, 4, 0, 192, 128)
+BUCKET_WIDE_IDS = (128, 200, 0, 4, 128, 192)
+CLASS_IN_TALL_IDS = (128, 128, 0, 32, 192, 128)
+CLASS_IN_WIDE_IDS = (128, 128, 32, 0, 128, 192)
+
+
+@pytest.mark.slow
+def test_sdxl_trains_in_buckets_with_each_images_true_size_and_crop_ids(
+    tiny_sdxl: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photos = tmp_path / "photos"
+    make_photos(photos, 1, size=(128, 200))
+    (wide,) = make_photos(tmp_path / "wide", 1, size=(200, 128), seed=1)
+    wide.rename(photos / "wide.jpg")
+    calls = UNetCalls()
+    calls.install(monkeypatch)
+    options = {**LORA_OPTIONS, "resolution": 128, "max_train_steps": 2, "num_class_images": 2}
+    output = _invoke(["train", *run_args(tiny_sdxl, photos, tmp_path / "run", **options)])
+    assert "Aspect-ratio buckets: 1 photo at 128x192, 1 photo at 192x128" in " ".join(output.split())
+    assert RunRecord.read(tmp_path / "run" / "run.json").aspect_buckets is True  # SDXL's default
+
+    # The ids are those of the files' own preprocessing at their bucket.
+    tall_photo = next(p for p in photos.iterdir() if p.name != "wide.jpg")
+    assert load_photo_with_geometry(tall_photo, (192, 128))[1].time_ids == BUCKET_TALL_IDS
+    for class_image in (tmp_path / "run" / "class_images").rglob("*.png"):
+        assert load_photo_with_geometry(class_image, (128, 192))[1].time_ids == CLASS_IN_WIDE_IDS
+    vae = json.loads((tiny_sdxl / "vae" / "config.json").read_text(encoding="utf-8"))
+    scale = 2 ** (len(vae["block_out_channels"]) - 1)  # the tiny VAE's: 2 (SDXL's: 8)
+
+    assert len(calls.calls) == 2
+    seen = []
+    for call in calls.calls:
+        instance, prior = call["time_ids"]
+        seen.append(instance)
+        if instance == BUCKET_TALL_IDS:
+            assert prior == CLASS_IN_TALL_IDS and call["latents"] == (2, 4, 192 // scale, 128 // scale)
+        else:
+            assert instance == BUCKET_WIDE_IDS, instance
+            assert prior == CLASS_IN_WIDE_IDS and call["latents"] == (2, 4, 128 // scale, 192 // scale)
+    assert sorted(seen) == sorted([BUCKET_TALL_IDS, BUCKET_WIDE_IDS])  # one epoch: each photo once
