@@ -366,6 +366,7 @@ def make_class_images(record: RunRecord) -> list[ClassImagesResult]:
         num_inference_steps=record.class_image_steps,
         seed=record.seed,
         vae=record.vae,
+        quantize_base=record.quantize_base,
     )
 
 

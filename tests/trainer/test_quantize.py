@@ -13,6 +13,7 @@ import re
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -238,3 +239,28 @@ def test_int8_in_memory_gives_the_layers_the_loader_gives(tiny_flux: Path) -> No
     built = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")
     quantize_in_memory(built, "int8", torch.float32)
     assert int8_layers(built) == int8_layers(loaded) and int8_layers(built)
+
+
+@pytest.mark.slow
+def test_an_int8_run_generates_its_class_images_on_the_int8_base(
+    tiny_flux: Path, flux_photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("torchao")
+    import trainer.loading
+
+    kinds: list[str] = []
+    real = trainer.loading.load_pipeline
+
+    def recording(*args: object, **kwargs: Any) -> Any:
+        kinds.append(kwargs.get("quantize_base", "none"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.loading, "load_pipeline", recording)
+    out = tmp_path / "run"
+    args = [*flux_args(tiny_flux, flux_photos, out, "--max-train-steps", "2"), "--quantize-base", "int8"]
+    args.remove("--no-prior-preservation")
+    args += ["--class-prompt", "a photo of a toy", "--num-class-images", "2", "--class-image-steps", "2"]
+    result = CliRunner().invoke(app, ["run", *args])
+    assert result.exit_code == 0, result.output
+    assert len(list((out / "class_images" / "a-photo-of-a-toy").glob("*.png"))) == 2
+    assert kinds == ["int8", "int8"]  # the class images, then the samples
