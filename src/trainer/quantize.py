@@ -98,7 +98,7 @@ def load_quantized_transformer(base_model: str, kind: QuantizeBase, dtype: torch
         base_model,
         subfolder="transformer",
         quantization_config=quantization_config(kind, dtype),
-        torch_dtype=dtype,
+        dtype=dtype,
     )
 
 
