@@ -15,6 +15,18 @@ Reports it/s and ``torch.cuda.max_memory_allocated``. Needs a CUDA GPU and ~20 G
 two random models. Sized to finish in under 8 minutes on an H100/H200 with the default 15 steps
 (estimated, not yet timed; every setting has a time limit, ``--setting-timeout``).
 
+GPU, FLUX.1-dev (``--gpu --only FLUX`` for these alone): the real transformer architecture
+(``trainer.tiny.flux_transformer_config``: 19 double and 38 single blocks, 3072 wide, 24 heads,
+guidance embedding) with random bf16 weights built on the GPU, nothing saved. The text encoders and
+the VAE are left out: the trainer caches their outputs, so random T5 (512 x 4096) and CLIP pooled
+(768) embeddings and random latents stand in. LoRA rank 16 on the attention projections of both
+streams, batch 1 (no prior preservation), bf16 at 512 and 1024 px with and without gradient
+checkpointing, then each installed quantized base (``--quantize-base`` nf4, int8) at 1024 px with
+checkpointing and 8-bit AdamW. The step uses the trainer's LoRA setup, optimizer, noise levels,
+flow-matching pair and loss (``flux_gpu_child``); the table is followed by the targets: >= 1.5 it/s
+at 512 px, <= 24 GB peak with a quantized base and checkpointing. Estimated at 4-5 minutes for the
+FLUX settings (not yet timed).
+
 Every setting runs in a fresh process (``--child``), so peak memory is that setting's alone. The
 class images are synthetic pictures like the photos (what they show does not change a step's cost).
 
@@ -43,6 +55,11 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 WARMUP_STEPS = 2  # the first steps pay for lazy initialisation: left out of the median
+# A FLUX.1-dev GPU setting builds (and maybe quantizes) 12B random weights before its first step.
+FLUX_GPU_TIMEOUT = 150.0
+# The FLUX.1-dev targets on an H100/H200-class GPU.
+FLUX_TARGET_IT_S_512 = 1.5  # bf16 LoRA at 512 px
+FLUX_TARGET_PEAK_GB_QUANTIZED = 24.0  # quantized base + gradient checkpointing
 
 
 def _photos(folder: Path, count: int, size: int, seed: int = 0) -> Path:
@@ -127,6 +144,41 @@ def _settings(gpu: bool) -> list[dict[str, Any]]:
                 )
             )
     settings.append(_setting("SD 1.5 full fp16", "sd1", "full", mixed_precision="fp16"))
+    return settings + _flux_gpu_settings(eight_bit)
+
+
+def _flux_gpu_settings(eight_bit: bool) -> list[dict[str, Any]]:
+    """FLUX.1-dev LoRA in bf16 at 512 and 1024 px, with and without gradient checkpointing, then the
+    quantized bases (each back-end that is installed) at 1024 px with checkpointing and 8-bit AdamW
+    (when bitsandbytes is installed)."""
+    import importlib.util
+
+    from trainer.quantize import QUANTIZE_BACKENDS
+
+    settings = []
+    for resolution in (512, 1024):
+        for checkpointing in (False, True):
+            name = f"FLUX.1-dev LoRA bf16 {resolution}" + (" + grad ckpt" if checkpointing else "")
+            settings.append(
+                _setting(name, "flux", "lora", resolution=resolution, gradient_checkpointing=checkpointing)
+            )
+    for kind, package in QUANTIZE_BACKENDS.items():
+        if importlib.util.find_spec(package) is None:
+            print(f"{package} is not installed: the FLUX {kind} settings are skipped "
+                  f"(`pip install 'sdclient[gpu]'` to include them)", file=sys.stderr)  # fmt: skip
+            continue
+        adam = " + 8-bit AdamW" if eight_bit else ""
+        settings.append(
+            _setting(
+                f"FLUX.1-dev LoRA {kind} 1024 + grad ckpt{adam}",
+                "flux",
+                "lora",
+                resolution=1024,
+                gradient_checkpointing=True,
+                quantize_base=kind,
+                use_8bit_adam=eight_bit,
+            )
+        )
     return settings
 
 
@@ -140,6 +192,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
+    if spec["gpu"] and spec["options"]["variant"] == "flux":
+        return flux_gpu_child(spec)
     options = {k: v for k, v in spec["options"].items() if k not in ("name", "variant")}
     config = build_config(
         base_model=spec["base"],
@@ -171,12 +225,132 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def flux_gpu_child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time LoRA steps of a random FLUX.1-dev transformer (no text encoders, no VAE: their outputs
+    are cached by the trainer, so random embeddings and latents of the right shapes stand in).
+
+    The model is built directly on the GPU in bf16 (and quantized there, into the layers the trainer
+    loads); the LoRA, optimizer, noise levels, flow-matching pair and loss are the trainer's own.
+    Peak memory is counted from the first step, so the bf16 weights a quantized setting starts
+    from (never held by the trainer, which quantizes while loading) are not in it.
+    """
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from trainer.config import FLUX_ATTENTION_EXTRA, LORA_TARGET_PRESETS, RunRecord
+    from trainer.quantize import prepare_quantized_for_training, quantize_in_memory
+    from trainer.tiny import flux_transformer_config
+    from trainer.train import add_lora_adapters, optimizer_and_schedule
+    from trainer.train_flux import FLUX_MAX_SEQUENCE_LENGTH, flow_matching_pair, flux_loss, noise_levels
+
+    options = spec["options"]
+    record = RunRecord.model_validate(
+        {
+            "base_model": "black-forest-labs/FLUX.1-dev",
+            "concepts": [{"instance_dir": spec["out"], "instance_prompt": "a photo of sks toy"}],
+            "output_dir": spec["out"],
+            "resolution": options["resolution"],
+            "max_train_steps": spec["steps"],
+            "mixed_precision": "bf16",
+            "sample_prompt": "a photo of sks toy",
+            "sample_seed": 0,
+            "architecture": "flux",
+            "with_prior_preservation": False,
+            "learning_rate": 1e-4,
+            "lora_rank": 16,
+            "lora_target_modules": LORA_TARGET_PRESETS["attention"] + FLUX_ATTENTION_EXTRA,
+            "gradient_checkpointing": options.get("gradient_checkpointing", False),
+            "use_8bit_adam": options.get("use_8bit_adam", False),
+            "quantize_base": options.get("quantize_base", "none"),
+        }
+    )
+    # "cpu" and "tiny" only to try this code without a GPU; the benchmark runs on CUDA, full size.
+    device, dtype = torch.device(spec.get("device", "cuda")), torch.bfloat16
+    cuda = device.type == "cuda"
+    config = flux_transformer_config(spec.get("size", "full"))
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        transformer: Any = FluxTransformer2DModel(**config)
+    torch.set_default_dtype(torch.float32)
+    if record.quantize_base == "none":
+        transformer.requires_grad_(False)
+    else:
+        quantize_in_memory(transformer, record.quantize_base, dtype)
+        prepare_quantized_for_training(transformer, record.quantize_base, device)
+    add_lora_adapters(record, transformer, [])
+    if record.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer, _ = optimizer_and_schedule(record, params, 1)
+    scheduler: Any = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    pipeline: Any = FluxPipeline  # its latent helpers are static and untyped
+
+    side = record.resolution // 8  # the VAE's latents, 16 channels
+    latents = torch.randn(1, 16, side, side, device=device, dtype=dtype)
+    text_dim, pooled_dim = config["joint_attention_dim"], config["pooled_projection_dim"]  # T5, CLIP
+    prompt_embeds = torch.randn(1, FLUX_MAX_SEQUENCE_LENGTH, text_dim, device=device, dtype=dtype)
+    pooled = torch.randn(1, pooled_dim, device=device, dtype=dtype)
+    txt_ids = torch.zeros(FLUX_MAX_SEQUENCE_LENGTH, 3, device=device, dtype=dtype)
+    img_ids = pipeline._prepare_latent_image_ids(1, side // 2, side // 2, device, dtype)
+    guidance = torch.full((1,), record.flux_guidance, device=device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times, last_loss = [], float("nan")
+    for _ in range(spec["steps"]):
+        started = time.perf_counter()
+        u = compute_density_for_timestep_sampling(weighting_scheme="none", batch_size=1, device=device)
+        timesteps, sigmas = noise_levels(scheduler, u)
+        noisy, target = flow_matching_pair(latents, torch.randn_like(latents), sigmas)
+        with torch.autocast(device.type, dtype=dtype):
+            pred = transformer(
+                hidden_states=pipeline._pack_latents(noisy, 1, 16, side, side),
+                timestep=timesteps / 1000,
+                guidance=guidance,
+                pooled_projections=pooled,
+                encoder_hidden_states=prompt_embeds,
+                txt_ids=txt_ids,
+                img_ids=img_ids,
+                return_dict=False,
+            )[0]
+        pred = pipeline._unpack_latents(pred, record.resolution, record.resolution, 8)
+        loss = flux_loss(pred, target, torch.ones_like(sigmas), prior_preservation=False)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, record.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+        last_loss = float(loss)
+    measured = times[WARMUP_STEPS:] or times
+    return {
+        "name": options["name"],
+        "median_step_s": statistics.median(measured),
+        "steps_measured": len(measured),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "trainable_parameters": sum(p.numel() for p in params),
+        "resolution": record.resolution,
+        "last_loss": last_loss,
+        "flux_setting": {
+            "quantize_base": record.quantize_base,
+            "checkpointing": record.gradient_checkpointing,
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--gpu", action="store_true", help="SD 1.5 (512 px) and SDXL (1024 px) architectures on CUDA"
+        "--gpu",
+        action="store_true",
+        help="SD 1.5 (512 px), SDXL (1024 px) and FLUX.1-dev (512, 1024 px) architectures on CUDA",
     )
     parser.add_argument("--steps", type=int, default=None, help="steps per setting (CPU 12, GPU 15)")
     parser.add_argument(
@@ -215,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     started_all = time.perf_counter()
     data: dict[str, tuple[Path, Path, Path]] = {}  # variant: base model, photos, class images
     for variant in dict.fromkeys(s["variant"] for s in settings):
+        if args.gpu and variant == "flux":
+            continue  # built on the GPU by each setting (flux_gpu_child), never saved
         base = work / f"base-{variant}-{size}"
         if not (base / "model_index.json").exists():
             print(f"building a random {variant} pipeline ({size}) in {base}", file=sys.stderr)
@@ -237,8 +413,10 @@ def main(argv: list[str] | None = None) -> int:
         env["OMP_NUM_THREADS"] = str(args.threads)
     # Interleaved repeats: on a shared machine a burst of load then hits every setting alike.
     for i, options in [(i, o) for _ in range(args.repeat) for i, o in enumerate(settings)]:
-        base, photos, class_dir = data[options["variant"]]
+        base, photos, class_dir = data.get(options["variant"], (work, work, work))
+        flux_gpu = args.gpu and options["variant"] == "flux"
         spec = {
+            "gpu": args.gpu,
             "base": str(base),
             "photos": str(photos),
             "class_dir": str(class_dir),
@@ -246,14 +424,15 @@ def main(argv: list[str] | None = None) -> int:
             "out": str(work / f"out-{i}"),
             "steps": steps,
             "threads": 0 if args.gpu else args.threads,
-            "options": {**options, "resolution": RESOLUTION[options["variant"], args.gpu]},
+            "options": {"resolution": RESOLUTION.get((options["variant"], args.gpu)), **options},
         }
         started = time.perf_counter()
         command = [sys.executable, __file__, "--child", json.dumps(spec)]
+        limit = max(timeout, FLUX_GPU_TIMEOUT) if flux_gpu and not args.setting_timeout else timeout
         try:
-            proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+            proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=limit)
         except subprocess.TimeoutExpired:
-            print(f"{options['name']}: over its {timeout:.0f} s limit, skipped", file=sys.stderr)
+            print(f"{options['name']}: over its {limit:.0f} s limit, skipped", file=sys.stderr)
             continue
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode or line is None:
@@ -281,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['name']} | {r['resolution']} | {r['median_step_s'] * 1000:.0f} | "
               f"{1 / r['median_step_s']:.2f} | {_memory(r, args.gpu)} | "
               f"{r['trainable_parameters']:,} |")  # fmt: skip
+    if args.gpu:
+        for line in _flux_targets(results):
+            print(line)
     comparisons = _comparisons(results, args.gpu)
     if comparisons:
         print("\n| comparison | A | B | A / B |\n| --- | ---: | ---: | ---: |")
@@ -289,6 +471,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"device": device, "results": results}, indent=2))
     return 0 if results else 1
+
+
+def _flux_targets(results: list[dict[str, Any]]) -> list[str]:
+    """The FLUX.1-dev targets beside what each setting they concern measured."""
+    rows = []
+    for r in results:
+        if "flux_setting" not in r:
+            continue
+        quantized = r["flux_setting"]["quantize_base"] != "none"
+        it_s, peak_gb = 1 / r["median_step_s"], r["peak_gpu_mb"] * 2**20 / 1e9
+        if r["resolution"] == 512 and not quantized:
+            met = "met" if it_s >= FLUX_TARGET_IT_S_512 else "missed"
+            rows.append(f"| {r['name']} | >= {FLUX_TARGET_IT_S_512} it/s | {it_s:.2f} it/s | {met} |")
+        if quantized and r["flux_setting"]["checkpointing"]:
+            met = "met" if peak_gb <= FLUX_TARGET_PEAK_GB_QUANTIZED else "missed"
+            target = f"<= {FLUX_TARGET_PEAK_GB_QUANTIZED:.0f} GB peak"
+            rows.append(f"| {r['name']} | {target} | {peak_gb:.1f} GB | {met} |")
+    header = ["\n| FLUX.1-dev target (H100/H200 class) | target | measured | |", "| --- | --- | ---: | --- |"]
+    return header + rows if rows else []
 
 
 def _memory(result: dict[str, Any], gpu: bool) -> str:

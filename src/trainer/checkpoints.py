@@ -140,9 +140,15 @@ def delete_checkpoints(checkpoints_dir: Path) -> None:
         shutil.rmtree(path)
 
 
+# Settings the fingerprint gained after checkpoints were first written, with the value an older
+# checkpoint (which does not name them) was trained with.
+_FINGERPRINT_ADDED_LATER: dict[str, Any] = {"quantize_base": "none"}
+
+
 def check_fingerprint(checkpoint: Path, record: RunRecord) -> dict[str, Any]:
     state: dict[str, Any] = json.loads((checkpoint / _STATE_FILE).read_text(encoding="utf-8"))
     saved, now = state.get("fingerprint", {}), record.training_fingerprint()
+    saved = {**_FINGERPRINT_ADDED_LATER, **saved}
     changed = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
     if changed:
         raise TrainingError(

@@ -24,6 +24,8 @@ from trainer.sample import png_bytes
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
+    from trainer.config import QuantizeBase
+
 __all__ = ["IMAGE_SUFFIXES", "ClassImagesResult", "ensure_class_images", "existing_class_images"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -71,6 +73,7 @@ def ensure_class_images(
     pipeline: StableDiffusionPipeline | None = None,
     device: str | None = None,
     vae: str | Path | None = None,
+    quantize_base: QuantizeBase = "none",
 ) -> list[ClassImagesResult]:
     """Make sure every class folder holds ``num_images`` images, generating only the missing ones.
 
@@ -87,6 +90,7 @@ def ensure_class_images(
         pipeline: An already loaded pipeline to use instead of loading ``base_model``.
         device: Where to generate; default CUDA, then MPS, then the CPU.
         vae: A VAE to generate with instead of the base model's (the run's ``--vae``).
+        quantize_base: Load a FLUX base's transformer quantized (the run's ``--quantize-base``).
 
     Returns:
         One result per distinct folder, in order.
@@ -108,7 +112,7 @@ def ensure_class_images(
                 from trainer.loading import load_pipeline
 
                 console.print(f"Loading {base_model} to generate class images")
-                pipeline = load_pipeline(base_model, device=device, vae=vae)
+                pipeline = load_pipeline(base_model, device=device, vae=vae, quantize_base=quantize_base)
             new = _generate(
                 pipeline,
                 prompt,

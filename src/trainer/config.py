@@ -55,6 +55,8 @@ Method = Literal["lora", "full"]
 Architecture = Literal["sd1", "sd2", "sdxl", "flux"]
 # How FLUX runs sample training timesteps (and weight the loss), as in diffusers' FLUX/SD3 scripts.
 WeightingScheme = Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"]
+# How a FLUX run holds its frozen transformer: as it is, or quantized (see trainer.quantize).
+QuantizeBase = Literal["none", "nf4", "int8"]
 # The UNet modules that get a LoRA adapter, by preset name (diffusers' scripts default to "attention").
 LORA_TARGET_PRESETS: dict[str, list[str]] = {
     "attention": ["to_q", "to_k", "to_v", "to_out.0"],
@@ -370,6 +372,13 @@ class RunConfig(BaseModel):
         description="8-bit AdamW (needs bitsandbytes, CUDA).",
         json_schema_extra=_cli(SPEED, "--use-8bit-adam/--no-8bit-adam", show="off"),
     )
+    quantize_base: QuantizeBase = Field(
+        default="none",
+        description="FLUX: none, or hold the frozen transformer quantized while training (QLoRA): "
+        "nf4 (bitsandbytes 4-bit, bf16 compute, CUDA) or int8 (torchao weight-only); needs the gpu "
+        "extra. The LoRA files still apply to the full-precision base.",
+        json_schema_extra=_cli(SPEED),
+    )
     attention: Literal["sdpa", "xformers"] = Field(
         default="sdpa",
         description="sdpa (PyTorch) or xformers (needs xformers and CUDA).",
@@ -588,7 +597,14 @@ class RunRecord(RunConfig):
             "num_instance_images",
         )
         if self.architecture == "flux":
-            keys += ("flux_guidance", "weighting_scheme", "logit_mean", "logit_std", "mode_scale")
+            keys += (
+                "flux_guidance",
+                "weighting_scheme",
+                "logit_mean",
+                "logit_std",
+                "mode_scale",
+                "quantize_base",
+            )
         data = self.model_dump(mode="json")
         fingerprint = {k: data[k] for k in keys}
         # Off is None, as in checkpoints saved before buckets existed (they trained on squares).

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from trainer.config import QuantizeBase
+
 __all__ = [
     "ModelLoadError",
     "default_device",
@@ -57,6 +59,7 @@ def load_pipeline(
     local_files_only: bool = False,
     lora: str | Path | None = None,
     vae: str | Path | None = None,
+    quantize_base: QuantizeBase = "none",
 ) -> StableDiffusionPipeline:
     """Load a text-to-image pipeline and move it to ``device``.
 
@@ -74,6 +77,8 @@ def load_pipeline(
             diffusers or kohya format.
         vae: A VAE to use instead of the model's own (a VAE folder or Hub id such as an "fp16-fix"
             SDXL VAE, or a pipeline folder with a ``vae/``).
+        quantize_base: A FLUX pipeline's transformer loaded quantized (``nf4`` or ``int8``, see
+            :mod:`trainer.quantize`) rather than in ``dtype``.
 
     Returns:
         The pipeline, with the safety checker off and SDPA attention (diffusers' default).
@@ -92,6 +97,8 @@ def load_pipeline(
     try:
         if vae is not None:
             common["vae"] = load_vae(vae, torch_dtype)
+        if quantize_base != "none":
+            common["transformer"] = _quantized_transformer(model, pipeline_cls, quantize_base, torch_dtype)
         if path.is_file():
             if path.suffix not in SINGLE_FILE_SUFFIXES:
                 raise ModelLoadError(
@@ -166,6 +173,18 @@ def _pipeline_class(model: str | Path, local_files_only: bool = False) -> Any:
 
     name = pipeline_class_name(model, local_files_only)
     return getattr(diffusers, name) if name in ("StableDiffusionXLPipeline", "FluxPipeline") else None
+
+
+def _quantized_transformer(
+    model: str | Path, pipeline_cls: Any, kind: QuantizeBase, dtype: torch.dtype
+) -> Any:
+    from trainer.quantize import load_quantized_transformer
+
+    if pipeline_cls.__name__ != "FluxPipeline" or Path(model).is_file():
+        raise ModelLoadError(
+            f"Only a FLUX pipeline in diffusers layout loads with a quantized transformer, not {model}."
+        )
+    return load_quantized_transformer(str(model), kind, dtype)
 
 
 def load_vae(vae: str | Path, dtype: torch.dtype | None = None) -> Any:

@@ -268,12 +268,17 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
     Raises:
         ModelLoadError: the base model cannot be found.
         PhotoError: some photos are unusable (all listed).
-        ConfigError: the prediction type is not supported.
+        ConfigError: the prediction type is not supported, or ``quantize_base`` is set for an SD base.
     """
     info = info or inspect_base_model(config.base_model)
     flux = info.architecture == "flux"
     if flux:
         _check_flux_options(config)
+    elif config.quantize_base != "none":
+        raise ConfigError(
+            f"--quantize-base {config.quantize_base} is for FLUX bases; {config.base_model} is "
+            f"{info.describe()}, whose LoRA trains on the unquantized base: leave the option off."
+        )
     elif info.prediction_type not in ("epsilon", "v_prediction"):
         raise ConfigError(
             f"{config.base_model} predicts {info.prediction_type!r}; only epsilon and v_prediction "
@@ -369,6 +374,7 @@ def make_class_images(record: RunRecord) -> list[ClassImagesResult]:
         num_inference_steps=record.class_image_steps,
         seed=record.seed,
         vae=record.vae,
+        quantize_base=record.quantize_base,
     )
 
 
@@ -475,8 +481,10 @@ def run(
         from trainer.loading import load_run_pipeline
         from trainer.sample import generate_samples
 
+        # A quantized run samples with its transformer quantized the same way (the full bf16
+        # FLUX.1-dev transformer alone needs 24 GB); the adapter is the same either way.
         result.samples = generate_samples(
-            load_run_pipeline(out),
+            load_run_pipeline(out, quantize_base=record.quantize_base),
             out / "samples",
             prompt=record.sample_prompt,
             negative_prompt=record.sample_negative_prompt,

@@ -32,6 +32,7 @@ __all__ = [
     "PipelineConfigs",
     "build_random_pipeline",
     "build_tiny_pipeline",
+    "flux_transformer_config",
     "save_text_encoder_with_prefix",
     "write_byte_level_tokenizer",
     "write_t5_tokenizer",
@@ -421,6 +422,29 @@ def write_t5_tokenizer(folder: Path, *, max_length: int = 512) -> int:
     return len(tokenizer)
 
 
+def flux_transformer_config(size: Size = "full") -> dict[str, Any]:
+    """``FluxTransformer2DModel``'s arguments for FLUX.1-dev's architecture or its miniature.
+
+    ``full``: 19 double-stream and 38 single-stream blocks, 3072 wide (24 heads of 128), guidance
+    embedding, conditioned on T5-XXL's 4096-dim hidden states and CLIP ViT-L's 768-dim pooled output.
+    ``tiny``: 2 heads of 16, one block of each kind, 32-dim text and pooled inputs (the tiny T5's
+    and CLIP's widths).
+    """
+    tiny = size == "tiny"
+    return {
+        "patch_size": 1,
+        "in_channels": 64,  # 16 latent channels, packed 2 x 2
+        "num_layers": 1 if tiny else 19,
+        "num_single_layers": 1 if tiny else 38,
+        "attention_head_dim": 16 if tiny else 128,
+        "num_attention_heads": 2 if tiny else 24,
+        "joint_attention_dim": 32 if tiny else 4096,  # T5's width
+        "pooled_projection_dim": 32 if tiny else 768,  # CLIP's pooled width
+        "guidance_embeds": True,  # FLUX.1-dev is guidance-distilled: the scale is an input
+        "axes_dims_rope": (4, 6, 6) if tiny else (16, 56, 56),  # sums to attention_head_dim
+    }
+
+
 def _build_flux(out: Path, size: Size, seed: int) -> Path:
     """FLUX.1-dev's architecture (``tiny``: 64 px, a few MB), saved in Hub layout."""
     import diffusers
@@ -446,18 +470,7 @@ def _build_flux(out: Path, size: Size, seed: int) -> Path:
         eos_token_id=1,
     )
     torch.manual_seed(seed)
-    transformer = lib.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,  # 16 latent channels, packed 2 x 2
-        num_layers=1 if tiny else 19,
-        num_single_layers=1 if tiny else 38,
-        attention_head_dim=16 if tiny else 128,
-        num_attention_heads=2 if tiny else 24,
-        joint_attention_dim=t5.d_model,
-        pooled_projection_dim=clip["hidden_size"],
-        guidance_embeds=True,  # FLUX.1-dev is guidance-distilled: the scale is an input
-        axes_dims_rope=(4, 6, 6) if tiny else (16, 56, 56),  # sums to attention_head_dim
-    )
+    transformer = lib.FluxTransformer2DModel(**flux_transformer_config(size))
     vae = lib.AutoencoderKL(
         block_out_channels=(32, 64) if tiny else (128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * (2 if tiny else 4),

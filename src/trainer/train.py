@@ -255,10 +255,14 @@ def preflight(record: RunRecord) -> None:
     """Check, before any slow work, that the requested features can run on this machine.
 
     Raises:
-        MissingDependency: 8-bit Adam without bitsandbytes, xformers missing or without CUDA.
+        MissingDependency: 8-bit Adam without bitsandbytes, xformers missing or without CUDA, the
+            ``--quantize-base`` back-end missing (or nf4 without CUDA).
         TrainingError: fp16 mixed precision without a CUDA GPU.
     """
+    from trainer.quantize import check_quantize_base
+
     cuda = _cuda_available()
+    check_quantize_base(record.quantize_base, cuda=cuda)
     if record.mixed_precision == "fp16" and not cuda:
         raise TrainingError(
             "fp16 mixed precision needs a CUDA GPU and none is available: use --mixed-precision no "

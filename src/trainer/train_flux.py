@@ -14,7 +14,8 @@ diffusers' ``train_dreambooth_lora_flux.py``:
    guidance value (FLUX.1-dev is guidance-distilled: the scale is an input);
 4. the adapter is saved with ``FluxPipeline.save_lora_weights`` (``transformer.`` keys).
 
-Only LoRA on the transformer is trained (see :func:`trainer.run.prepare_run`).
+Only LoRA on the transformer is trained (see :func:`trainer.run.prepare_run`); with
+``--quantize-base`` its frozen weights are held in nf4 or int8 (see :mod:`trainer.quantize`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from trainer._fs import disk_errors
 from trainer.checkpoints import TrainingRNG, save_adapters_only, unwrap
 from trainer.config import RunRecord
 from trainer.lora_files import LORA_DIR, save_lora_weights
+from trainer.quantize import load_quantized_transformer, prepare_quantized_for_training
 from trainer.train import (
     ImageKey,
     TrainingData,
@@ -188,14 +190,20 @@ def train_flux(
     pipeline_cls: Any = FluxPipeline  # its latent helpers are static and untyped
     try:
         vae: Any = load_vae(record.vae) if record.vae else _load_part(AutoencoderKL, base, "vae")
-        transformer: Any = _load_part(FluxTransformer2DModel, base, "transformer")
+        if record.quantize_base == "none":
+            transformer: Any = _load_part(FluxTransformer2DModel, base, "transformer")
+        else:  # QLoRA: the frozen weights quantized, the adapter trained on top (trainer.quantize)
+            transformer = load_quantized_transformer(base, record.quantize_base, weight_dtype)
         noise_scheduler: Any = _load_part(FlowMatchEulerDiscreteScheduler, base, "scheduler")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"Could not load the parts of {base} for training: {exc}") from exc
     vae.requires_grad_(False)
     vae.to(device, dtype=weight_dtype)
-    transformer.requires_grad_(False)
-    transformer.to(device, dtype=weight_dtype)
+    if record.quantize_base == "none":
+        transformer.requires_grad_(False)
+        transformer.to(device, dtype=weight_dtype)
+    else:
+        prepare_quantized_for_training(transformer, record.quantize_base, device)
     add_lora_adapters(record, transformer, [])
     if record.attention == "xformers":
         _enable_xformers(transformer)
