@@ -337,10 +337,12 @@ class RunConfig(BaseModel):
     )
 
     # -- prior preservation ---------------------------------------------------------------------
-    with_prior_preservation: bool = Field(
-        default=True,
+    with_prior_preservation: bool | None = Field(
+        default=None,
         description="Train on class images too, so the class is not forgotten.",
-        json_schema_extra=_cli(PRIOR, "--prior-preservation/--no-prior-preservation", show="on"),
+        json_schema_extra=_cli(
+            PRIOR, "--prior-preservation/--no-prior-preservation", show="on; off for FLUX"
+        ),
     )
     prior_loss_weight: float = Field(
         default=1.0, ge=0, description="Weight of the class images' loss.", json_schema_extra=_cli(PRIOR)
@@ -498,13 +500,8 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.with_prior_preservation:
-            missing = [i for i, c in enumerate(self.concepts) if not c.class_prompt]
-            if missing:
-                raise ValueError(
-                    f"concepts[{missing[0]}].class_prompt is required with prior preservation "
-                    "(e.g. 'photo of a man'); or turn it off with --no-prior-preservation"
-                )
+        if self.with_prior_preservation and (problem := self.missing_class_prompt()):
+            raise ValueError(problem)
         prompts_by_dir: dict[Path, str | None] = {}
         for c in self.concepts:
             if c.class_dir is None:
@@ -519,12 +516,23 @@ class RunConfig(BaseModel):
             raise ValueError("lr_warmup_steps needs lr_scheduler 'constant_with_warmup' (or linear/cosine)")
         return self
 
+    def missing_class_prompt(self) -> str | None:
+        """What is wrong when prior preservation is on and a concept has no class prompt."""
+        missing = [i for i, c in enumerate(self.concepts) if not c.class_prompt]
+        if not missing:
+            return None
+        return (
+            f"concepts[{missing[0]}].class_prompt is required with prior preservation "
+            "(e.g. 'photo of a man'); or turn it off with --no-prior-preservation"
+        )
+
     def resolved_concepts(self) -> list[ResolvedConcept]:
-        """The concepts with default class folders filled in (``OUT/class_images/<prompt slug>``)."""
+        """The concepts with default class folders filled in (``OUT/class_images/<prompt slug>``),
+        unless prior preservation is off."""
         out = []
         for c in self.concepts:
             class_dir = c.class_dir
-            if self.with_prior_preservation and class_dir is None and c.class_prompt:
+            if self.with_prior_preservation is not False and class_dir is None and c.class_prompt:
                 class_dir = self.output_dir / "class_images" / slugify(c.class_prompt)
             out.append(ResolvedConcept(**{**c.model_dump(), "class_dir": class_dir}))
         return out
@@ -556,6 +564,7 @@ class RunRecord(RunConfig):
     architecture: Architecture = "sd1"
     num_instance_images: int = Field(default=0, ge=0)
     aspect_buckets: bool = False  # decided: runs recorded before buckets existed trained on squares
+    with_prior_preservation: bool = True  # decided (per base: off for FLUX unless asked for)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     sdtrain_version: str = ""
 
@@ -563,9 +572,15 @@ class RunRecord(RunConfig):
     @classmethod
     def _sd_defaults_when_undecided(cls, data: Any) -> Any:
         """Steps and guidance left undecided (``None``) take the SD defaults (FLUX runs decide them in
-        :func:`trainer.run.prepare_run`), and undecided buckets are off."""
+        :func:`trainer.run.prepare_run`), undecided buckets are off and prior preservation on."""
         if isinstance(data, dict):
-            undecided = ("sample_steps", "sample_guidance_scale", "class_image_steps", "aspect_buckets")
+            undecided = (
+                "sample_steps",
+                "sample_guidance_scale",
+                "class_image_steps",
+                "aspect_buckets",
+                "with_prior_preservation",
+            )
             data = {k: v for k, v in data.items() if not (k in undecided and v is None)}
         return data
 

@@ -268,7 +268,8 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
     Raises:
         ModelLoadError: the base model cannot be found.
         PhotoError: some photos are unusable (all listed).
-        ConfigError: the prediction type is not supported, or ``quantize_base`` is set for an SD base.
+        ConfigError: the prediction type is not supported, ``quantize_base`` is set for an SD base,
+            or prior preservation is on and a concept has no class prompt.
     """
     info = info or inspect_base_model(config.base_model)
     flux = info.architecture == "flux"
@@ -293,6 +294,14 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
             f"{resolution - resolution % 16}."
         )
     buckets = run_buckets(info.architecture, resolution, config.aspect_buckets)
+    if config.with_prior_preservation is None:
+        # FLUX trainers skip class images by default: on FLUX.1-dev, 200 of them at 1024 px cost
+        # about as much GPU time as the training itself.
+        config = config.model_copy(update={"with_prior_preservation": not flux})
+        if flux:
+            console.print("Prior preservation: off (FLUX's default; --prior-preservation to turn it on)")
+        elif problem := config.missing_class_prompt():
+            raise ConfigError(problem)
     concepts = config.resolved_concepts()
     checks = check_photos(
         [c.instance_dir for c in concepts],

@@ -271,7 +271,7 @@ def _bucket_photos(tmp_path: Path) -> None:
 
 def test_class_images_are_cropped_to_the_bucket_of_their_batch(tmp_path: Path) -> None:
     _bucket_photos(tmp_path)
-    prepared = _prepared(tmp_path, "flux", train_batch_size=2)
+    prepared = _prepared(tmp_path, "flux", train_batch_size=2, with_prior_preservation=True)
     record = prepared.record
     assert record.aspect_buckets and record.training_fingerprint()["aspect_buckets"] is True
     data = training_data(record, prepared.checks)

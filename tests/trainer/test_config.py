@@ -66,7 +66,7 @@ def test_defaults(tmp_path: Path) -> None:
     ]
     assert build_config(**_flags(tmp_path, method="full")).learning_rate == DEFAULT_LEARNING_RATE == 5e-6
     assert config.resolution is None and config.max_train_steps is None  # derived later
-    assert config.with_prior_preservation and config.num_class_images == 200
+    assert config.with_prior_preservation is None and config.num_class_images == 200  # per base, later
     assert config.mixed_precision == "auto" and config.attention == "sdpa"
     assert config.lr_scheduler == "constant" and config.num_samples == 4
     # Derived from the base model: 50 steps at 7.5 for SD/SDXL, 28 at 3.5 for FLUX.
@@ -160,7 +160,10 @@ def test_concept_flags_refused_with_several_concepts(tmp_path: Path) -> None:
         ({"resolution": 32}, "resolution: Input should be greater than or equal to 64"),
         ({"mixed_precision": "fp8"}, "mixed_precision: Input should be 'auto', 'no', 'fp16' or 'bf16'"),
         ({"hub_repo": "not a repo"}, "hub_repo: must look like 'owner/name'"),
-        ({"class_prompt": None, "instance_prompt": "x"}, "concepts[0].class_prompt is required with prior"),
+        (
+            {"class_prompt": None, "instance_prompt": "x", "with_prior_preservation": True},
+            "concepts[0].class_prompt is required with prior",
+        ),
         ({"instance_prompt": ""}, "concepts[0].instance_prompt: String should have at least 1 character"),
         ({"lr_warmup_steps": 100}, "lr_warmup_steps needs lr_scheduler 'constant_with_warmup'"),
         ({"max_train_steps": 0}, "max_train_steps: Input should be greater than or equal to 1"),

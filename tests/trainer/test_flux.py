@@ -196,7 +196,15 @@ def test_flux_with_prior_preservation_generates_and_trains_on_class_images(
     out = tmp_path / "run"
     args = flux_args(tiny_flux, flux_photos, out, "--max-train-steps", "2")
     args.remove("--no-prior-preservation")
-    args += ["--class-prompt", "a photo of a toy", "--num-class-images", "2", "--class-image-steps", "2"]
+    args += [
+        "--prior-preservation",
+        "--class-prompt",
+        "a photo of a toy",
+        "--num-class-images",
+        "2",
+        "--class-image-steps",
+        "2",
+    ]
     result = CliRunner().invoke(app, ["train", *args])
     assert result.exit_code == 0, result.output
     assert len(list((out / "class_images" / "a-photo-of-a-toy").glob("*.png"))) == 2

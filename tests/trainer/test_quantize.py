@@ -259,7 +259,15 @@ def test_an_int8_run_generates_its_class_images_on_the_int8_base(
     out = tmp_path / "run"
     args = [*flux_args(tiny_flux, flux_photos, out, "--max-train-steps", "2"), "--quantize-base", "int8"]
     args.remove("--no-prior-preservation")
-    args += ["--class-prompt", "a photo of a toy", "--num-class-images", "2", "--class-image-steps", "2"]
+    args += [
+        "--prior-preservation",
+        "--class-prompt",
+        "a photo of a toy",
+        "--num-class-images",
+        "2",
+        "--class-image-steps",
+        "2",
+    ]
     result = CliRunner().invoke(app, ["run", *args])
     assert result.exit_code == 0, result.output
     assert len(list((out / "class_images" / "a-photo-of-a-toy").glob("*.png"))) == 2

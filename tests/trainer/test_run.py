@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trainer.config import build_config
-from trainer.errors import PhotoError
+from trainer.config import RunRecord, build_config
+from trainer.errors import ConfigError, PhotoError
 from trainer.loading import ModelLoadError, load_pipeline
-from trainer.run import base_model_license, inspect_base_model, prepare_run
+from trainer.run import BaseModelInfo, base_model_license, inspect_base_model, prepare_run
 from trainer.sample import read_png_text
 
 SAMPLE_PROMPT = "a photo of sks toy on a beach"  # the shared run's (conftest)
@@ -151,6 +151,38 @@ def test_default_steps_and_the_overfitting_warning(
     (photos / "bad.jpg").write_bytes(b"nope")
     with pytest.raises(PhotoError, match="bad.jpg: not an image"):
         prepare_run(build_config(**options))
+
+
+@pytest.mark.parametrize(
+    ("architecture", "flag", "expected"),
+    [
+        ("sd1", None, True),
+        ("sdxl", None, True),
+        ("flux", None, False),
+        ("flux", True, True),
+        ("sd1", False, False),
+    ],
+)
+def test_prior_preservation_is_decided_per_base(
+    photos: Path, tmp_path: Path, architecture: str, flag: bool | None, expected: bool
+) -> None:
+    # On by default, as DreamBooth has it; off for FLUX (its trainers skip the class images).
+    options: dict[str, Any] = {"base_model": "base", "instance_dir": photos, "instance_prompt": "x"}
+    config = build_config(**options, class_prompt="y", output_dir=tmp_path, with_prior_preservation=flag)
+    prediction = "flow_matching" if architecture == "flux" else "epsilon"
+    info = BaseModelInfo(64, prediction, None, architecture)  # type: ignore[arg-type]
+    record = prepare_run(config, info=info).record
+    assert record.with_prior_preservation is expected
+    assert (record.concepts[0].class_dir is not None) is expected
+    assert RunRecord.read(record.write(tmp_path / "run.json")).with_prior_preservation is expected
+
+
+def test_prior_preservation_by_default_needs_a_class_prompt(photos: Path, tmp_path: Path) -> None:
+    config = build_config(base_model="base", instance_dir=photos, instance_prompt="x", output_dir=tmp_path)
+    flux = BaseModelInfo(64, "flow_matching", None, "flux")
+    assert prepare_run(config, info=flux).record.with_prior_preservation is False
+    with pytest.raises(ConfigError, match=r"concepts\[0\].class_prompt is required with prior preservation"):
+        prepare_run(config, info=BaseModelInfo(64, "epsilon", None, "sd1"))
 
 
 def _free_port() -> int:
