@@ -401,14 +401,21 @@ def _check_file(
         return PhotoProblem(
             path, f"corrupt or truncated ({exc})", "re-export or re-copy the photo, or remove it"
         )
-    if min(width, height) < resolution:
+    target = nearest_bucket(width, height, buckets) if buckets else (resolution, resolution)
+    if width < target[1] or height < target[0]:  # it would have to be enlarged to cover its size
+        if buckets:
+            return PhotoProblem(
+                path,
+                f"{width}x{height} px is smaller than its training size {target[1]}x{target[0]} "
+                f"(the aspect-ratio bucket nearest its shape at resolution {resolution})",
+                "use a larger photo, or train at a lower --resolution",
+            )
         return PhotoProblem(
             path,
             f"{width}x{height} px is smaller than the training resolution {resolution}x{resolution}",
             f"use a photo at least {resolution} px on its shorter side, or train at a lower --resolution",
         )
     digest = hashlib.sha256(f"{width}x{height}".encode() + rgb.tobytes()).hexdigest()
-    target = nearest_bucket(width, height, buckets) if buckets else (resolution, resolution)
     return Photo(path, width, height, fmt, mode, rotated, digest, target)
 
 

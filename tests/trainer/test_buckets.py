@@ -159,6 +159,19 @@ def test_the_check_gives_each_photo_its_bucket_and_warns_about_big_crops(tmp_pat
     assert bucketed.bucket_counts == {(64, 64): 1, TALL: 1, WIDE: 1}
 
 
+def test_with_buckets_a_photo_must_cover_its_bucket_not_the_square(tmp_path: Path) -> None:
+    _photo(tmp_path / "narrow.png", 56, 100)  # shorter than 64 px, yet it covers its 48x80 bucket
+    _photo(tmp_path / "small.png", 40, 70)  # its bucket is 48x80 too: it would be enlarged
+    bucketed = check_photo_folder(tmp_path, resolution=64, buckets=FLUX_64)
+    assert [(p.path.name, p.target) for p in bucketed.photos] == [("narrow.png", (80, 48))]
+    (problem,) = bucketed.problems
+    assert problem.path.name == "small.png"
+    assert "40x70 px is smaller than its training size 48x80" in str(problem)
+    squares = check_photo_folder(tmp_path, resolution=64)
+    assert not squares.photos
+    assert all("smaller than the training resolution 64x64" in str(p) for p in squares.problems)
+
+
 def test_sdtrain_check_says_which_bucket_each_photo_goes_to(tmp_path: Path) -> None:
     for i, (w, h) in enumerate([(128, 200), (128, 192), (200, 128), (130, 128)]):
         _photo(tmp_path / f"p{i}.png", w, h)
