@@ -40,6 +40,18 @@ def flux_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+# Prior preservation on (FLUX's default is off) with two quick class images of "a photo of a toy".
+WITH_TWO_CLASS_IMAGES = [
+    "--prior-preservation",
+    "--class-prompt",
+    "a photo of a toy",
+    "--num-class-images",
+    "2",
+    "--class-image-steps",
+    "2",
+]
+
+
 def flux_args(base: Path, photos: Path, out: Path, *extra: str) -> list[str]:
     """A short LoRA run at 64 px without prior preservation (FLUX's own defaults otherwise)."""
     return [
@@ -196,15 +208,7 @@ def test_flux_with_prior_preservation_generates_and_trains_on_class_images(
     out = tmp_path / "run"
     args = flux_args(tiny_flux, flux_photos, out, "--max-train-steps", "2")
     args.remove("--no-prior-preservation")
-    args += [
-        "--prior-preservation",
-        "--class-prompt",
-        "a photo of a toy",
-        "--num-class-images",
-        "2",
-        "--class-image-steps",
-        "2",
-    ]
+    args += WITH_TWO_CLASS_IMAGES
     result = CliRunner().invoke(app, ["train", *args])
     assert result.exit_code == 0, result.output
     assert len(list((out / "class_images" / "a-photo-of-a-toy").glob("*.png"))) == 2

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from test_flux import PROMPT, flux_args
+from test_flux import PROMPT, WITH_TWO_CLASS_IMAGES, flux_args
 from typer.testing import CliRunner
 
 from conftest import make_photos
@@ -259,15 +259,7 @@ def test_an_int8_run_generates_its_class_images_on_the_int8_base(
     out = tmp_path / "run"
     args = [*flux_args(tiny_flux, flux_photos, out, "--max-train-steps", "2"), "--quantize-base", "int8"]
     args.remove("--no-prior-preservation")
-    args += [
-        "--prior-preservation",
-        "--class-prompt",
-        "a photo of a toy",
-        "--num-class-images",
-        "2",
-        "--class-image-steps",
-        "2",
-    ]
+    args += WITH_TWO_CLASS_IMAGES
     result = CliRunner().invoke(app, ["run", *args])
     assert result.exit_code == 0, result.output
     assert len(list((out / "class_images" / "a-photo-of-a-toy").glob("*.png"))) == 2
