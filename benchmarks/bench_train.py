@@ -325,7 +325,7 @@ def flux_gpu_child(spec: dict[str, Any]) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
-        last_loss = float(loss)
+        last_loss = float(loss.detach())
     measured = times[WARMUP_STEPS:] or times
     return {
         "name": options["name"],
