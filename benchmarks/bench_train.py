@@ -201,6 +201,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         instance_prompt="a photo of sks toy",
         class_prompt="a photo of a toy",
         class_dir=Path(spec["class_dir"]),
+        with_prior_preservation=True,  # every setting alike (FLUX's default is off)
         output_dir=Path(spec["out"]),
         num_class_images=spec["num_class_images"],
         max_train_steps=spec["steps"],
