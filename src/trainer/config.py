@@ -75,20 +75,28 @@ SD_SAMPLE_STEPS = 50
 TEXT_ENCODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 STEPS_PER_PHOTO = 100
 SMALL_SET_PHOTOS = 10  # fewer photos than this get STEPS_PER_PHOTO extra steps
+# A FLUX LoRA's steps whatever the number of photos: the default of the hosted FLUX.1-dev LoRA
+# trainers (fal's and Replicate's), which ask for 10-20 photos.
+FLUX_TRAIN_STEPS = 1000
 STEPS_WARNING_THRESHOLD = 2000  # above this DreamBooth tends to over-fit (every image looks the same)
 # Keys whose values are paths: resolved against the config file's folder.
 _PATH_KEYS = ("output_dir",)
 _CONCEPT_PATH_KEYS = ("instance_dir", "class_dir")
 
 
-def default_max_train_steps(num_photos: int) -> int:
-    """The default number of training steps: 100 per photo, plus 100 when there are fewer than 10.
+def default_max_train_steps(num_photos: int, architecture: Architecture = "sd1") -> int:
+    """The default number of training steps: 100 per photo, plus 100 when there are fewer than 10
+    (DreamBooth's rule for SD and SDXL); 1000 for a FLUX LoRA.
 
     >>> default_max_train_steps(4), default_max_train_steps(10), default_max_train_steps(25)
     (500, 1000, 2500)
+    >>> default_max_train_steps(15, "flux")
+    1000
     """
     if num_photos < 1:
         raise ValueError("num_photos must be at least 1")
+    if architecture == "flux":
+        return FLUX_TRAIN_STEPS
     extra = STEPS_PER_PHOTO if num_photos < SMALL_SET_PHOTOS else 0
     return STEPS_PER_PHOTO * num_photos + extra
 
@@ -232,7 +240,7 @@ class RunConfig(BaseModel):
         default=None,
         ge=1,
         description="Optimizer steps.",
-        json_schema_extra=_cli(TRAIN, show="100 per photo, +100 under 10 photos"),
+        json_schema_extra=_cli(TRAIN, show="100 per photo, +100 under 10 photos; FLUX 1000"),
     )
     learning_rate: float = Field(
         default=DEFAULT_LORA_LEARNING_RATE,

@@ -316,7 +316,7 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
         counts = Counter(photo.target for check in checks for photo in check.photos)
         console.print(f"Aspect-ratio buckets: {describe_counts(dict(counts.most_common()))}")
     num_photos = sum(len(c.photos) for c in checks)
-    max_steps = config.max_train_steps or default_max_train_steps(num_photos)
+    max_steps = config.max_train_steps or default_max_train_steps(num_photos, info.architecture)
     if max_steps > STEPS_WARNING_THRESHOLD:
         warning(
             f"{max_steps} training steps is a lot: above {STEPS_WARNING_THRESHOLD} "

@@ -52,7 +52,8 @@ def _flags(tmp_path: Path, **extra: object) -> dict[str, object]:
     ("photos", "steps"), [(1, 200), (4, 500), (9, 1000), (10, 1000), (15, 1500), (25, 2500)]
 )
 def test_default_steps_rule(photos: int, steps: int) -> None:
-    assert default_max_train_steps(photos) == steps
+    assert default_max_train_steps(photos) == steps == default_max_train_steps(photos, "sdxl")
+    assert default_max_train_steps(photos, "flux") == 1000  # a FLUX LoRA: whatever the photos
 
 
 def test_defaults(tmp_path: Path) -> None:

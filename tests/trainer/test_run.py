@@ -173,6 +173,7 @@ def test_prior_preservation_is_decided_per_base(
     info = BaseModelInfo(64, prediction, None, architecture)  # type: ignore[arg-type]
     record = prepare_run(config, info=info).record
     assert record.with_prior_preservation is expected
+    assert record.max_train_steps == (1000 if architecture == "flux" else 500)  # 4 photos
     assert (record.concepts[0].class_dir is not None) is expected
     assert RunRecord.read(record.write(tmp_path / "run.json")).with_prior_preservation is expected
 
