@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from trainer._console import console, warning
-from trainer.buckets import describe_counts, run_buckets
+from trainer.buckets import BUCKET_STEP, describe_counts, run_buckets
 from trainer.config import (
     FLUX_ATTENTION_EXTRA,
     FLUX_GUIDANCE_SCALE,
@@ -288,10 +288,11 @@ def prepare_run(config: RunConfig, *, info: BaseModelInfo | None = None) -> Prep
     what = "a LoRA adapter" if config.method == "lora" else "a full fine-tune"
     console.print(f"Base model: {info.describe()}; training {what}")
     resolution = config.resolution or info.resolution
-    if flux and resolution % 16:
+    step = BUCKET_STEP["flux"]
+    if flux and resolution % step:
         raise ConfigError(
-            f"FLUX trains at multiples of 16 px (latents are packed 2 x 2): use --resolution "
-            f"{resolution - resolution % 16}."
+            f"FLUX trains at multiples of {step} px (latents are packed 2 x 2): use --resolution "
+            f"{resolution - resolution % step}."
         )
     buckets = run_buckets(info.architecture, resolution, config.aspect_buckets)
     if config.with_prior_preservation is None:

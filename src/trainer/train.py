@@ -76,6 +76,7 @@ __all__ = [
     "dreambooth_loss",
     "encode_prompt",
     "micro_batch",
+    "posterior_sample",
     "preflight",
     "train",
     "training_images",
@@ -341,6 +342,19 @@ def vae_posteriors(
             for j, path in enumerate(chunk):
                 out[(path, size)] = (dist.mean[j], dist.std[j], geometry[j])
     return out
+
+
+def posterior_sample(
+    posteriors: dict[ImageKey, tuple[torch.Tensor, torch.Tensor, CropGeometry]],
+    keys: Sequence[ImageKey],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """A sample of each image's VAE posterior (``mean + std * noise``), stacked in ``keys`` order."""
+    import torch
+
+    mean = torch.stack([posteriors[k][0] for k in keys])
+    std = torch.stack([posteriors[k][1] for k in keys])
+    return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
 
 def encode_prompt(
@@ -645,12 +659,7 @@ def train(
                     per_call=len(keys),
                 )
             geometries.update((key, geometry) for key, (_, _, geometry) in posteriors.items())
-        mean = torch.stack([posteriors[k][0] for k in keys])
-        std = torch.stack([posteriors[k][1] for k in keys])
-        sample = mean + std * torch.randn(
-            mean.shape, generator=rng.generator, device=device, dtype=mean.dtype
-        )
-        return sample * scaling_factor
+        return posterior_sample(posteriors, keys, rng.generator) * scaling_factor
 
     def encode_prompts(batch_prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The prompts' hidden states (and pooled embeddings for SDXL), cached or encoded now."""

@@ -38,6 +38,7 @@ from trainer.train import (
     add_lora_adapters,
     micro_batch,
     optimizer_and_schedule,
+    posterior_sample,
     resume_state,
     training_images,
     training_loop,
@@ -251,11 +252,7 @@ def train_flux(
                     dtype=weight_dtype,
                     per_call=len(keys),
                 )
-        mean = torch.stack([posteriors[k][0] for k in keys])
-        std = torch.stack([posteriors[k][1] for k in keys])
-        sample = mean + std * torch.randn(
-            mean.shape, generator=rng.generator, device=device, dtype=mean.dtype
-        )
+        sample = posterior_sample(posteriors, keys, rng.generator)
         return ((sample - shift_factor) * scaling_factor).to(weight_dtype)
 
     def flux_step_loss(micro_step: int) -> torch.Tensor:

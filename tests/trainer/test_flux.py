@@ -52,6 +52,25 @@ WITH_TWO_CLASS_IMAGES = [
 ]
 
 
+def flux_image(base: Path, lora_dir: Path | None = None) -> np.ndarray:
+    """A 64 px, 2-step image of the tiny FLUX base (with the diffusers adapter in ``lora_dir``)."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(base)
+    pipe.set_progress_bar_config(disable=True)
+    if lora_dir is not None:
+        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_WEIGHTS)
+    out = pipe(
+        PROMPT,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="np",
+    )
+    return np.asarray(out.images[0])
+
+
 def flux_args(base: Path, photos: Path, out: Path, *extra: str) -> list[str]:
     """A short LoRA run at 64 px without prior preservation (FLUX's own defaults otherwise)."""
     return [
@@ -132,7 +151,6 @@ def test_flux_loss_weights_the_class_half() -> None:
 
 @pytest.mark.slow
 def test_a_flux_lora_run_trains_samples_and_loads_in_diffusers(flux_run: Path, tiny_flux: Path) -> None:
-    from diffusers import FluxPipeline
 
     record = json.loads((flux_run / "run.json").read_text(encoding="utf-8"))
     assert record["architecture"] == "flux" and record["prediction_type"] == "flow_matching"
@@ -145,22 +163,7 @@ def test_a_flux_lora_run_trains_samples_and_loads_in_diffusers(flux_run: Path, t
     kohya = load_file(flux_run / LORA_DIR / KOHYA_WEIGHTS)  # the ComfyUI / Forge twin, in BFL's names
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
 
-    def image(lora: bool) -> np.ndarray:
-        pipe = FluxPipeline.from_pretrained(tiny_flux)
-        pipe.set_progress_bar_config(disable=True)
-        if lora:
-            pipe.load_lora_weights(str(flux_run / LORA_DIR), weight_name=LORA_WEIGHTS)
-        out = pipe(
-            PROMPT,
-            height=64,
-            width=64,
-            num_inference_steps=2,
-            generator=torch.Generator("cpu").manual_seed(0),
-            output_type="np",
-        )
-        return np.asarray(out.images[0])
-
-    base, adapted = image(False), image(True)
+    base, adapted = flux_image(tiny_flux), flux_image(tiny_flux, flux_run / LORA_DIR)
     assert np.abs(base - adapted).max() > 1e-3, "the adapter does not change the image"
 
 

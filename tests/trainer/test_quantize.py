@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from test_flux import PROMPT, WITH_TWO_CLASS_IMAGES, flux_args
+from test_flux import PROMPT, WITH_TWO_CLASS_IMAGES, flux_args, flux_image
 from typer.testing import CliRunner
 
 from conftest import make_photos
@@ -167,7 +167,6 @@ def test_an_int8_run_trains_an_adapter_for_the_full_precision_base(
     tiny_flux: Path, flux_photos: Path, tmp_path: Path
 ) -> None:
     pytest.importorskip("torchao")
-    from diffusers import FluxPipeline
 
     runs = {}
     for kind in ("none", "int8"):
@@ -190,22 +189,8 @@ def test_an_int8_run_trains_an_adapter_for_the_full_precision_base(
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(float(v.abs().max()) > 0 for v in lora_b), "lora_B starts at zero: it trained"
 
-    def image(lora: bool) -> np.ndarray:
-        pipe = FluxPipeline.from_pretrained(tiny_flux)  # the unquantized base
-        pipe.set_progress_bar_config(disable=True)
-        if lora:
-            pipe.load_lora_weights(str(quantized / LORA_DIR), weight_name=LORA_WEIGHTS)
-        out = pipe(
-            PROMPT,
-            height=64,
-            width=64,
-            num_inference_steps=2,
-            generator=torch.Generator("cpu").manual_seed(0),
-            output_type="np",
-        )
-        return np.asarray(out.images[0])
-
-    assert np.abs(image(False) - image(True)).max() > 1e-3, "the adapter does not change the image"
+    base, adapted = flux_image(tiny_flux), flux_image(tiny_flux, quantized / LORA_DIR)  # unquantized base
+    assert np.abs(base - adapted).max() > 1e-3, "the adapter does not change the image"
 
 
 def test_int8_holds_torchao_weights_that_peft_puts_a_lora_on(tiny_flux: Path) -> None:
