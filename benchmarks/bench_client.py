@@ -5,9 +5,14 @@ it does not share this process's GIL) that answers every request at once with a 
 JPEG. Throughput is measured at concurrency 1, 16 and 64 in many short rounds; within a round the
 three clients run back to back (taking turns going first), and a ratio is the median over the
 rounds of the per-round ratios, so background load on a shared machine affects both sides of each
-comparison alike. The client's CPU time per request is printed too. Beside them, SDClient with
-`http_backend="aiohttp"` (informational: no target). Then a cold start of T seconds with 50
-concurrent calls.
+comparison alike. The client's CPU time per request is printed too. Beside them (informational:
+no target), SDClient with `http_backend="aiohttp"`, and raw httpx2 (the httpx fork huggingface_hub
+2.x sends with). Then a cold start of T seconds with 50 concurrent calls.
+
+Then where SDClient's time goes, without a network (`httpx.MockTransport` answering the server's
+image): microseconds per call of raw httpx and of SDClient, and of SDClient with each of two layers
+taken out in place (a counterfactual, patched for the measurement only): tenacity's attempt loop
+(the try awaited bare) and Pillow's header read (a stub that knows the answer's format and size).
 
 Targets (PASS/FAIL printed for each; exit status 1 if any fails):
   - SDClient within 0.9x-1.1x raw httpx and >= 1.0x AsyncInferenceClient at every level;
@@ -23,15 +28,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import random
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from unittest import mock
 
 import httpx
+import httpx2
 from huggingface_hub import AsyncInferenceClient
+from PIL import Image
 
 from sdclient import GenerationEvent, SDClient
 from sdclient.testing import spawn_server
@@ -50,11 +60,12 @@ class Plan:
     requests: dict[int, int]
     rounds: int
     cold_start_s: float
+    breakdown_calls: int
     cold_start_calls: int = 50
 
 
-FULL = Plan(requests={1: 100, 16: 250, 64: 400}, rounds=16, cold_start_s=10.0)
-QUICK = Plan(requests={1: 60, 16: 150, 64: 200}, rounds=6, cold_start_s=3.0)
+FULL = Plan(requests={1: 100, 16: 250, 64: 400}, rounds=16, cold_start_s=10.0, breakdown_calls=3000)
+QUICK = Plan(requests={1: 60, 16: 150, 64: 200}, rounds=6, cold_start_s=3.0, breakdown_calls=500)
 
 
 @dataclass
@@ -112,6 +123,9 @@ async def throughput(url: str, plan: Plan) -> dict[int, dict[str, Rounds]]:
             SDClient(model_url, max_retries=0) as sd,
             SDClient(model_url, max_retries=0, http_backend="aiohttp") as sd_aiohttp,
             httpx.AsyncClient(limits=POOL, timeout=60.0) as raw,
+            httpx2.AsyncClient(
+                limits=httpx2.Limits(max_connections=100, max_keepalive_connections=100), timeout=60.0
+            ) as raw2,
             AsyncInferenceClient(model=model_url, timeout=60.0) as hf,
         ):
 
@@ -128,6 +142,13 @@ async def throughput(url: str, plan: Plan) -> dict[int, dict[str, Rounds]]:
                 response.raise_for_status()
                 return response.content
 
+            async def httpx2_call() -> object:
+                response = await raw2.post(
+                    model_url, json={"inputs": PROMPT, "parameters": {"seed": seed()}}, headers=body_headers
+                )
+                response.raise_for_status()
+                return response.content
+
             async def hf_call() -> object:
                 return await hf.text_to_image(PROMPT, seed=seed())
 
@@ -136,6 +157,7 @@ async def throughput(url: str, plan: Plan) -> dict[int, dict[str, Rounds]]:
                 "httpx": httpx_call,
                 "hf_async": hf_call,
                 "sd_aiohttp": aiohttp_call,
+                "httpx2": httpx2_call,
             }
             rounds = {name: Rounds() for name in calls}
             for call in calls.values():  # warm up: connections, caches, imports
@@ -154,6 +176,89 @@ async def throughput(url: str, plan: Plan) -> dict[int, dict[str, Rounds]]:
                 flush=True,
             )
     return results
+
+
+@dataclass
+class _KnownHeader:
+    """What ``Image.open`` gives ``SDClient`` (format and size, as a context manager), known in advance."""
+
+    format: str | None
+    size: tuple[int, int]
+
+    def __enter__(self) -> _KnownHeader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+@contextmanager
+def without(layer: str, image: bytes) -> Iterator[None]:
+    """SDClient with one layer taken out, for a counterfactual measurement only.
+
+    ``"tenacity"``: each call's try is awaited bare instead of under tenacity's attempt loop.
+    ``"pillow"``: ``Image.open`` returns a stub with ``image``'s format and size, read beforehand.
+    """
+    if layer == "tenacity":
+
+        async def bare(attempt: Callable[[], Awaitable[object]], **_: object) -> object:
+            return await attempt()
+
+        with mock.patch("sdclient._client.call_with_retries", bare):
+            yield
+    elif layer == "pillow":
+        with Image.open(io.BytesIO(image)) as real:
+            header = _KnownHeader(real.format, real.size)
+        with mock.patch.object(Image, "open", lambda _fp: header):
+            yield
+    else:
+        raise ValueError(layer)
+
+
+async def breakdown(image: bytes, calls: int) -> dict[str, float]:
+    """Microseconds per call (best of 5 runs of ``calls``) with no network: an
+    ``httpx.MockTransport`` answers every request with ``image`` at once."""
+
+    def answer(_: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=image, headers={"content-type": "image/jpeg"})
+
+    url = f"http://127.0.0.1:9/models/{MODEL_ID}"
+    transport = httpx.MockTransport(answer)
+
+    async def best(call: Call) -> float:
+        for _ in range(calls // 10):  # warm up
+            await call()
+        runs = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(calls):
+                await call()
+            runs.append((time.perf_counter() - start) / calls * 1e6)
+        return min(runs)
+
+    costs: dict[str, float] = {}
+    async with httpx.AsyncClient(transport=transport) as raw:
+        costs["raw httpx"] = await best(
+            lambda: raw.post(
+                url, json={"inputs": PROMPT, "parameters": {"seed": seed()}}, headers={"Accept": "image/png"}
+            )
+        )
+    variants = {
+        "SDClient": (),
+        "SDClient without tenacity's attempt loop": ("tenacity",),
+        "SDClient without Pillow's header read": ("pillow",),
+        "SDClient without both": ("tenacity", "pillow"),
+    }
+    for name, layers in variants.items():
+        with ExitStack() as stack:
+            for layer in layers:
+                stack.enter_context(without(layer, image))
+            async with (
+                httpx.AsyncClient(transport=transport) as http,
+                SDClient(url, max_retries=0, http_client=http) as sd,
+            ):
+                costs[name] = await best(lambda: sd.generate(PROMPT))
+    return costs
 
 
 @dataclass
@@ -208,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
 
     checks: list[tuple[bool, str]] = []
     with spawn_server(size=IMAGE_SIDE, model_id=MODEL_ID) as url:
-        size = len(httpx.post(f"{url}/models/{MODEL_ID}", json={"inputs": PROMPT}).content)
+        image = httpx.post(f"{url}/models/{MODEL_ID}", json={"inputs": PROMPT}).content
+        size = len(image)
         print(f"server: python -m sdclient.testing (subprocess) at {url}")
         print(f"answer: {IMAGE_SIDE}x{IMAGE_SIDE} JPEG, {size} bytes, at once")
         print(f"throughput, {plan.rounds} rounds ({plan.requests} requests per round and level):")
@@ -219,14 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'concurrency':>11} {'sdclient':>9} {'httpx':>9} {'hf_async':>9} {'sd/httpx':>9} {'sd/hf':>7} |"
         f" {'CPU sd':>7} {'httpx':>7} {'hf':>7} | {'sd_aiohttp':>10} {'/httpx':>7} {'CPU':>5}"
+        f" | {'httpx2':>7} {'/httpx':>7} {'CPU':>5}"
     )
     for level, rates in results.items():
         sd, raw, hf, aio = rates["sdclient"], rates["httpx"], rates["hf_async"], rates["sd_aiohttp"]
+        raw2 = rates["httpx2"]
         vs_httpx, vs_hf = sd.ratio(raw), sd.ratio(hf)
         print(
             f"{level:>11} {sd.best:>9.0f} {raw.best:>9.0f} {hf.best:>9.0f}"
             f" {vs_httpx:>8.2f}x {vs_hf:>6.2f}x | {sd.cpu:>7.0f} {raw.cpu:>7.0f} {hf.cpu:>7.0f}"
             f" | {aio.best:>10.0f} {aio.ratio(raw):>6.2f}x {aio.cpu:>5.0f}"
+            f" | {raw2.best:>7.0f} {raw2.ratio(raw):>6.2f}x {raw2.cpu:>5.0f}"
         )
         checks.append(
             (
@@ -237,6 +346,22 @@ def main(argv: list[str] | None = None) -> int:
         checks.append(
             (vs_hf >= 1.0, f"SDClient >= 1.0x AsyncInferenceClient at concurrency {level}: {vs_hf:.2f}x")
         )
+
+    print()
+    print("where SDClient's time goes, without a network (MockTransport, the same image):")
+    costs = asyncio.run(breakdown(image, plan.breakdown_calls))
+    base = costs["SDClient"] - costs["raw httpx"]
+    raw_cpu = results[1]["httpx"].cpu  # raw httpx's CPU per request at concurrency 1, over the socket
+    for name, us in costs.items():
+        line = f"  {name:<40} {us:6.0f} us a call"
+        if name != "raw httpx":
+            added = us - costs["raw httpx"]
+            line += f"   {added:+5.0f} us over raw httpx"
+            if name != "SDClient":
+                line += f" ({added - base:+4.0f} us)"
+            # What that overhead makes of concurrency 1 over the socket, where raw httpx costs raw_cpu.
+            line += f"   implies {raw_cpu / (raw_cpu + added):.2f}x raw httpx at concurrency 1"
+        print(line)
 
     t = plan.cold_start_s
     print()
