@@ -13,7 +13,9 @@ Deliveries are retried with exponential back-off (and jitter) on connection erro
 408, 425, 429 and 5xx; another 4xx means the receiver refused it and is not retried. Redirects are
 not followed. Targets that resolve to loopback, private, link-local or reserved addresses are
 refused unless `SDPROXY_WEBHOOK_ALLOW_PRIVATE` is set, both when the job is created and at each
-delivery (a name may be re-pointed in between).
+delivery (a name may be re-pointed in between); each delivery resolves the name once and connects
+to the address that was checked (`Host`, TLS SNI and the certificate check keep the name), so a
+name re-pointed between the check and the connect (DNS rebinding) cannot reach a private address.
 """
 
 from __future__ import annotations
@@ -90,8 +92,12 @@ def _is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-async def check_target(url: str, *, allow_private: bool) -> None:
+async def check_target(url: str, *, allow_private: bool) -> list[str]:
     """Refuse a webhook URL that is not http(s), or whose host resolves to a non-public address.
+
+    Returns:
+        The addresses the host resolved to, all public, in the resolver's order; empty when
+        `allow_private` (nothing is resolved then).
 
     Raises:
         InvalidInput: The URL is unusable or points at a loopback/private/reserved address.
@@ -100,12 +106,12 @@ async def check_target(url: str, *, allow_private: bool) -> None:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidInput(f"webhook_url: {url!r} is not an http(s) URL")
     if allow_private:
-        return
+        return []
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, parts.port or 443)
     except OSError:
         raise InvalidInput(f"webhook_url: the host {parts.hostname!r} does not resolve") from None
-    addresses = {str(info[4][0]) for info in infos}
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     private = sorted(address for address in addresses if not _is_public(address))
     if private:
         raise InvalidInput(
@@ -113,6 +119,24 @@ async def check_target(url: str, *, allow_private: bool) -> None:
             f"({', '.join(private)}); webhooks go to public addresses only "
             "(the operator may allow others with SDPROXY_WEBHOOK_ALLOW_PRIVATE=true)"
         )
+    if not addresses:
+        raise InvalidInput(f"webhook_url: the host {parts.hostname!r} does not resolve")
+    return addresses
+
+
+def _pinned_request(url: str, address: str) -> tuple[httpx.URL, str, dict[str, Any]]:
+    """`url` with its host replaced by the checked `address`, and what keeps the original name.
+
+    Returns:
+        The URL to connect to (an IPv6 address in brackets), the `Host` header (the original host,
+        with its port when not the scheme's default) and the request extensions: for https,
+        `sni_hostname`, which httpcore uses for TLS SNI and the certificate's hostname check.
+    """
+    original = httpx.URL(url)
+    extensions: dict[str, Any] = {}
+    if original.scheme == "https":
+        extensions["sni_hostname"] = original.raw_host.decode("ascii")
+    return original.copy_with(host=address), original.netloc.decode("ascii"), extensions
 
 
 class WebhookSender:
@@ -132,7 +156,14 @@ class WebhookSender:
         self.backoff_s = backoff_s
         self.delivered = 0
         self.failed = 0
-        self._http = httpx.AsyncClient(timeout=DELIVERY_TIMEOUT_S, follow_redirects=False, trust_env=False)
+        # No kept-alive connections: a pooled connection is keyed by the address, and must not
+        # carry a delivery for another name (its TLS session was verified for the first one).
+        self._http = httpx.AsyncClient(
+            timeout=DELIVERY_TIMEOUT_S,
+            follow_redirects=False,
+            trust_env=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -164,14 +195,18 @@ class WebhookSender:
         return True
 
     async def _send(self, url: str, webhook_id: str, body: bytes, attempt: int) -> None:
-        await check_target(url, allow_private=self.allow_private)
+        addresses = await check_target(url, allow_private=self.allow_private)
         headers = {
             "Content-Type": "application/json",
             SIGNATURE_HEADER: sign(self.secret, body, int(time.time())),
             ID_HEADER: webhook_id,
             "User-Agent": "sdproxy-webhook",
         }
-        response = await self._http.post(url, content=body, headers=headers)
+        target: httpx.URL | str = url
+        extensions: dict[str, Any] = {}
+        if addresses:  # connect to the address that was checked, not to the name again
+            target, headers["Host"], extensions = _pinned_request(url, addresses[0])
+        response = await self._http.post(target, content=body, headers=headers, extensions=extensions)
         status = response.status_code
         if 200 <= status < 300:
             logger.info("webhook delivered", extra={"webhook_id": webhook_id, "attempt": attempt})
