@@ -477,6 +477,10 @@ def overload(clients: int, delay: float) -> bool:
             "max_concurrency": concurrency,
             "queue_size": queue,
             "upstream_timeout": delay * 4,
+            # Every client holds its connection open from the start: all of them must fit under
+            # the connection cap (uvicorn's limit_concurrency, 1000 by default), so that every
+            # refusal measured is the proxy's `busy`.
+            "max_connections": clients + 100,
         }
         with sdproxy(upstream, **settings) as (proxy, process):
             parts = urlsplit(proxy)
