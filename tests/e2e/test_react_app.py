@@ -354,3 +354,44 @@ def test_a_lora_served_by_fal_ai_shows_the_providers_queue_then_the_image(
         assert natural_width(page) == 256  # the size asked for reached fal-ai
         (submitted,) = [r for r in router.requests if r.method == "POST" and r.path.startswith("/fal-ai/")]
         assert submitted.json["image_size"] == {"width": 256, "height": 256}
+
+
+@pytest.mark.parametrize(
+    ("provider", "provider_id", "lora", "path"),
+    [
+        pytest.param(
+            "replicate",
+            "owner/flux-dev-lora",
+            "lora.safetensors",
+            "/replicate/v1/models/owner/flux-dev-lora/predictions",
+            id="replicate",
+        ),
+        pytest.param(
+            "together", "black-forest-labs/FLUX.1-dev", None, "/together/v1/images/generations", id="base64"
+        ),
+        pytest.param("hf-inference", None, None, "/hf-inference/models/user/a-model", id="hf-inference"),
+    ],
+)
+def test_the_page_draws_through_every_other_kind_of_provider(
+    start_stack: Callable[..., Stack],
+    open_page: Callable[[Stack], Page],
+    monkeypatch: pytest.MonkeyPatch,
+    provider: str,
+    provider_id: str | None,
+    lora: str | None,
+    path: str,
+) -> None:
+    import huggingface_hub.constants
+
+    from sdclient.testing import FakeRouter
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the fake Hub is local
+    with FakeRouter() as router:
+        router.add_model("user/a-model", provider, provider_id, lora=lora)
+        stack = start_stack(model="user/a-model", router_url=router.url, hub_url=router.url)
+        page = open_page(stack)
+        fill_form(page, "a photo of sks cat", seed=12)
+        page.get_by_test_id("generate").click()
+        wait_for_image(page)
+        assert natural_width(page) == 256  # the size asked for reached the provider
+        assert [r.path for r in router.requests if r.method == "POST"] == [path]
