@@ -16,6 +16,7 @@ APIs for ``application/json``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ import pytest
 from client_harness import FAST, SENTINEL
 from huggingface_hub import AsyncInferenceClient
 from huggingface_hub.inference._providers import _common, hf_inference
+from PIL import Image
 from typer.testing import CliRunner
 
 import sdclient
@@ -280,32 +282,38 @@ def test_the_auth_header_is_compared(router: FakeRouter):
 
 # -- the sync facade and the CLI through the fake router ----------------------------------
 
+# One route of each kind: fal-ai's queue (a FLUX LoRA), Replicate (a LoRA), a base64 provider,
+# hf-inference.
+SURFACE_CASES = ["fal-ai-flux-lora", "replicate-lora", "together", "hf-inference"]
 
-def test_the_sync_client_generates_through_the_router(router: FakeRouter):
+
+@pytest.mark.parametrize("case", SURFACE_CASES)
+def test_the_sync_client_sends_what_sdclient_sends(router: FakeRouter, case: str):
+    model, provider, _, _ = CASES[case]
+    expected, _ = asyncio.run(_ours(router, case))  # SDClient's, compared with huggingface_hub's above
+    router.clear_requests()
     with SyncSDClient(
-        "user/flux-lora",
-        provider="fal-ai",
-        token=SENTINEL,
-        router_url=router.url,
-        hub_url=router.url,
-        retry=FAST,
-    ) as client:
+        model, provider=provider, token=SENTINEL, router_url=router.url, hub_url=router.url, retry=FAST
+    ) as client:  # type: ignore[arg-type]
         image = client.generate(PROMPT, **PARAMETERS)
-    assert (image.width, image.height) == (768, 512) and image.provider == "fal-ai"
-    submit = _provider_requests(router)[0]
-    assert submit.path == "/fal-ai/fal-ai/flux-lora" and submit.json["loras"][0]["scale"] == 1
+    assert (image.width, image.height) == (768, 512) and image.provider == provider
+    assert _requests(router) == expected
 
 
-def test_the_cli_generates_through_the_router(router: FakeRouter, tmp_path: Path):
+@pytest.mark.parametrize("case", SURFACE_CASES)
+def test_the_cli_sends_what_sdclient_sends(router: FakeRouter, tmp_path: Path, case: str):
+    model, provider, _, _ = CASES[case]
+    expected, _ = asyncio.run(_ours(router, case))
+    router.clear_requests()
     result = CliRunner().invoke(
         app,
         [
             "generate",
             PROMPT,
             "-m",
-            "user/flux-lora",
+            model,
             "--provider",
-            "fal-ai",
+            provider,
             "--router-url",
             router.url,
             "--hub-url",
@@ -334,10 +342,9 @@ def test_the_cli_generates_through_the_router(router: FakeRouter, tmp_path: Path
     assert result.exit_code == 0, result.output
     (png,) = tmp_path.glob("*.png")
     assert re.search(r"-1234\.png$", png.name)
-    submit = _provider_requests(router)[0]
-    assert submit.path == "/fal-ai/fal-ai/flux-lora" and submit.authorization == f"Bearer {SENTINEL}"
-    assert submit.json["image_size"] == {"width": 768, "height": 512}
-    assert submit.json["num_inference_steps"] == 28 and submit.json["seed"] == 1234
+    with Image.open(png) as saved:
+        assert saved.size == (768, 512)
+    assert _requests(router) == expected
 
 
 def test_the_cli_refuses_an_unknown_provider():
