@@ -3,7 +3,7 @@
 All three call one local server of the protocol (`python -m sdclient.testing`, in a subprocess so
 it does not share this process's GIL) that answers every request at once with a ~50 KB 512x512
 JPEG. Throughput is measured at concurrency 1, 16 and 64 in many short rounds; within a round the
-three clients run back to back (taking turns going first), and a ratio is the median over the
+clients run back to back (taking turns going first), and a ratio is the median over the
 rounds of the per-round ratios, so background load on a shared machine affects both sides of each
 comparison alike. The client's CPU time per request is printed too. Beside them (informational:
 no target), SDClient with `http_backend="aiohttp"`, and raw httpx2 (the httpx fork huggingface_hub
