@@ -7,18 +7,25 @@ makes the ones that are missing (a run with 200 wanted and 150 present generates
 
 Image ``i`` of a folder is generated with seed ``seed + i``, so a regenerated image is the same
 picture as before.
+
+With aspect-ratio buckets a concept's class images are generated at the sizes its photos train at
+(see :func:`class_image_plan`), so each joins batches of its own size uncropped. Images already in
+the folder are reused whatever their size (a cache of square images made before stays valid).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdclient.protocol import PngText
 from trainer._console import console, progress_bar
 from trainer._fs import atomic_write_bytes
+from trainer.buckets import Size
 from trainer.sample import png_bytes
 
 if TYPE_CHECKING:
@@ -26,7 +33,14 @@ if TYPE_CHECKING:
 
     from trainer.config import QuantizeBase
 
-__all__ = ["IMAGE_SUFFIXES", "ClassImagesResult", "ensure_class_images", "existing_class_images"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ClassImagesResult",
+    "class_image_plan",
+    "describe_plan",
+    "ensure_class_images",
+    "existing_class_images",
+]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 CLASS_GUIDANCE_SCALE = 7.5
@@ -61,6 +75,62 @@ def existing_class_images(class_dir: Path) -> list[Path]:
     )
 
 
+def class_image_plan(photo_sizes: Sequence[Size], num_images: int, resolution: int) -> list[Size]:
+    """The size (``(height, width)``) class image ``i`` is generated at, for ``i < num_images``.
+
+    ``num_images`` is shared among the training sizes of the concept's photos in proportion to how
+    many photos train at each (largest-remainder rounding); every size gets at least one image when
+    there are enough images for all. The shares are interleaved so that any first ``k`` images are
+    near those proportions too. The plan depends only on how many photos have each size (not on
+    their order). No photos: every image is the ``resolution`` square.
+
+    >>> class_image_plan([(80, 48), (80, 48), (80, 48), (64, 64)], 4, 64)
+    [(80, 48), (80, 48), (64, 64), (80, 48)]
+    >>> class_image_plan([], 2, 64)
+    [(64, 64), (64, 64)]
+    """
+    if num_images <= 0:
+        return []
+    counts = Counter(photo_sizes)
+    if not counts:
+        return [(resolution, resolution)] * num_images
+    sizes = sorted(counts, key=lambda size: (-counts[size], size))  # most photos first
+    total = sum(counts.values())
+    shares = {size: num_images * counts[size] // total for size in sizes}
+    left = num_images - sum(shares.values())
+    by_remainder = sorted(sizes, key=lambda size: (-(num_images * counts[size] % total), sizes.index(size)))
+    for size in by_remainder[:left]:
+        shares[size] += 1
+    for size in sizes:  # at least one image per size, taken from the largest share
+        if shares[size] == 0:
+            donor = max(sizes, key=lambda d: (shares[d], -sizes.index(d)))
+            if shares[donor] <= 1:
+                break  # fewer images than sizes: the sizes with the most photos have one each
+            shares[donor] -= 1
+            shares[size] += 1
+    plan: list[Size] = []
+    given = dict.fromkeys(sizes, 0)
+    for _ in range(num_images):
+        size = min(
+            (s for s in sizes if given[s] < shares[s]),
+            key=lambda s: (Fraction(2 * given[s] + 1, 2 * shares[s]), sizes.index(s)),
+        )
+        given[size] += 1
+        plan.append(size)
+    return plan
+
+
+def describe_plan(plan: Sequence[Size]) -> str:
+    """How many class images a plan makes at each size, for the console (width x height).
+
+    >>> describe_plan([(80, 48), (64, 64), (80, 48)])
+    '2 at 48x80, 1 at 64x64 (width x height)'
+    """
+    counts = Counter(plan)
+    parts = [f"{n} at {w}x{h}" for (h, w), n in sorted(counts.items(), key=lambda item: -item[1])]
+    return ", ".join(parts) + " (width x height)"
+
+
 def ensure_class_images(
     jobs: Sequence[tuple[str, Path]],
     *,
@@ -74,16 +144,20 @@ def ensure_class_images(
     device: str | None = None,
     vae: str | Path | None = None,
     quantize_base: QuantizeBase = "none",
+    photo_sizes: Sequence[Sequence[Size]] | None = None,
 ) -> list[ClassImagesResult]:
     """Make sure every class folder holds ``num_images`` images, generating only the missing ones.
 
-    The base model is loaded only if something is missing, once for all folders.
+    The base model is loaded only if something is missing, once for all folders. A missing image
+    ``i`` is generated at the size :func:`class_image_plan` gives index ``i`` (index
+    ``i % num_images`` for a name beyond, as when a user's own file took a name); images already
+    there are reused whatever their size.
 
     Args:
         jobs: ``(class_prompt, class_dir)`` pairs; a folder listed twice is filled once.
         base_model: Hub id or folder of the model that generates them (the run's base model).
         num_images: Images wanted per folder.
-        resolution: Width and height of generated images.
+        resolution: Width and height of generated images without ``photo_sizes``.
         batch_size: Images per pipeline call (lower it if the GPU runs out of memory).
         num_inference_steps: Denoising steps per image.
         seed: Image ``i`` uses seed ``seed + i``.
@@ -91,6 +165,8 @@ def ensure_class_images(
         device: Where to generate; default CUDA, then MPS, then the CPU.
         vae: A VAE to generate with instead of the base model's (the run's ``--vae``).
         quantize_base: Load a FLUX base's transformer quantized (the run's ``--quantize-base``).
+        photo_sizes: Per job, the training size of each of its concept's photos (their buckets);
+            a folder listed twice plans for the photos of both. ``None``: every image square.
 
     Returns:
         One result per distinct folder, in order.
@@ -100,6 +176,9 @@ def ensure_class_images(
     """
     results: list[ClassImagesResult] = []
     done: set[Path] = set()
+    folder_sizes: dict[Path, list[Size]] = {}
+    for j, (_, class_dir) in enumerate(jobs):
+        folder_sizes.setdefault(class_dir.resolve(), []).extend(photo_sizes[j] if photo_sizes else [])
     for prompt, class_dir in jobs:
         key = class_dir.resolve()
         if key in done:
@@ -108,6 +187,9 @@ def ensure_class_images(
         existing = existing_class_images(class_dir)
         missing = max(0, num_images - len(existing))
         if missing:
+            plan = class_image_plan(folder_sizes[key], num_images, resolution)
+            if set(plan) != {(resolution, resolution)}:
+                console.print(f"Class images of '{prompt}' at the sizes of its photos: {describe_plan(plan)}")
             if pipeline is None:
                 from trainer.loading import load_pipeline
 
@@ -119,7 +201,7 @@ def ensure_class_images(
                 class_dir,
                 start=len(existing),
                 count=missing,
-                resolution=resolution,
+                plan=plan,
                 batch_size=batch_size,
                 steps=num_inference_steps,
                 seed=seed,
@@ -138,7 +220,7 @@ def _generate(
     *,
     start: int,
     count: int,
-    resolution: int,
+    plan: Sequence[Size],
     batch_size: int,
     steps: int,
     seed: int,
@@ -152,31 +234,36 @@ def _generate(
     gen_device = "cpu" if device.type == "mps" else device.type
     flux = type(pipe).__name__ == "FluxPipeline"
     guidance_scale = FLUX_CLASS_GUIDANCE_SCALE if flux else CLASS_GUIDANCE_SCALE
-    written: list[Path] = []
+    indices: list[int] = []
     index = start
+    while len(indices) < count:  # skip names a user already has (e.g. their own 00003.png)
+        if not (class_dir / f"{index:05d}.png").exists():
+            indices.append(index)
+        index += 1
+    # One size per pipeline call: the indices of each size in turn, in batches.
+    by_size: dict[Size, list[int]] = {}
+    for i in indices:
+        by_size.setdefault(plan[i % len(plan)], []).append(i)
+    written: list[Path] = []
     with progress_bar() as progress:
         task = progress.add_task(f"Class images '{prompt}'", total=count)
-        while len(written) < count:
-            n = min(batch_size, count - len(written))
-            indices: list[int] = []
-            while len(indices) < n:  # skip names a user already has (e.g. their own 00003.png)
-                if not (class_dir / f"{index:05d}.png").exists():
-                    indices.append(index)
-                index += 1
-            generators = [torch.Generator(gen_device).manual_seed(seed + i) for i in indices]
-            with torch.inference_mode():
-                images = pipe(
-                    [prompt] * n,
-                    height=resolution,
-                    width=resolution,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance_scale,
-                    generator=generators,
-                ).images
-            for i, image in zip(indices, images, strict=True):
-                path = class_dir / f"{i:05d}.png"
-                text = {PngText.PROMPT: prompt, PngText.SEED: str(seed + i), PngText.STEPS: str(steps)}
-                atomic_write_bytes(path, png_bytes(image, text))
-                written.append(path)
-            progress.advance(task, n)
-    return written
+        for (height, width), group in by_size.items():
+            for first in range(0, len(group), batch_size):
+                batch = group[first : first + batch_size]
+                generators = [torch.Generator(gen_device).manual_seed(seed + i) for i in batch]
+                with torch.inference_mode():
+                    images = pipe(
+                        [prompt] * len(batch),
+                        height=height,
+                        width=width,
+                        num_inference_steps=steps,
+                        guidance_scale=guidance_scale,
+                        generator=generators,
+                    ).images
+                for i, image in zip(batch, images, strict=True):
+                    path = class_dir / f"{i:05d}.png"
+                    text = {PngText.PROMPT: prompt, PngText.SEED: str(seed + i), PngText.STEPS: str(steps)}
+                    atomic_write_bytes(path, png_bytes(image, text))
+                    written.append(path)
+                progress.advance(task, len(batch))
+    return sorted(written)  # in index order, as the folder lists them

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from trainer._console import console, warning
-from trainer.buckets import BUCKET_STEP, describe_counts, run_buckets
+from trainer.buckets import BUCKET_STEP, Size, describe_counts, run_buckets
 from trainer.config import (
     FLUX_ATTENTION_EXTRA,
     FLUX_GUIDANCE_SCALE,
@@ -368,13 +368,23 @@ def _check_flux_options(config: RunConfig) -> None:
         raise ConfigError("FLUX: --noise-offset is for SD/SDXL noise prediction; flow matching has none.")
 
 
-def make_class_images(record: RunRecord) -> list[ClassImagesResult]:
-    """Generate the missing class images of every concept (nothing when prior preservation is off)."""
+def make_class_images(record: RunRecord, checks: list[PhotoCheck] | None = None) -> list[ClassImagesResult]:
+    """Generate the missing class images of every concept (nothing when prior preservation is off).
+
+    With ``checks`` (the photo check of each concept, in concept order) a concept's class images are
+    generated at its photos' training sizes (their buckets; the square without buckets), shared in
+    proportion to the photos (see :func:`trainer.class_images.class_image_plan`); without, square.
+    """
     from trainer.class_images import ensure_class_images
 
     if not record.with_prior_preservation:
         return []
-    jobs = [(c.class_prompt, c.class_dir) for c in record.concepts if c.class_prompt and c.class_dir]
+    jobs: list[tuple[str, Path]] = []
+    photo_sizes: list[list[Size]] = []
+    for i, c in enumerate(record.concepts):
+        if c.class_prompt and c.class_dir:
+            jobs.append((c.class_prompt, c.class_dir))
+            photo_sizes.append([p.target for p in checks[i].photos] if checks is not None else [])
     return ensure_class_images(
         jobs,
         base_model=record.base_model,
@@ -385,15 +395,17 @@ def make_class_images(record: RunRecord) -> list[ClassImagesResult]:
         seed=record.seed,
         vae=record.vae,
         quantize_base=record.quantize_base,
+        photo_sizes=photo_sizes,
     )
 
 
 def training_data(record: RunRecord, checks: list[PhotoCheck]) -> TrainingData:
     """The instance photos and class images of every concept, as the training loop takes them.
 
-    Each photo trains at the size its check gave it (its bucket, or the square); class images are
-    cropped to the size of the photos they are batched with. Class images are checked like photos
-    (a damaged cached image is reported, not trained on).
+    Each photo trains at the size its check gave it (its bucket, or the square); each class image's
+    own size (``(height, width)`` of the file) is kept, so that it joins batches of that size (see
+    :meth:`trainer.train.TrainingData.class_images_at`). Class images are checked like photos, with
+    the run's buckets (a damaged cached image is reported, not trained on).
 
     Raises:
         PhotoError: a class image is unusable.
@@ -403,7 +415,9 @@ def training_data(record: RunRecord, checks: list[PhotoCheck]) -> TrainingData:
 
     instance = [(photo.path, i) for i, check in enumerate(checks) for photo in check.photos]
     sizes = [photo.target for check in checks for photo in check.photos]
+    buckets = run_buckets(record.architecture, record.resolution, True) if record.aspect_buckets else None
     class_images: list[list[Path]] = []
+    class_sizes: list[list[Size]] = []
     for concept in record.concepts:
         if record.with_prior_preservation and concept.class_dir is not None:
             wanted = set(existing_class_images(concept.class_dir)[: record.num_class_images])
@@ -411,11 +425,15 @@ def training_data(record: RunRecord, checks: list[PhotoCheck]) -> TrainingData:
                 [concept.class_dir],
                 resolution=record.resolution,
                 max_megapixels=record.max_photo_megapixels,
+                buckets=buckets,
             )
-            class_images.append([p.path for p in check.photos if p.path in wanted])
+            used = [p for p in check.photos if p.path in wanted]
+            class_images.append([p.path for p in used])
+            class_sizes.append([(p.height, p.width) for p in used])
         else:
             class_images.append([])
-    return TrainingData(instance=instance, class_images=class_images, sizes=sizes)
+            class_sizes.append([])
+    return TrainingData(instance=instance, class_images=class_images, sizes=sizes, class_sizes=class_sizes)
 
 
 def _check_publish_token(record: RunRecord) -> None:
@@ -475,7 +493,7 @@ def run(
         out.mkdir(parents=True, exist_ok=True)
         record.write(out / "run.json")
         # 2. class images, generated once and cached in each concept's class folder.
-        result.class_images = make_class_images(record)
+        result.class_images = make_class_images(record, prepared.checks)
         gc.collect()
     state.wait_for_everyone()
 

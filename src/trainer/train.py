@@ -96,15 +96,32 @@ class TrainingData:
         class_images: Per concept, its class images (empty without prior preservation).
         sizes: ``(height, width)`` each instance photo trains at (its aspect-ratio bucket), in the
             order of ``instance``; empty: every photo at the run's ``resolution`` square.
+        class_sizes: Per concept, each class image's own ``(height, width)``, in the order of
+            ``class_images``; empty: unknown (every class image joins every batch of its concept).
     """
 
     instance: list[tuple[Path, int]]
     class_images: list[list[Path]]
     sizes: list[Size] = field(default_factory=list)
+    class_sizes: list[list[Size]] = field(default_factory=list)
 
     def size_of(self, example: int, resolution: int) -> Size:
         """The size instance photo ``example`` trains at."""
         return self.sizes[example] if self.sizes else (resolution, resolution)
+
+    def class_images_at(self, concept: int, size: Size) -> list[Path]:
+        """The class images of ``concept`` that join its batches of ``size``.
+
+        Those whose own size is ``size`` (generated at it, so nothing is enlarged or cut); when the
+        concept has none of that size (a cache of square images made before, a user's own images),
+        all of them, resized to cover ``size`` and centre-cropped.
+        """
+        images = self.class_images[concept]
+        if self.class_sizes:
+            own = [p for p, s in zip(images, self.class_sizes[concept], strict=True) if s == size]
+            if own:
+                return own
+        return images
 
 
 ImageKey = tuple[Path, Size]
@@ -303,16 +320,17 @@ def _pixels(
 def training_images(data: TrainingData, resolution: int) -> list[ImageKey]:
     """Every image a run may train on, at every size it may train at (what latent caching encodes).
 
-    Each instance photo at its own size; each class image at every size of its concept's photos
-    (class images join the batches of those photos, cropped to their size).
+    Each instance photo at its own size; for each size its concept's photos train at, the class
+    images that join batches of that size (:meth:`TrainingData.class_images_at`: those of that size,
+    else all of them, cropped to it).
     """
     keys: dict[ImageKey, None] = {}
     for example, (path, _) in enumerate(data.instance):
         keys[(path, data.size_of(example, resolution))] = None
-    for concept, images in enumerate(data.class_images):
+    for concept in range(len(data.class_images)):
         sizes = {data.size_of(i, resolution): None for i, (_, c) in enumerate(data.instance) if c == concept}
-        for path in images:
-            for size in sizes:
+        for size in sizes:
+            for path in data.class_images_at(concept, size):
                 keys[(path, size)] = None
     return list(keys)
 
@@ -771,7 +789,8 @@ def micro_batch(record: RunRecord, data: TrainingData, micro_step: int, accelera
     """The photos and prompts of a micro-step: instance examples first, then their class images.
 
     All are at one size: the photos share a bucket (see :func:`batch_positions`) and the class
-    images are cropped to it.
+    images are those of that size (cropped to it when the concept has none, see
+    :meth:`TrainingData.class_images_at`).
     """
     num_instances = len(data.instance)
     sizes = [data.size_of(i, record.resolution) for i in range(num_instances)]
@@ -789,14 +808,15 @@ def micro_batch(record: RunRecord, data: TrainingData, micro_step: int, accelera
         path, concept = data.instance[example]
         paths.append(path)
         batch_prompts.append(record.concepts[concept].instance_prompt)
+    size = sizes[picks[0][2]]
     if record.with_prior_preservation:
         for epoch, pos, example in picks:
             concept = data.instance[example][1]
-            images = data.class_images[concept]
+            images = data.class_images_at(concept, size)
             # Walk through the class images across epochs so every one of them gets used.
             paths.append(images[(epoch * num_instances + pos) % len(images)])
             batch_prompts.append(record.concepts[concept].class_prompt or "")
-    return MicroBatch(paths, batch_prompts, sizes[picks[0][2]])
+    return MicroBatch(paths, batch_prompts, size)
 
 
 def resume_state(

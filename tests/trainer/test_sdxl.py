@@ -542,11 +542,11 @@ def _draw(pipe: Any) -> torch.Tensor:
 
 # (original h, original w, crop top, crop left, target h, target w) at 128 px in buckets: a tall
 # 128x200 photo in the 128x192 bucket (resized to 128x200, 4 px cut at the top), a wide one in
-# 192x128, and the square class images (128x128) scaled by 1.5 and centre-cropped to each bucket.
+# 192x128, and the class images, one generated at each bucket's size, uncropped.
 BUCKET_TALL_IDS = (200, 128, 4, 0, 192, 128)
 BUCKET_WIDE_IDS = (128, 200, 0, 4, 128, 192)
-CLASS_IN_TALL_IDS = (128, 128, 0, 32, 192, 128)
-CLASS_IN_WIDE_IDS = (128, 128, 32, 0, 128, 192)
+CLASS_IN_TALL_IDS = (192, 128, 0, 0, 192, 128)
+CLASS_IN_WIDE_IDS = (128, 192, 0, 0, 128, 192)
 
 
 @pytest.mark.slow
@@ -567,8 +567,11 @@ def test_sdxl_trains_in_buckets_with_each_images_true_size_and_crop_ids(
     # The ids are those of the files' own preprocessing at their bucket.
     tall_photo = next(p for p in photos.iterdir() if p.name != "wide.jpg")
     assert load_photo_with_geometry(tall_photo, (192, 128))[1].time_ids == BUCKET_TALL_IDS
-    for class_image in (tmp_path / "run" / "class_images").rglob("*.png"):
-        assert load_photo_with_geometry(class_image, (128, 192))[1].time_ids == CLASS_IN_WIDE_IDS
+    class_sizes = []
+    for class_image in sorted((tmp_path / "run" / "class_images").rglob("*.png")):
+        with Image.open(class_image) as image:
+            class_sizes.append(image.size)
+    assert class_sizes == [(192, 128), (128, 192)]  # width x height: one per bucket, as the photos
     vae = json.loads((tiny_sdxl / "vae" / "config.json").read_text(encoding="utf-8"))
     scale = 2 ** (len(vae["block_out_channels"]) - 1)  # the tiny VAE's: 2 (SDXL's: 8)
 
