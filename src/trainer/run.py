@@ -403,7 +403,7 @@ def training_data(record: RunRecord, checks: list[PhotoCheck]) -> TrainingData:
     """The instance photos and class images of every concept, as the training loop takes them.
 
     Each photo trains at the size its check gave it (its bucket, or the square); each class image's
-    own size (``(height, width)`` of the file) is kept, so that it joins batches of that size (see
+    bucket is kept too, so that it joins batches of that size (see
     :meth:`trainer.train.TrainingData.class_images_at`). Class images are checked like photos, with
     the run's buckets (a damaged cached image is reported, not trained on).
 
@@ -429,7 +429,7 @@ def training_data(record: RunRecord, checks: list[PhotoCheck]) -> TrainingData:
             )
             used = [p for p in check.photos if p.path in wanted]
             class_images.append([p.path for p in used])
-            class_sizes.append([(p.height, p.width) for p in used])
+            class_sizes.append([p.target for p in used])
         else:
             class_images.append([])
             class_sizes.append([])

@@ -96,8 +96,9 @@ class TrainingData:
         class_images: Per concept, its class images (empty without prior preservation).
         sizes: ``(height, width)`` each instance photo trains at (its aspect-ratio bucket), in the
             order of ``instance``; empty: every photo at the run's ``resolution`` square.
-        class_sizes: Per concept, each class image's own ``(height, width)``, in the order of
-            ``class_images``; empty: unknown (every class image joins every batch of its concept).
+        class_sizes: Per concept, the bucket (``(height, width)``) of each class image, in the order
+            of ``class_images``: the size it was generated at, or the bucket nearest a user's own
+            image's shape; empty: unknown (every class image joins every batch of its concept).
     """
 
     instance: list[tuple[Path, int]]
@@ -112,9 +113,9 @@ class TrainingData:
     def class_images_at(self, concept: int, size: Size) -> list[Path]:
         """The class images of ``concept`` that join its batches of ``size``.
 
-        Those whose own size is ``size`` (generated at it, so nothing is enlarged or cut); when the
-        concept has none of that size (a cache of square images made before, a user's own images),
-        all of them, resized to cover ``size`` and centre-cropped.
+        Those whose bucket is ``size`` (generated at it, so nothing is enlarged or cut); when the
+        concept has none of that size (a cache of square images made before, a user's own images of
+        other shapes), all of them, resized to cover ``size`` and centre-cropped.
         """
         images = self.class_images[concept]
         if self.class_sizes:

@@ -157,7 +157,13 @@ def test_every_batch_gets_the_class_images_of_its_own_size(tmp_path: Path, batch
 
 def _bucket_args(base: Path, photos: Path, out: Path, **overrides: Any) -> list[str]:
     """A 128 px SD run in aspect-ratio buckets (128x128, 128x192, 192x128, ...), 1 step."""
-    options: dict[str, Any] = {"resolution": 128, "max_train_steps": 1, "num_samples": 0, **overrides}
+    options: dict[str, Any] = {
+        "resolution": 128,
+        "max_train_steps": 1,
+        "num_samples": 0,
+        "method": "lora",
+        **overrides,
+    }
     return [*run_args(base, photos, out, **options), "--aspect-buckets"]
 
 
@@ -166,7 +172,8 @@ def test_a_bucket_run_on_tall_photos_generates_tall_class_images(tiny_sd1: Path,
     photos = tmp_path / "photos"
     make_photos(photos, 2, size=(128, 200))
     result = CliRunner().invoke(
-        app, ["train", *_bucket_args(tiny_sd1, photos, tmp_path / "run", num_class_images=3)]
+        app,
+        ["train", *_bucket_args(tiny_sd1, photos, tmp_path / "run", num_class_images=3, class_image_steps=1)],
     )
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
@@ -197,7 +204,7 @@ def test_tall_and_square_photos_get_class_images_of_both_sizes_in_proportion(
         with_prior_preservation=True,
         num_class_images=4,
         class_batch_size=2,
-        class_image_steps=2,
+        class_image_steps=1,
         train_batch_size=2,
     )
     prepared = prepare_run(config)
@@ -241,7 +248,7 @@ def test_a_cache_of_square_class_images_is_reused_as_it_is_and_still_trains(
     assert result.exit_code == 0, result.output
     assert "Reusing 3 class images" in " ".join(result.output.split())
     assert [p.read_bytes() for p in squares] == before and len(list(cache.iterdir())) == 3
-    assert (tmp_path / "run" / "model" / "model_index.json").is_file()
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
     # They join the tall batches cropped, as before.
     record = RunRecord.read(tmp_path / "run" / "run.json")
     data = training_data(record, prepare_run(record).checks)
