@@ -152,6 +152,21 @@ def test_every_batch_gets_the_class_images_of_its_own_size(tmp_path: Path, batch
     assert unsized.class_images_at(0, TALL) == classes
 
 
+def test_a_users_own_class_image_joins_the_batches_of_the_bucket_nearest_its_shape(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo(photos / "a.png", 64, 107)  # trains at TALL
+    _photo(photos / "b.png", 70, 70)  # trains at SQUARE
+    # A user's own class images, of no bucket's exact size: a tall one and a square-ish one.
+    _class_image(tmp_path / "class" / "mine-tall.png", (110, 66), 0)
+    _class_image(tmp_path / "class" / "mine-square.png", (72, 75), 1)
+    prepared = _prepared(tmp_path, "flux", 2)
+    data = training_data(prepared.record, prepared.checks)
+    tall, square = sorted(data.class_images[0], key=lambda p: p.name != "mine-tall.png")
+    assert data.class_images_at(0, TALL) == [tall]
+    assert data.class_images_at(0, SQUARE) == [square]
+
+
 # -- generating at the buckets' sizes ---------------------------------------------------------------
 
 
