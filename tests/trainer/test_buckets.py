@@ -252,8 +252,11 @@ def test_every_batch_holds_one_bucket_and_every_epoch_visits_every_photo() -> No
     assert sorted(pos for ((_, pos, _),) in run(5)[:8]) == list(range(8))
 
 
-def _prepared(tmp_path: Path, architecture: Architecture = "sd1", **options: Any) -> PreparedRun:
-    """A run at 64 px on the photos of :func:`_bucket_photos`, with 3 class images."""
+def _prepared(
+    tmp_path: Path, architecture: Architecture = "sd1", *, num_class_images: int = 3, **options: Any
+) -> PreparedRun:
+    """A run at 64 px on the photos in ``tmp_path/photos`` (e.g. :func:`_bucket_photos`), with
+    ``num_class_images`` class images in ``tmp_path/class``."""
     config = RunConfig(
         base_model=str(tmp_path / "base"),
         concepts=[
@@ -266,7 +269,7 @@ def _prepared(tmp_path: Path, architecture: Architecture = "sd1", **options: Any
         ],
         output_dir=tmp_path / "out",
         resolution=64,
-        num_class_images=3,
+        num_class_images=num_class_images,
         **options,
     )
     prediction = "flow_matching" if architecture == "flux" else "epsilon"

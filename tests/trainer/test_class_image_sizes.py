@@ -13,12 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from test_buckets import TALL, WIDE, OneProcess, _photo
+from test_buckets import _prepared as _bucket_run
 from typer.testing import CliRunner
 
 from conftest import CLASS_PROMPT, make_photos, run_args
 from trainer.cli import app
 from trainer.config import Architecture, RunConfig, RunRecord
-from trainer.run import BaseModelInfo, PreparedRun, make_class_images, prepare_run, training_data
+from trainer.run import PreparedRun, make_class_images, prepare_run, training_data
 from trainer.sample import read_png_text
 from trainer.train import TrainingData, micro_batch, training_images
 
@@ -87,24 +88,9 @@ def test_the_plan_shares_the_class_images_among_the_photos_sizes() -> None:
 def _prepared(
     tmp_path: Path, architecture: Architecture, num_class_images: int, **options: Any
 ) -> PreparedRun:
-    config = RunConfig(
-        base_model=str(tmp_path / "base"),
-        concepts=[
-            {
-                "instance_dir": tmp_path / "photos",
-                "instance_prompt": "sks",
-                "class_prompt": "toy",
-                "class_dir": tmp_path / "class",
-            }
-        ],
-        output_dir=tmp_path / "out",
-        resolution=64,
-        num_class_images=num_class_images,
-        with_prior_preservation=True,
-        **options,
+    return _bucket_run(
+        tmp_path, architecture, num_class_images=num_class_images, with_prior_preservation=True, **options
     )
-    prediction = "flow_matching" if architecture == "flux" else "epsilon"
-    return prepare_run(config, info=BaseModelInfo(64, prediction, None, architecture))
 
 
 @pytest.mark.parametrize("batch_size", [1, 2])
