@@ -231,19 +231,26 @@ def flux_gpu_child(spec: dict[str, Any]) -> dict[str, Any]:
     are cached by the trainer, so random embeddings and latents of the right shapes stand in).
 
     The model is built directly on the GPU in bf16 (and quantized there, into the layers the trainer
-    loads); the LoRA, optimizer, noise levels, flow-matching pair and loss are the trainer's own.
+    loads); the LoRA, optimizer, noise levels, flow-matching pair, prediction and loss are the
+    trainer's own.
     Peak memory is counted from the first step, so the bf16 weights a quantized setting starts
     from (never held by the trainer, which quantizes while loading) are not in it.
     """
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     from trainer.config import FLUX_ATTENTION_EXTRA, LORA_TARGET_PRESETS, RunRecord
     from trainer.quantize import prepare_quantized_for_training, quantize_in_memory
     from trainer.tiny import flux_transformer_config
     from trainer.train import add_lora_adapters, optimizer_and_schedule
-    from trainer.train_flux import FLUX_MAX_SEQUENCE_LENGTH, flow_matching_pair, flux_loss, noise_levels
+    from trainer.train_flux import (
+        FLUX_MAX_SEQUENCE_LENGTH,
+        flow_matching_pair,
+        flux_loss,
+        flux_prediction,
+        noise_levels,
+    )
 
     options = spec["options"]
     record = RunRecord.model_validate(
@@ -287,15 +294,12 @@ def flux_gpu_child(spec: dict[str, Any]) -> dict[str, Any]:
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer, _ = optimizer_and_schedule(record, params, 1)
     scheduler: Any = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-    pipeline: Any = FluxPipeline  # its latent helpers are static and untyped
 
     side = record.resolution // 8  # the VAE's latents, 16 channels
     latents = torch.randn(1, 16, side, side, device=device, dtype=dtype)
     text_dim, pooled_dim = config["joint_attention_dim"], config["pooled_projection_dim"]  # T5, CLIP
     prompt_embeds = torch.randn(1, FLUX_MAX_SEQUENCE_LENGTH, text_dim, device=device, dtype=dtype)
     pooled = torch.randn(1, pooled_dim, device=device, dtype=dtype)
-    txt_ids = torch.zeros(FLUX_MAX_SEQUENCE_LENGTH, 3, device=device, dtype=dtype)
-    img_ids = pipeline._prepare_latent_image_ids(1, side // 2, side // 2, device, dtype)
     guidance = torch.full((1,), record.flux_guidance, device=device)
     if cuda:
         torch.cuda.synchronize()
@@ -307,17 +311,15 @@ def flux_gpu_child(spec: dict[str, Any]) -> dict[str, Any]:
         timesteps, sigmas = noise_levels(scheduler, u)
         noisy, target = flow_matching_pair(latents, torch.randn_like(latents), sigmas)
         with torch.autocast(device.type, dtype=dtype):
-            pred = transformer(
-                hidden_states=pipeline._pack_latents(noisy, 1, 16, side, side),
-                timestep=timesteps / 1000,
+            pred = flux_prediction(
+                transformer,
+                noisy,
+                timesteps,
+                prompt_embeds=prompt_embeds,
+                pooled=pooled,
                 guidance=guidance,
-                pooled_projections=pooled,
-                encoder_hidden_states=prompt_embeds,
-                txt_ids=txt_ids,
-                img_ids=img_ids,
-                return_dict=False,
-            )[0]
-        pred = pipeline._unpack_latents(pred, record.resolution, record.resolution, 8)
+                vae_scale_factor=8,
+            )
         loss = flux_loss(pred, target, torch.ones_like(sigmas), prior_preservation=False)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, record.max_grad_norm)

@@ -48,7 +48,14 @@ from trainer.train import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FLUX_MAX_SEQUENCE_LENGTH", "flow_matching_pair", "flux_loss", "noise_levels", "train_flux"]
+__all__ = [
+    "FLUX_MAX_SEQUENCE_LENGTH",
+    "flow_matching_pair",
+    "flux_loss",
+    "flux_prediction",
+    "noise_levels",
+    "train_flux",
+]
 
 # T5 tokens per prompt: FluxPipeline's default, so training sees the embeddings sampling makes.
 FLUX_MAX_SEQUENCE_LENGTH = 512
@@ -104,6 +111,46 @@ def flux_loss(
     tgt, tgt_prior = target.chunk(2, dim=0)
     weight, weight_prior = weighting.chunk(2, dim=0)
     return mse(pred, tgt, weight) + prior_loss_weight * mse(pred_prior, tgt_prior, weight_prior)
+
+
+def flux_prediction(
+    transformer: Any,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    *,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    guidance: torch.Tensor | None,
+    vae_scale_factor: int,
+) -> torch.Tensor:
+    """The transformer's flow prediction for latents ``noisy`` (batch, channels, height, width).
+
+    The transformer sees 2 x 2 latent patches as tokens, each with its (row, column) id; the
+    prediction comes back unpacked to the latents' shape.
+    """
+    import torch
+    from diffusers import FluxPipeline
+
+    pipeline: Any = FluxPipeline  # its latent helpers are static and untyped
+    bsz, channels, height, width = noisy.shape
+    device, dtype = noisy.device, noisy.dtype
+    packed = pipeline._pack_latents(noisy, bsz, channels, height, width)
+    img_ids = pipeline._prepare_latent_image_ids(bsz, height // 2, width // 2, device, dtype)
+    txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=dtype)
+    prediction = transformer(
+        hidden_states=packed,
+        timestep=timesteps / 1000,  # the transformer multiplies it by 1000 again
+        guidance=guidance,
+        pooled_projections=pooled,
+        encoder_hidden_states=prompt_embeds,
+        txt_ids=txt_ids,
+        img_ids=img_ids,
+        return_dict=False,
+    )[0]
+    unpacked: torch.Tensor = pipeline._unpack_latents(
+        prediction, height * vae_scale_factor, width * vae_scale_factor, vae_scale_factor
+    )
+    return unpacked
 
 
 def _weight_dtype(record: RunRecord) -> torch.dtype:
@@ -164,7 +211,7 @@ def train_flux(
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from diffusers.training_utils import (
         compute_density_for_timestep_sampling,
         compute_loss_weighting_for_sd3,
@@ -188,7 +235,6 @@ def train_flux(
     embeddings = _prompt_embeddings(record, device, weight_dtype)
 
     # -- 2. The VAE, the transformer with its adapter, the flow-matching schedule -------------------
-    pipeline_cls: Any = FluxPipeline  # its latent helpers are static and untyped
     try:
         vae: Any = load_vae(record.vae) if record.vae else _load_part(AutoencoderKL, base, "vae")
         if record.quantize_base == "none":
@@ -259,7 +305,7 @@ def train_flux(
         """One micro-step of flow matching: noise the latents to a random sigma, predict the flow."""
         batch = micro_batch(record, data, micro_step, accelerator)
         model_input = encode_latents(batch.keys)
-        bsz, channels, height, width = model_input.shape
+        bsz = model_input.shape[0]
         noise = torch.randn(
             model_input.shape, generator=rng.generator, device=device, dtype=model_input.dtype
         )
@@ -275,29 +321,21 @@ def train_flux(
         )
         timesteps, sigmas = noise_levels(noise_scheduler, u)
         noisy, target = flow_matching_pair(model_input, noise, sigmas)
-        # The transformer sees 2 x 2 latent patches as tokens, each with its (row, column) id.
-        packed = pipeline_cls._pack_latents(noisy, bsz, channels, height, width)
-        img_ids = pipeline_cls._prepare_latent_image_ids(bsz, height // 2, width // 2, device, weight_dtype)
         prompt_embeds = torch.cat([embeddings[p][0] for p in batch.prompts])
         pooled = torch.cat([embeddings[p][1] for p in batch.prompts])
-        txt_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=weight_dtype)
         guidance = (
             torch.full((bsz,), record.flux_guidance, device=device, dtype=torch.float32)
             if guidance_embeds
             else None
         )
-        model_pred = transformer(
-            hidden_states=packed,
-            timestep=timesteps / 1000,  # the transformer multiplies it by 1000 again
+        model_pred = flux_prediction(
+            transformer,
+            noisy,
+            timesteps,
+            prompt_embeds=prompt_embeds,
+            pooled=pooled,
             guidance=guidance,
-            pooled_projections=pooled,
-            encoder_hidden_states=prompt_embeds,
-            txt_ids=txt_ids,
-            img_ids=img_ids,
-            return_dict=False,
-        )[0]
-        model_pred = pipeline_cls._unpack_latents(
-            model_pred, height * vae_scale_factor, width * vae_scale_factor, vae_scale_factor
+            vae_scale_factor=vae_scale_factor,
         )
         weighting = compute_loss_weighting_for_sd3(
             weighting_scheme=record.weighting_scheme, sigmas=sigmas.reshape(-1, 1, 1, 1)
