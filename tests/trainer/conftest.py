@@ -117,6 +117,20 @@ def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny FLUX.1-dev-architecture pipeline (CLIP + T5, flow matching, 64 px), built once."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-flux"), variant="flux")
+
+
+@pytest.fixture(scope="session")
+def flux_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two photos for the tiny FLUX runs."""
+    folder = tmp_path_factory.mktemp("flux-photos")
+    make_photos(folder, count=2)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SDXL-architecture pipeline (two text encoders, ``text_time`` UNet, 64 px), built once."""
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), variant="sdxl")

@@ -19,25 +19,12 @@ from conftest import make_photos
 from trainer.cli import app
 from trainer.config import FLUX_ATTENTION_EXTRA, LORA_TARGET_PRESETS
 from trainer.lora_files import KOHYA_WEIGHTS, LORA_DIR, LORA_WEIGHTS
-from trainer.tiny import build_tiny_pipeline
 
 torch = pytest.importorskip("torch")
 
 ADAPTER = Path(LORA_DIR) / LORA_WEIGHTS
 PROMPT = "a photo of sks toy"
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-flux"), variant="flux")
-
-
-@pytest.fixture(scope="module")
-def flux_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("flux-photos")
-    make_photos(folder, count=2)
-    return folder
 
 
 # Prior preservation on (FLUX's default is off) with two quick class images of "a photo of a toy".

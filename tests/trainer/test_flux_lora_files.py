@@ -22,15 +22,9 @@ from trainer.lora_files import (  # noqa: E402
     save_lora_weights,
     write_kohya_file,
 )
-from trainer.tiny import build_tiny_pipeline  # noqa: E402
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 WIDTH, MLP = 32, 128  # the tiny transformer's width (2 heads of 16) and its MLP's (4x)
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-flux"), variant="flux")
 
 
 def make_flux_lora(

@@ -21,28 +21,14 @@ from safetensors.torch import load_file
 from test_flux import PROMPT, WITH_TWO_CLASS_IMAGES, flux_args, flux_image
 from typer.testing import CliRunner
 
-from conftest import make_photos
 from trainer.checkpoints import check_fingerprint
 from trainer.cli import app
 from trainer.config import RunRecord
 from trainer.errors import MissingDependency, TrainingError
 from trainer.lora_files import KOHYA_WEIGHTS, LORA_DIR, LORA_WEIGHTS
 from trainer.quantize import QUANTIZE_BACKENDS, check_quantize_base
-from trainer.tiny import build_tiny_pipeline
 
 torch = pytest.importorskip("torch")
-
-
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-flux"), variant="flux")
-
-
-@pytest.fixture(scope="module")
-def flux_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("flux-photos")
-    make_photos(folder, count=2)
-    return folder
 
 
 def absent(monkeypatch: pytest.MonkeyPatch, package: str) -> None:
