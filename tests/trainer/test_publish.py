@@ -39,6 +39,22 @@ def _sample(path: Path, prompt: str, seed: int) -> None:
     Image.new("RGB", (64, 64), (seed * 40 % 255, 90, 120)).save(path, pnginfo=info)
 
 
+def _lora_run(run: Path, **record: str) -> Path:
+    """A LoRA run folder with only what a card reads: run.json (``record`` added) and one sample."""
+    (run / "samples").mkdir(parents=True)
+    _sample(run / "samples" / "sample-00.png", "a photo of sks toy in snow", 1)
+    fields = {
+        "method": "lora",
+        "concepts": [{"instance_prompt": "a photo of sks toy"}],
+        "lora_rank": 16,
+        "lora_alpha": 16,
+        "sample_prompt": "a photo of sks toy in snow",
+        **record,
+    }
+    (run / "run.json").write_text(json.dumps(fields))
+    return run
+
+
 def make_run(
     base: Path, run: Path, *, license: str | None = "creativeml-openrail-m", variant: str = "sd1"
 ) -> Path:
@@ -384,21 +400,8 @@ def test_an_sdxl_lora_card(tmp_path: Path) -> None:
     """The card of an SDXL LoRA (no training needed: the card reads run.json and the samples)."""
     from trainer.publish import build_model_card
 
-    run = tmp_path / "xl"
-    (run / "samples").mkdir(parents=True)
-    _sample(run / "samples" / "sample-00.png", "a photo of sks toy in snow", 1)
-    (run / "run.json").write_text(
-        json.dumps(
-            {
-                "method": "lora",
-                "architecture": "sdxl",
-                "base_model": "stabilityai/stable-diffusion-xl-base-1.0",
-                "concepts": [{"instance_prompt": "a photo of sks toy"}],
-                "lora_rank": 16,
-                "lora_alpha": 16,
-                "sample_prompt": "a photo of sks toy in snow",
-            }
-        )
+    run = _lora_run(
+        tmp_path / "xl", architecture="sdxl", base_model="stabilityai/stable-diffusion-xl-base-1.0"
     )
 
     card = build_model_card(run, "me/xl-toy")
@@ -420,23 +423,8 @@ def test_a_flux_lora_card(tmp_path: Path) -> None:
     """A FLUX.1-dev LoRA's card: FLUX.1-dev's non-commercial license, FluxPipeline, fal-ai."""
     from trainer.publish import FLUX_DEV, FLUX_DEV_LICENSE_LINK, FLUX_DEV_LICENSE_NAME, build_model_card
 
-    run = tmp_path / "flux"
-    (run / "samples").mkdir(parents=True)
-    _sample(run / "samples" / "sample-00.png", "a photo of sks toy in snow", 1)
-    (run / "run.json").write_text(
-        json.dumps(
-            {
-                "method": "lora",
-                "architecture": "flux",
-                "base_model": FLUX_DEV,
-                "base_model_license": "other",  # what FLUX.1-dev's card says
-                "concepts": [{"instance_prompt": "a photo of sks toy"}],
-                "lora_rank": 16,
-                "lora_alpha": 16,
-                "sample_prompt": "a photo of sks toy in snow",
-            }
-        )
-    )
+    # "other": what FLUX.1-dev's card says.
+    run = _lora_run(tmp_path / "flux", architecture="flux", base_model=FLUX_DEV, base_model_license="other")
 
     card = build_model_card(run, "me/flux-toy")
 
